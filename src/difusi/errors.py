@@ -1,0 +1,31 @@
+"""Typed errors. Every user-facing failure is one of these, with a message that names the
+field (or file) and what is allowed, so the CLI can print one line and the HTTP API a 4xx."""
+
+
+class DifusiError(Exception):
+    """Base class for every error difusi raises on purpose."""
+
+
+class ParamError(DifusiError, ValueError):
+    """A generation parameter is out of range or of the wrong kind.
+
+    `field` is the A1111 field name (e.g. "steps", "sampler_name") so that front ends can
+    point at it: the CLI maps it to its flag, the HTTP API puts it in the JSON body.
+    """
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class CheckpointError(DifusiError):
+    """A model file is missing, unreadable, corrupt or unsafe (e.g. a pickle that needs code)."""
+
+
+class UnsupportedModelError(CheckpointError):
+    """The file is a real checkpoint of a family difusi does not support yet; says what was detected."""
+
+
+class Interrupted(DifusiError):
+    """Generation was stopped between steps by a cancel request; finished images are kept."""
