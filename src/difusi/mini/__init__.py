@@ -1,0 +1,1 @@
+"""difusi-mini: the tiny default model difusi trains itself (procedural data, training, evaluation)."""

@@ -1,0 +1,368 @@
+"""Train difusi-mini from scratch: ``python -m difusi.mini train --out runs/NAME [--device cpu|cuda] [--resume]``.
+
+Recipe (three phases, each resumable from ``OUT/checkpoint.pt``):
+
+1. **vae**: the AutoencoderKL learns to reconstruct procedural images (L1 + MSE, KL weight 1e-6 as in
+   Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models"; no GAN/LPIPS:
+   flat shapes need none).
+2. **calibrate**: measure the latent std to choose ``scaling_factor`` (SD1's 0.18215 was chosen the same
+   way) and fit ``latent_rgb_factors``/``latent_rgb_bias`` (least squares, scaled latents -> RGB in [-1, 1]
+   of the 4x-downsampled image) for live previews.
+3. **unet**: the UNet and the text encoder learn epsilon prediction (Ho et al. 2020, DDPM) on SD's discrete
+   scaled-linear schedule with the VAE frozen; an EMA of both is what gets exported.
+
+Determinism: batch ``k`` of a phase is data samples ``k*B .. k*B+B-1`` and its noise and timesteps come
+from a CPU generator seeded with ``(seed, phase, k)``, so a resumed run repeats exactly what an
+uninterrupted one would do, on any device.
+
+Default budget (measured on this 2-core CPU, torch 2.13, otherwise idle): UNet+text-encoder step at batch
+32 = 2.0 it/s (64 samples/s), VAE step at batch 16 = 3.3 it/s. With data rendering, VAE encoding and EMA
+(~20 % more) the UNet phase runs ~1.7 it/s: 10,000 steps = ~98 min; the VAE phase 1,500 steps = ~8 min;
+calibration < 1 min: ~107 min in total, inside the 2-hour budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from difusi.errors import ParamError
+from difusi.mini import data
+from difusi.mini import model as mini_model
+
+CHECKPOINT_NAME = "checkpoint.pt"
+PHASES = ("vae", "calibrate", "unet", "done")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of the recipe; saved into the run folder so a resumed run uses the same values."""
+
+    seed: int = 0
+    size: int = mini_model.NATIVE_SIZE
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    unet_steps: int = 10000
+    batch: int = 32
+    lr: float = 5e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    calibration_images: int = 512
+
+
+def _step_generator(seed: int, phase: str, step: int) -> torch.Generator:
+    """CPU generator for one step: independent of device and of where a run was resumed."""
+    return torch.Generator("cpu").manual_seed(_mix(seed, phase, step))
+
+
+def _mix(seed: int, phase: str, step: int) -> int:
+    # Python's hash() of a str is salted per process, so mix deterministically by hand.
+    phase_code = PHASES.index(phase) + 1
+    return (seed * 1_000_003 + phase_code * 7_919_993 + step) % (2**63 - 1)
+
+
+def _cosine_lr(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up then cosine decay to 0 (Loshchilov & Hutter 2017, SGDR without restarts)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    """Item k is batch k of a phase: (images float (B,3,H,W) in [-1, 1], captions)."""
+
+    def __init__(self, seed: int, batch: int, size: int):
+        self.seed, self.batch, self.size = seed, batch, size
+
+    def __len__(self) -> int:
+        return 2**31 - 1
+
+    def __getitem__(self, k: int):
+        images, captions = data.make_batch(self.seed, k * self.batch, self.batch, self.size)
+        tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return tensor, captions
+
+
+def _batches(seed: int, batch: int, size: int, start: int, stop: int, device: str):
+    workers = min(8, (os.cpu_count() or 1) - 1) if device != "cpu" else 0
+    dataset = _BatchDataset(seed, batch, size)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=range(start, stop),
+        num_workers=workers,
+        collate_fn=lambda item: item,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    yield from loader
+
+
+def _progress(total: int, initial: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0)
+
+
+class Trainer:
+    """Holds the models, optimisers and phase state of one run folder."""
+
+    def __init__(self, out: Path, config: TrainConfig, device: str):
+        self.out, self.config, self.device = out, config, device
+        torch.manual_seed(config.seed)  # model initialisation
+        self.vae = mini_model.build_vae().to(device)
+        self.unet = mini_model.build_unet().to(device)
+        self.text_encoder = mini_model.build_text_encoder().to(device)
+        self.tokenizer = mini_model.load_tokenizer()
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+        self.unet_opt = torch.optim.AdamW(
+            list(self.unet.parameters()) + list(self.text_encoder.parameters()), lr=config.lr, weight_decay=0.01
+        )
+        self.phase, self.step = "vae", 0
+        self.calibration: dict = {}
+        self.alphas_cumprod = mini_model.train_alphas_cumprod().float().to(device)
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def save(self) -> None:
+        """Write OUT/checkpoint.pt atomically (temp file + rename) so an interrupted save loses nothing."""
+        state = {
+            "config": asdict(self.config),
+            "phase": self.phase,
+            "step": self.step,
+            "calibration": self.calibration,
+            "vae": self.vae.state_dict(),
+            "unet": self.unet.state_dict(),
+            "text_encoder": self.text_encoder.state_dict(),
+            "ema_unet": self.ema_unet.state_dict(),
+            "ema_text": self.ema_text.state_dict(),
+            "vae_opt": self.vae_opt.state_dict(),
+            "unet_opt": self.unet_opt.state_dict(),
+        }
+        tmp = self.out / (CHECKPOINT_NAME + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.out / CHECKPOINT_NAME)
+
+    def load(self) -> None:
+        """Restore every model, optimiser and the phase/step from OUT/checkpoint.pt."""
+        state = torch.load(self.out / CHECKPOINT_NAME, map_location=self.device, weights_only=True)
+        for name in ("vae", "unet", "text_encoder", "ema_unet", "ema_text", "vae_opt", "unet_opt"):
+            getattr(self, name).load_state_dict(state[name])
+        self.phase, self.step, self.calibration = state["phase"], state["step"], state["calibration"]
+
+    # ---- phase 1: VAE ------------------------------------------------------------------------------
+    def train_vae(self) -> None:
+        cfg = self.config
+        bar = _progress(cfg.vae_steps, self.step, "vae")
+        self.vae.train()
+        smoothed = None
+        for images, _ in _batches(cfg.seed + 1, cfg.vae_batch, cfg.size, self.step, cfg.vae_steps, self.device):
+            images = images.to(self.device, non_blocking=True)
+            for group in self.vae_opt.param_groups:
+                group["lr"] = cfg.vae_lr * _cosine_lr(self.step, cfg.vae_steps, 100)
+            posterior = self.vae.encode(images).latent_dist
+            gen = _step_generator(cfg.seed, "vae", self.step)
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(self.device)
+            recon = self.vae.decode(z).sample
+            loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + cfg.kl_weight * posterior.kl().mean()
+            self.vae_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.vae_opt.step()
+            self.step += 1
+            smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{smoothed:.4f}")
+            if self.step % cfg.checkpoint_every == 0 and self.step < cfg.vae_steps:
+                self.save()
+        bar.close()
+        self.phase, self.step = "calibrate", 0
+        self.save()
+
+    # ---- phase 2: calibration ----------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self) -> None:
+        """Measure scaling_factor = 1/std(latents) and fit the latent->RGB preview matrix."""
+        cfg = self.config
+        self.vae.eval()
+        images, _ = data.make_batch(cfg.seed + 2, 0, cfg.calibration_images, cfg.size)
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        latents = []
+        for chunk in pixels.split(64):
+            latents.append(self.vae.encode(chunk.to(self.device)).latent_dist.mean.cpu())
+        latents = torch.cat(latents)
+        scaling_factor = float(1.0 / latents.std())
+        self.calibration = {"scaling_factor": scaling_factor, **fit_latent_rgb(latents * scaling_factor, pixels)}
+        self.phase, self.step = "unet", 0
+        self.save()
+
+    # ---- phase 3: UNet + text encoder ----------------------------------------------------------------
+    def train_unet(self) -> None:
+        cfg = self.config
+        scaling_factor = self.calibration["scaling_factor"]
+        self.vae.eval().requires_grad_(False)
+        self.unet.train()
+        self.text_encoder.train()
+        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        ema_params = list(self.ema_unet.parameters()) + list(self.ema_text.parameters())
+        bar = _progress(cfg.unet_steps, self.step, "unet")
+        smoothed = None
+        for images, captions in _batches(cfg.seed, cfg.batch, cfg.size, self.step, cfg.unet_steps, self.device):
+            images = images.to(self.device, non_blocking=True)
+            for group in self.unet_opt.param_groups:
+                group["lr"] = cfg.lr * _cosine_lr(self.step, cfg.unet_steps, cfg.warmup)
+            gen = _step_generator(cfg.seed, "unet", self.step)
+            with torch.no_grad():
+                posterior = self.vae.encode(images).latent_dist
+                z0_noise = torch.randn(posterior.mean.shape, generator=gen).to(self.device)
+                latents = (posterior.mean + posterior.std * z0_noise) * scaling_factor
+            noise = torch.randn(latents.shape, generator=gen).to(self.device)
+            t = torch.randint(0, mini_model.NUM_TRAIN_TIMESTEPS, (latents.shape[0],), generator=gen).to(self.device)
+            abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+            noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+            token_ids = mini_model.tokenize(self.tokenizer, captions).to(self.device)
+            context = mini_model.encode_text(self.text_encoder, token_ids)
+            prediction = self.unet(noisy, t, encoder_hidden_states=context).sample
+            loss = F.mse_loss(prediction, noise)
+            self.unet_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            self.unet_opt.step()
+            self._update_ema(params, ema_params)
+            self.step += 1
+            smoothed = loss.item() if smoothed is None else 0.99 * smoothed + 0.01 * loss.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{smoothed:.4f}")
+            if self.step % cfg.checkpoint_every == 0 and self.step < cfg.unet_steps:
+                self.save()
+        bar.close()
+        self.phase = "done"
+        self.save()
+
+    @torch.no_grad()
+    def _update_ema(self, params: list, ema_params: list) -> None:
+        # Warm-up of the decay (as in diffusers' EMAModel) so early weights don't dominate a short run.
+        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+
+    def run(self) -> None:
+        """Run the remaining phases in order, saving after each."""
+        if self.phase == "vae":
+            self.train_vae()
+        if self.phase == "calibrate":
+            self.calibrate()
+        if self.phase == "unet":
+            self.train_unet()
+
+
+def fit_latent_rgb(scaled_latents: torch.Tensor, pixels: torch.Tensor) -> dict:
+    """Least-squares fit of RGB (in [-1, 1], downsampled to the latent grid) from scaled latents.
+
+    Returns ``latent_rgb_factors`` [4][3] and ``latent_rgb_bias`` [3], so that
+    ``rgb ~= einsum('bchw,cr->brhw', latents, factors) + bias``: A1111's/ComfyUI's cheap preview.
+    """
+    factor = pixels.shape[-1] // scaled_latents.shape[-1]
+    target = F.avg_pool2d(pixels, factor).permute(0, 2, 3, 1).reshape(-1, 3).double()
+    inputs = scaled_latents.permute(0, 2, 3, 1).reshape(-1, scaled_latents.shape[1]).double()
+    design = torch.cat([inputs, torch.ones(len(inputs), 1, dtype=torch.float64)], dim=1)
+    solution = torch.linalg.lstsq(design, target).solution
+    return {
+        "latent_rgb_factors": solution[:-1].tolist(),
+        "latent_rgb_bias": solution[-1].tolist(),
+    }
+
+
+def sidecar(calibration: dict) -> dict:
+    """The ``difusi-mini.difusi.json`` sidecar: values the loader cannot read from the weights."""
+    return {
+        "name": "difusi-mini",
+        "family": "sd1",
+        "native_size": mini_model.NATIVE_SIZE,
+        "scaling_factor": calibration["scaling_factor"],
+        "attention_heads": mini_model.UNET_ATTENTION_HEADS,
+        "text_encoder_heads": mini_model.TEXT_CONFIG["num_attention_heads"],
+        "prediction_type": "epsilon",
+        "latent_rgb_factors": calibration["latent_rgb_factors"],
+        "latent_rgb_bias": calibration["latent_rgb_bias"],
+    }
+
+
+def export(trainer: Trainer, destination: Path) -> Path:
+    """Write the EMA weights as one SD1-LDM-layout fp16 .safetensors plus its sidecar json."""
+    from difusi.mini.export import save_ldm_checkpoint
+
+    path = save_ldm_checkpoint(
+        destination, trainer.ema_unet, trainer.vae, trainer.ema_text, sidecar(trainer.calibration)
+    )
+    return path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="difusi mini train", description="Train difusi-mini from scratch.")
+    parser.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, exported model)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--steps", type=int, default=None, help=f"UNet steps (default {TrainConfig.unet_steps})")
+    parser.add_argument("--vae-steps", type=int, default=None, help=f"VAE steps (default {TrainConfig.vae_steps})")
+    parser.add_argument("--seed", type=int, default=None, help="seed of data, noise and initialisation (default 0)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return parser.parse_args(argv)
+
+
+def _config_from_args(args: argparse.Namespace, saved: dict | None) -> TrainConfig:
+    config = TrainConfig(**saved) if saved else TrainConfig()
+    for field_name, value in (("unet_steps", args.steps), ("vae_steps", args.vae_steps), ("seed", args.seed)):
+        if value is not None:
+            if value < 0 or (field_name == "unet_steps" and value == 0):
+                raise ParamError(field_name, f"must be a positive integer, got {value}")
+            setattr(config, field_name, value)
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m difusi.mini train`` (and ``difusi mini train``)."""
+    args = parse_args(argv)
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise ParamError("device", f"must be cpu or cuda, got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ParamError("device", "CUDA was requested but torch sees no GPU")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    checkpoint = args.out / CHECKPOINT_NAME
+    if checkpoint.exists() and not args.resume:
+        raise ParamError("resume", f"{checkpoint} exists: pass --resume to continue it or choose another --out")
+    saved = None
+    if args.resume and checkpoint.exists():
+        saved = json.loads((args.out / "config.json").read_text())
+    config = _config_from_args(args, saved)
+    (args.out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    trainer = Trainer(args.out, config, args.device)
+    if saved is not None:
+        trainer.load()
+        if trainer.phase == "done" and trainer.step < config.unet_steps:
+            trainer.phase = "unet"  # --steps raised on a finished run: keep training
+    started = time.time()
+    trainer.run()
+    path = export(trainer, args.out / "difusi-mini.safetensors")
+    print(f"trained in {time.time() - started:.0f} s; exported {path}")
+    return 0
+
+
+def as_numpy_image(tensor: torch.Tensor) -> np.ndarray:
+    """(3,H,W) in [-1, 1] -> (H,W,3) uint8."""
+    return ((tensor.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
