@@ -1,0 +1,294 @@
+"""A1111 "parameters" infotext: write it, parse it, map it to GenerationParams, keep it in PNGs.
+
+The format (DESIGN contract 3) is AUTOMATIC1111's, so every Stable Diffusion tool can read our images
+and we can read theirs:
+
+    {prompt, possibly several lines}
+    Negative prompt: {negative prompt, possibly several lines}     <- omitted when empty
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 123, Size: 512x512, ...
+
+The settings line is the *last* line, and only when it holds at least three `key: value` pairs
+(A1111's rule in `modules/infotext_utils.py::parse_generation_parameters`). A value containing `,`, `:`
+or a newline is written as a JSON string. Known lossy corners of the format itself (shared with A1111):
+leading/trailing whitespace of each prompt line is stripped, and a prompt line that starts with
+"Negative prompt:" starts the negative prompt. Neither changes CLIP tokens except the second.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from difusi.errors import ParamError
+from difusi.params import GenerationParams
+
+PNG_TEXT_KEY = "parameters"
+"""Name of the PNG text chunk A1111 (and every tool that reads it) stores the infotext in."""
+
+_PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
+_NEGATIVE_PREFIX = "Negative prompt:"
+
+# A1111 infotext key -> GenerationParams field. "Size" arrives split as Size-1 / Size-2 (A1111's rule).
+KEY_TO_FIELD: dict[str, str] = {
+    "Prompt": "prompt",
+    "Negative prompt": "negative_prompt",
+    "Steps": "steps",
+    "Sampler": "sampler_name",
+    "Schedule type": "scheduler",
+    "CFG scale": "cfg_scale",
+    "Seed": "seed",
+    "Size-1": "width",
+    "Size-2": "height",
+    "Variation seed": "subseed",
+    "Variation seed strength": "subseed_strength",
+    "Clip skip": "clip_skip",
+    "Eta": "eta",
+    "Sigma churn": "s_churn",
+    "Sigma tmin": "s_tmin",
+    "Sigma tmax": "s_tmax",
+    "Sigma noise": "s_noise",
+}
+MODEL_KEYS = ("Model hash", "Model")
+"""Keys naming the checkpoint; they select the model rather than set a GenerationParams field."""
+INFORMATIONAL_KEYS = ("Version",)
+"""Keys that describe the image but change nothing when regenerating; never reported as ignored."""
+SUPPORTED_KEYS = frozenset(KEY_TO_FIELD) | frozenset(MODEL_KEYS) | frozenset(INFORMATIONAL_KEYS)
+
+
+def quote(value: Any) -> str:
+    """A1111's `quote`: JSON-encode a value that would break the `key: value, ...` line.
+
+    Besides A1111's `,` `:` and newline we also quote a value that starts with `"` or has outer whitespace,
+    which A1111's parser would otherwise alter; its parser reads both forms back the same way.
+    """
+    text = str(value)
+    if any(c in text for c in ",:\n") or text.startswith('"') or text != text.strip():
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def unquote(text: str) -> str:
+    """A1111's `unquote`: decode a JSON-quoted value; anything else is returned unchanged."""
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        decoded = json.loads(text)
+    except ValueError:
+        return text
+    return decoded if isinstance(decoded, str) else text
+
+
+def format_number(value: float) -> str:
+    """Shortest text that reads back to the same number: 7.0 -> "7", 0.1 -> "0.1" (repr round-trips)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def format_infotext(
+    params: GenerationParams,
+    seed: int,
+    subseed: int | None,
+    model_name: str | None,
+    model_hash: str | None,
+    version: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """Write the infotext of ONE image (its own seed/subseed, A1111 writes per-image infotexts).
+
+    `params` must be resolved (width/height set). Keys follow A1111's order; optional keys appear only
+    when they differ from the default (Variation seed only with strength > 0, Clip skip only when > 1,
+    Eta only when set, Sigma * only when changed). "Schedule type" is the resolved schedule ("Automatic"
+    becomes the sampler's default) so the text stays reproducible if defaults change. `version` is the text
+    after "Version: " (default "difusi <package version>"; a bare "0.1.0" is prefixed with "difusi ").
+    `extra` items go before Version, as A1111's `extra_generation_params`.
+    """
+    sampler_label, schedule_label = resolved_sampler_and_schedule(params.sampler_name, params.scheduler)
+    items: dict[str, Any] = {
+        "Steps": params.steps,
+        "Sampler": sampler_label,
+        "Schedule type": schedule_label,
+        "CFG scale": format_number(params.cfg_scale),
+        "Seed": seed,
+        "Size": f"{params.width}x{params.height}",
+        "Model hash": model_hash or None,
+        "Model": model_name or None,
+        "Variation seed": subseed if params.subseed_strength > 0 else None,
+        "Variation seed strength": format_number(params.subseed_strength) if params.subseed_strength > 0 else None,
+        "Clip skip": params.clip_skip if params.clip_skip > 1 else None,
+        "Eta": format_number(params.eta) if params.eta is not None else None,
+        "Sigma churn": format_number(params.s_churn) if params.s_churn != 0 else None,
+        "Sigma tmin": format_number(params.s_tmin) if params.s_tmin != 0 else None,
+        "Sigma tmax": format_number(params.s_tmax) if not math.isinf(params.s_tmax) else None,
+        "Sigma noise": format_number(params.s_noise) if params.s_noise != 1 else None,
+        **dict(extra or {}),
+        "Version": _version_text(version),
+    }
+    settings = ", ".join(f"{key}: {quote(value)}" for key, value in items.items() if value is not None)
+    negative = f"\n{_NEGATIVE_PREFIX} {params.negative_prompt}" if params.negative_prompt else ""
+    return f"{params.prompt}{negative}\n{settings}".strip()
+
+
+def resolved_sampler_and_schedule(sampler_name: str, scheduler: str) -> tuple[str, str | None]:
+    """Canonical A1111 sampler name and the concrete schedule label it will run with.
+
+    Legacy names ("DPM++ 2M Karras") split into sampler + schedule; "Automatic" resolves to the sampler's
+    default schedule. Unknown names pass through unchanged (validation reports them, not the writer).
+    """
+    from difusi.samplers import get_sampler, get_schedule
+
+    try:
+        sampler = get_sampler(sampler_name)
+    except ParamError:
+        return sampler_name, scheduler
+    schedule = scheduler
+    if scheduler.strip().lower() == "automatic":
+        schedule = sampler.schedule_override or sampler.default_schedule
+    try:
+        schedule = get_schedule(schedule).label if schedule else None
+    except ParamError:
+        pass
+    except AttributeError:  # a Schedule without a `label` attribute: keep the given name
+        pass
+    return sampler.name, schedule
+
+
+def parse_infotext(text: str) -> tuple[dict[str, str], list[str]]:
+    """Parse an infotext with A1111's rules; return (fields, unknown_keys).
+
+    `fields` maps A1111 keys to string values, always with "Prompt" and "Negative prompt"; quoted values
+    are JSON-decoded; "Size: WxH" becomes "Size-1"/"Size-2" (A1111 does this for any WxH value). As A1111,
+    a missing "Clip skip" means "1" and a missing "Schedule type" means "Automatic". `unknown_keys` lists,
+    in order, keys difusi cannot honour (e.g. "Hires upscale", "ADetailer model"), with "Size-1"/"Size-2"
+    reported as the original key.
+    """
+    *lines, last_line = text.strip().split("\n")
+    if len(_PARAM_RE.findall(last_line)) < 3:
+        lines.append(last_line)
+        last_line = ""
+    prompt, negative = _split_prompts(lines)
+    fields: dict[str, str] = {"Prompt": prompt, "Negative prompt": negative}
+    unknown: list[str] = []
+    for key, value in _PARAM_RE.findall(last_line):
+        value = unquote(value) if value[:1] == '"' and value[-1:] == '"' else value
+        size = _SIZE_RE.match(value)
+        if size:
+            fields[f"{key}-1"], fields[f"{key}-2"] = size.group(1), size.group(2)
+        else:
+            fields[key] = value
+        if f"{key}-1" not in SUPPORTED_KEYS and key not in SUPPORTED_KEYS and key not in unknown:
+            unknown.append(key)
+    fields.setdefault("Clip skip", "1")
+    fields.setdefault("Schedule type", "Automatic")
+    return fields, unknown
+
+
+def _split_prompts(lines: list[str]) -> tuple[str, str]:
+    """A1111's loop, kept exact: lines are stripped; "Negative prompt:" switches to the negative prompt;
+    a line is joined with "\n" only once the text so far is non-empty."""
+    prompt = negative = ""
+    in_negative = False
+    for line in lines:
+        line = line.strip()
+        if line.startswith(_NEGATIVE_PREFIX):
+            in_negative = True
+            line = line[len(_NEGATIVE_PREFIX) :].strip()
+        if in_negative:
+            negative += ("\n" if negative else "") + line
+        else:
+            prompt += ("\n" if prompt else "") + line
+    return prompt, negative
+
+
+@dataclass
+class InfotextRecipe:
+    """An infotext turned into what difusi needs to regenerate it."""
+
+    values: dict[str, Any]
+    """GenerationParams field -> value (strings from the text; `GenerationParams.from_mapping` coerces)."""
+    model_hash: str | None = None
+    model_name: str | None = None
+    ignored: list[str] = field(default_factory=list)
+    """A1111 keys present in the text that difusi does not support (reported, never silently dropped)."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """The raw A1111 key -> value mapping."""
+
+    def params(self, base: GenerationParams | None = None) -> GenerationParams:
+        """GenerationParams with these values over `base` (defaults); raises ParamError for bad values."""
+        parsed, _ = GenerationParams.from_mapping(self.values)
+        if base is None:
+            return parsed
+        return base.replace(**{name: getattr(parsed, name) for name in self.values})
+
+
+def recipe_from_infotext(text: str) -> InfotextRecipe:
+    """Parse `text` (A1111 rules) and map its keys to GenerationParams fields.
+
+    Legacy sampler names such as "DPM++ 2M Karras" become sampler "DPM++ 2M" + schedule "Karras" when the
+    text has no explicit schedule (A1111's back-compat rule). An unknown sampler is kept as written so that
+    validation can name it.
+    """
+    fields, ignored = parse_infotext(text)
+    values: dict[str, Any] = {KEY_TO_FIELD[key]: value for key, value in fields.items() if key in KEY_TO_FIELD}
+    if "sampler_name" in values:
+        values["sampler_name"], values["scheduler"] = _split_legacy_sampler(
+            values["sampler_name"], values.get("scheduler", "Automatic")
+        )
+    return InfotextRecipe(
+        values=values,
+        model_hash=fields.get("Model hash") or None,
+        model_name=fields.get("Model") or None,
+        ignored=ignored,
+        fields=fields,
+    )
+
+
+def _split_legacy_sampler(sampler_name: str, scheduler: str) -> tuple[str, str]:
+    from difusi.samplers import get_sampler
+
+    try:
+        sampler = get_sampler(sampler_name)
+    except ParamError:
+        return sampler_name, scheduler
+    if sampler.schedule_override and scheduler.strip().lower() == "automatic":
+        return sampler.name, sampler.schedule_override
+    return sampler.name, scheduler
+
+
+def _version_text(version: str | None) -> str:
+    if version is None:
+        from difusi import __version__
+
+        return f"difusi {__version__}"
+    return version if version.startswith("difusi") else f"difusi {version}"
+
+
+def png_info(infotext: str) -> PngInfo:
+    """A PngInfo carrying `infotext` in the `parameters` chunk (tEXt when Latin-1, else iTXt UTF-8)."""
+    info = PngInfo()
+    info.add_text(PNG_TEXT_KEY, infotext)
+    return info
+
+
+def write_png(image: Image.Image, target: str | Path | BinaryIO, infotext: str) -> None:
+    """Save `image` as PNG with its infotext to a path or an open binary file."""
+    image.save(target, format="PNG", pnginfo=png_info(infotext))
+
+
+def read_infotext(source: str | Path | BinaryIO) -> str | None:
+    """The `parameters` text of an image (PNG text chunk, or `info` for other formats), None when absent."""
+    with Image.open(source) as image:
+        text = getattr(image, "text", None) or {}
+        value = text.get(PNG_TEXT_KEY) or image.info.get(PNG_TEXT_KEY)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    return value or None

@@ -1,0 +1,275 @@
+"""Outputs folder + SQLite history: where finished images go and how they are found again.
+
+Layout (A1111-like): `<outputs>/<YYYY-MM-DD>/<NNNNN>-<seed>-<prompt-slug>.png`, where NNNNN is one more than
+the largest number already used in that day folder. The history database is `<outputs>/history.sqlite3`.
+
+Order of a save, so a crash or Ctrl-C never leaves a half image or a row without its file:
+1. encode the PNG (with its infotext) into a hidden temp file in the day folder;
+2. under a lock (a `threading.Lock` for this process, an `flock` on `<outputs>/.difusi.lock` for others),
+   pick the next number and publish the temp file under its final name with `os.link`, which fails instead
+   of overwriting when another writer took the name first (then we take the next number);
+3. remove the temp name, then insert the history row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import os
+import re
+import sqlite3
+import tempfile
+import threading
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from PIL import Image
+
+from difusi.infotext import parse_infotext, write_png
+from difusi.params import GenerationParams
+
+try:  # POSIX advisory lock for writers in other processes; Windows relies on O_EXCL-like link semantics.
+    import fcntl
+except ImportError:  # pragma: no cover - not on Linux/macOS
+    fcntl = None  # type: ignore[assignment]
+
+DB_NAME = "history.sqlite3"
+LOCK_NAME = ".difusi.lock"
+TEMP_PREFIX = ".difusi-tmp-"
+SLUG_MAX_CHARS = 60
+_NUMBERED = re.compile(r"^(\d{5,})-")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at TEXT NOT NULL,
+    path TEXT NOT NULL UNIQUE,
+    prompt TEXT NOT NULL,
+    negative_prompt TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    subseed INTEGER,
+    sampler TEXT NOT NULL,
+    scheduler TEXT NOT NULL,
+    steps INTEGER NOT NULL,
+    cfg_scale REAL NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    model_name TEXT,
+    model_hash TEXT,
+    infotext TEXT NOT NULL,
+    params_json TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_created ON images (created_at);
+"""
+
+
+class SavableImage(Protocol):
+    """What `OutputStore.save` needs; `difusi.pipeline.GeneratedImage` has it."""
+
+    image: Image.Image
+    seed: int
+    subseed: int
+    infotext: str
+    params: GenerationParams
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One row of the history: a finished image on disk and the recipe that made it."""
+
+    id: int
+    created_at: str
+    path: Path
+    prompt: str
+    negative_prompt: str
+    seed: int
+    subseed: int | None
+    sampler: str
+    scheduler: str
+    steps: int
+    cfg_scale: float
+    width: int
+    height: int
+    model_name: str | None
+    model_hash: str | None
+    infotext: str
+    params: dict[str, Any]
+
+
+def prompt_slug(prompt: str, max_chars: int = SLUG_MAX_CHARS) -> str:
+    """File-name-safe words of the prompt: "A (cat), 2:1!" -> "a-cat-2-1". Letters of any script are kept."""
+    text = unicodedata.normalize("NFKC", prompt).casefold()
+    words = re.findall(r"[^\W_]+", text)
+    slug = "-".join(words)[:max_chars].strip("-")
+    return slug
+
+
+class OutputStore:
+    """Saves images into the outputs folder and records them in the history. Safe to share across threads."""
+
+    def __init__(self, outputs_dir: str | Path):
+        self.outputs_dir = Path(outputs_dir)
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+
+    # -- saving ----------------------------------------------------------------------------------------
+
+    def save(self, generated: SavableImage, *, now: dt.datetime | None = None) -> Path:
+        """Write one finished image (PNG with infotext) and then its history row; return the final path."""
+        now = now or dt.datetime.now().astimezone()
+        folder = self.outputs_dir / now.strftime("%Y-%m-%d")
+        folder.mkdir(parents=True, exist_ok=True)
+        temp = self._write_temp(folder, generated)
+        try:
+            path = self._publish(temp, folder, generated.seed, generated.params.prompt)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+        self._insert(path, generated, now)
+        return path
+
+    def _write_temp(self, folder: Path, generated: SavableImage) -> Path:
+        fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".png", dir=folder)
+        temp = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                write_png(generated.image, handle, generated.infotext)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return temp
+
+    def _publish(self, temp: Path, folder: Path, seed: int, prompt: str) -> Path:
+        slug = prompt_slug(prompt)
+        suffix = f"-{seed}" + (f"-{slug}" if slug else "") + ".png"
+        with self._lock, self._process_lock():
+            number = next_number(folder)
+            while True:
+                final = folder / f"{number:05d}{suffix}"
+                try:
+                    _link_no_overwrite(temp, final)
+                    return final
+                except FileExistsError:
+                    number = max(number + 1, next_number(folder))
+
+    @contextlib.contextmanager
+    def _process_lock(self) -> Iterator[None]:
+        if fcntl is None:
+            yield
+            return
+        with open(self.outputs_dir / LOCK_NAME, "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    # -- history ---------------------------------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.outputs_dir.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.outputs_dir / DB_NAME, timeout=30, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+            db.create_function("casefold", 1, lambda s: s.casefold() if isinstance(s, str) else s, deterministic=True)
+            db.row_factory = sqlite3.Row
+            self._db = db
+        return self._db
+
+    def _insert(self, path: Path, generated: SavableImage, now: dt.datetime) -> None:
+        params = generated.params
+        fields, _ = parse_infotext(generated.infotext)
+        values = dataclasses.asdict(params)
+        values.update(seed=generated.seed, subseed=generated.subseed)
+        row = {
+            "created_at": now.isoformat(timespec="milliseconds"),
+            "path": path.relative_to(self.outputs_dir).as_posix(),
+            "prompt": params.prompt,
+            "negative_prompt": params.negative_prompt,
+            "seed": generated.seed,
+            "subseed": generated.subseed,
+            "sampler": fields.get("Sampler", params.sampler_name),
+            "scheduler": fields.get("Schedule type", params.scheduler),
+            "steps": params.steps,
+            "cfg_scale": params.cfg_scale,
+            "width": params.width,
+            "height": params.height,
+            "model_name": fields.get("Model"),
+            "model_hash": fields.get("Model hash"),
+            "infotext": generated.infotext,
+            "params_json": json.dumps(values, ensure_ascii=False, default=str),
+        }
+        columns = ", ".join(row)
+        marks = ", ".join(f":{name}" for name in row)
+        with self._lock:
+            db = self._connection()
+            with db:
+                db.execute(f"INSERT INTO images ({columns}) VALUES ({marks})", row)
+
+    def history(self, limit: int = 20, query: str | None = None) -> list[HistoryEntry]:
+        """Newest first; `query` keeps rows whose prompt contains it (case-insensitive, any script)."""
+        if not (self.outputs_dir / DB_NAME).exists():
+            return []
+        sql = "SELECT * FROM images"
+        args: list[Any] = []
+        if query:
+            sql += " WHERE instr(casefold(prompt), casefold(?)) > 0"
+            args.append(query)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(int(limit))
+        with self._lock:
+            rows = self._connection().execute(sql, args).fetchall()
+        return [self._entry(row) for row in rows]
+
+    def _entry(self, row: sqlite3.Row) -> HistoryEntry:
+        values = dict(row)
+        values["path"] = self.outputs_dir / values["path"]
+        values["params"] = json.loads(values.pop("params_json"))
+        return HistoryEntry(**values)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def __enter__(self) -> OutputStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def next_number(folder: Path) -> int:
+    """One more than the largest `NNNNN-` prefix in `folder` (0 for an empty folder), as A1111 numbers files."""
+    largest = -1
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(folder):
+            match = _NUMBERED.match(entry.name)
+            if match:
+                largest = max(largest, int(match.group(1)))
+    return largest + 1
+
+
+def _link_no_overwrite(source: Path, target: Path) -> None:
+    """Give `source`'s complete file the name `target`, atomically, failing if `target` exists.
+
+    A hard link is atomic and never replaces an existing name; where links are unsupported (some network
+    or FAT file systems) fall back to an exclusive check plus `os.replace`, safe under our folder lock.
+    """
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError:
+        if target.exists():
+            raise FileExistsError(target) from None
+        os.replace(source, target)
