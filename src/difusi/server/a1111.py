@@ -1,0 +1,251 @@
+"""AUTOMATIC1111 `/sdapi/v1` request and response shapes, and their mapping to difusi's types.
+
+Requests are pydantic models with every field optional and unknown fields allowed, because A1111
+clients send about 47 keys (many of them null or meaningless here); `to_txt2img_job` keeps what
+difusi understands and ignores the rest. Range checks are not repeated here: they live in
+`GenerationParams.validated`, so the API, the CLI and the library report the same limits.
+
+Decisions that differ from A1111 (documented in the README):
+- `save_images` defaults to **true** (A1111's API defaults to false): images made through the API
+  land in the outputs folder and history like the CLI's, unless a client opts out.
+- Omitted `sampler_name`, `steps`, `cfg_scale`, `width`, `height` take difusi's defaults
+  (DPM++ 2M, 20 steps, CFG 7, the model's native size), the same as `difusi generate`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
+
+from difusi.errors import ParamError
+from difusi.params import GenerationParams
+
+
+class Txt2ImgRequest(BaseModel):
+    """Body of `POST /sdapi/v1/txt2img` (and `/difusi/v1/jobs`). Unknown and null fields are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str | None = Field(None, examples=["a red circle on a blue background"])
+    negative_prompt: str | None = None
+    seed: int | None = Field(None, description="-1 or omitted: random; image i of the job uses seed + i")
+    subseed: int | None = None
+    subseed_strength: float | None = None
+    sampler_name: str | None = Field(None, description="A1111, alias or ComfyUI name; default DPM++ 2M")
+    sampler_index: str | None = Field(None, description="legacy A1111 field, used when sampler_name is absent")
+    scheduler: str | None = Field(None, description="schedule type; default Automatic")
+    steps: int | None = None
+    cfg_scale: float | None = None
+    width: int | None = Field(None, description="default: the model's native size")
+    height: int | None = None
+    batch_size: int | None = None
+    n_iter: int | None = Field(None, description="batch count")
+    eta: float | None = None
+    s_noise: float | None = None
+    s_churn: float | None = None
+    s_tmin: float | None = None
+    s_tmax: float | None = None
+    clip_skip: int | None = None
+    override_settings: dict[str, Any] | None = Field(
+        None, description="per-job options, e.g. {'sd_model_checkpoint': 'name'}; CLIP_stop_at_last_layers = clip_skip"
+    )
+    save_images: bool | None = Field(None, description="save to the outputs folder and history (default true)")
+    send_images: bool | None = Field(None, description="return base64 images in the response (default true)")
+
+
+class Txt2ImgResponse(BaseModel):
+    images: list[str] = Field(description="raw base64 PNGs, each with its infotext in the 'parameters' chunk")
+    parameters: dict[str, Any]
+    info: str = Field(description="JSON string: seed, all_seeds, subseed, all_subseeds, infotexts, prompt, ...")
+
+
+class PngInfoRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    image: str = Field(description="a PNG as a data URL or raw base64")
+
+
+class PngInfoResponse(BaseModel):
+    info: str
+    items: dict[str, Any]
+    parameters: dict[str, Any]
+
+
+class ProgressState(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    skipped: bool = False
+    interrupted: bool = False
+    job: str = ""
+    job_count: int = 0
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+
+
+class ProgressResponse(BaseModel):
+    progress: float
+    eta_relative: float
+    state: ProgressState
+    current_image: str | None = None
+    textinfo: str | None = None
+
+
+@dataclass
+class Txt2ImgJob:
+    """What the worker needs for one txt2img request."""
+
+    params: GenerationParams
+    checkpoint: str | None
+    """Checkpoint name from override_settings; None = the server's current model."""
+    save_images: bool
+    send_images: bool
+    request: dict[str, Any]
+    """The request as sent, echoed back as `parameters` (A1111 does the same)."""
+
+
+_OPTION_TO_PARAM = {"CLIP_stop_at_last_layers": "clip_skip", "eta_ancestral": "eta", "s_noise": "s_noise"}
+"""A1111 options that act as per-job parameters when sent in override_settings."""
+
+
+def to_txt2img_job(request: Txt2ImgRequest, defaults: dict[str, Any] | None = None, save_default: bool = True) -> Txt2ImgJob:
+    """Map an A1111 request to a job; raises ParamError naming the field for bad values.
+
+    `defaults` holds server-wide parameter defaults (from `POST /sdapi/v1/options`) applied before the
+    request's own values; `save_default` is used when the request has no `save_images`.
+    """
+    sent = request.model_dump(exclude_none=True)
+    values: dict[str, Any] = dict(defaults or {})
+    overrides = sent.get("override_settings") or {}
+    for option, name in _OPTION_TO_PARAM.items():
+        if overrides.get(option) is not None:
+            values[name] = overrides[option]
+    for name in GenerationParams.field_names():
+        if name in sent and name != "model":
+            values[name] = sent[name]
+    if "sampler_name" not in sent and sent.get("sampler_index"):
+        values["sampler_name"] = sent["sampler_index"]
+    checkpoint = overrides.get("sd_model_checkpoint")
+    if checkpoint is not None and (not isinstance(checkpoint, str) or not checkpoint.strip()):
+        raise ParamError("sd_model_checkpoint", f"must be a checkpoint name, got {checkpoint!r}")
+    params, _unknown = GenerationParams.from_mapping(values)
+    return Txt2ImgJob(
+        params=params,
+        checkpoint=checkpoint,
+        save_images=bool(sent.get("save_images", save_default)),
+        send_images=bool(sent.get("send_images", True)),
+        request=sent,
+    )
+
+
+def echo_parameters(job: Txt2ImgJob) -> dict[str, Any]:
+    """The `parameters` object of the response: every job field with its value as requested."""
+    echoed = {name: value for name, value in asdict(job.params).items() if name not in ("extra", "model")}
+    echoed["s_tmax"] = None if echoed["s_tmax"] == float("inf") else echoed["s_tmax"]  # JSON has no infinity
+    echoed.update(job.request)
+    echoed["save_images"] = job.save_images
+    echoed["send_images"] = job.send_images
+    return echoed
+
+
+def job_timestamp(seconds: float | None = None) -> str:
+    """A1111's job_timestamp format: local time as YYYYmmddHHMMSS."""
+    return time.strftime("%Y%m%d%H%M%S", time.localtime(seconds if seconds is not None else time.time()))
+
+
+def build_info(
+    params: GenerationParams,
+    seeds: list[int],
+    subseeds: list[int],
+    infotexts: list[str],
+    model_name: str,
+    model_hash: str,
+    timestamp: str,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The decoded `info` object of a txt2img response, with A1111's keys.
+
+    `params` are the resolved parameters (seed filled in, width/height known); `seeds`/`subseeds`
+    cover every image the job was asked for (A1111 lists all seeds even for skipped batches).
+    """
+    total = params.batch_size * params.n_iter
+    info = {
+        "prompt": params.prompt,
+        "all_prompts": [params.prompt] * total,
+        "negative_prompt": params.negative_prompt,
+        "all_negative_prompts": [params.negative_prompt] * total,
+        "seed": seeds[0] if seeds else params.seed,
+        "all_seeds": list(seeds),
+        "subseed": subseeds[0] if subseeds else params.subseed,
+        "all_subseeds": list(subseeds),
+        "subseed_strength": params.subseed_strength,
+        "width": params.width,
+        "height": params.height,
+        "sampler_name": params.sampler_name,
+        "scheduler": params.scheduler,
+        "cfg_scale": params.cfg_scale,
+        "steps": params.steps,
+        "batch_size": params.batch_size,
+        "n_iter": params.n_iter,
+        "clip_skip": params.clip_skip,
+        "eta": params.eta,
+        "s_noise": params.s_noise,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": model_name,
+        "sd_model_hash": model_hash,
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": None,
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": list(infotexts),
+        "styles": [],
+        "job_timestamp": timestamp,
+        "is_using_inpainting_conditioning": False,
+    }
+    info.update(extra)
+    return info
+
+
+def info_json(info: dict[str, Any]) -> str:
+    return json.dumps(info, ensure_ascii=False)
+
+
+def decode_image(data: str, field: str = "image") -> Image.Image:
+    """A data URL or raw base64 string -> PIL image; ParamError(field) when it is neither."""
+    if not isinstance(data, str) or not data.strip():
+        raise ParamError(field, "must be a non-empty base64 string or data URL")
+    text = data.strip()
+    if text.startswith("data:"):
+        _, _, text = text.partition(",")
+    try:
+        raw = base64.b64decode(text, validate=False)
+    except (binascii.Error, ValueError):
+        raise ParamError(field, "is not valid base64") from None
+    try:
+        image = Image.open(io.BytesIO(raw))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise ParamError(field, "is not a readable image (PNG, JPEG or WebP expected)") from None
+    return image
+
+
+def png_text_items(image: Image.Image) -> dict[str, Any]:
+    """Text chunks and simple metadata of an image (A1111's png-info `items`)."""
+    items: dict[str, Any] = {}
+    for key, value in image.info.items():
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", errors="replace")
+        if isinstance(value, str | int | float):
+            items[key] = value
+    return items

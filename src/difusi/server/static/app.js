@@ -1,0 +1,350 @@
+// difusi web UI: plain JavaScript over the server's own API, no build step.
+// Generation goes through /difusi/v1/jobs (returns an id at once, then polled for progress, the live
+// preview and the result); listings and PNG info use the A1111 endpoints any client would use.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const POLL_MS = 250;
+const FIELDS = ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale",
+  "width", "height", "batch_size", "n_iter", "seed"];
+const NUMBER_FIELDS = new Set(["steps", "cfg_scale", "width", "height", "batch_size", "n_iter", "seed"]);
+
+const ui = { jobId: null, shown: null, results: [], pngParams: null };
+
+async function api(path, options = {}) {
+  const init = { ...options, headers: { ...(options.headers || {}) } };
+  if (options.json !== undefined) {
+    init.method = init.method || "POST";
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(options.json);
+  }
+  const response = await fetch(path, init);
+  const text = await response.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch { data = { detail: text }; }
+  if (!response.ok) {
+    const error = new Error((data && (data.detail || data.error)) || `HTTP ${response.status}`);
+    error.field = data && data.field;
+    error.status = response.status;
+    throw error;
+  }
+  return data;
+}
+
+function option(value, label) {
+  const element = document.createElement("option");
+  element.value = value;
+  element.textContent = label ?? value;
+  return element;
+}
+
+function setStatus(text) { $("server-status").textContent = text; }
+
+function showError(error) {
+  document.querySelectorAll(".invalid").forEach((el) => el.classList.remove("invalid"));
+  const box = $("error");
+  if (!error) { box.hidden = true; box.textContent = ""; return; }
+  box.hidden = false;
+  box.textContent = error.message || String(error);
+  const field = error.field === "sd_model_checkpoint" ? "model" : error.field;
+  if (field && $(field)) $(field).classList.add("invalid");
+}
+
+// ---- listings ------------------------------------------------------------------------------------------
+async function loadModels() {
+  const [models, options] = await Promise.all([api("/sdapi/v1/sd-models"), api("/sdapi/v1/options")]);
+  const select = $("model");
+  select.replaceChildren(...models.map((m) => option(m.title)));
+  select.value = options.sd_model_checkpoint;
+  select.dataset.current = options.sd_model_checkpoint;
+}
+
+async function loadSamplers() {
+  const [samplers, schedulers] = await Promise.all([api("/sdapi/v1/samplers"), api("/sdapi/v1/schedulers")]);
+  $("sampler_name").replaceChildren(...samplers.map((s) => option(s.name)));
+  $("sampler_name").value = "DPM++ 2M";
+  $("scheduler").replaceChildren(...schedulers.map((s) => option(s.label || s.name)));
+  $("scheduler").value = "Automatic";
+}
+
+async function switchModel() {
+  const select = $("model");
+  const wanted = select.value;
+  setStatus(`Loading ${wanted}…`);
+  select.disabled = true;
+  try {
+    await api("/sdapi/v1/options", { json: { sd_model_checkpoint: wanted } });
+    select.dataset.current = wanted;
+    setStatus(`Model: ${wanted}`);
+  } catch (error) {
+    select.value = select.dataset.current || "";
+    setStatus("");
+    showError(error);
+  } finally {
+    select.disabled = false;
+  }
+}
+
+// ---- the form --------------------------------------------------------------------------------------------
+function readForm() {
+  const body = {};
+  for (const name of FIELDS) {
+    const raw = $(name).value.trim();
+    if (raw === "") continue;
+    body[name] = NUMBER_FIELDS.has(name) ? Number(raw) : $(name).value;
+  }
+  body.override_settings = { sd_model_checkpoint: $("model").value };
+  return body;
+}
+
+function setField(name, value) {
+  if (value === undefined || value === null || !$(name)) return;
+  const element = $(name);
+  if (element.tagName === "SELECT" && ![...element.options].some((o) => o.value === String(value))) {
+    element.appendChild(option(String(value)));
+  }
+  element.value = String(value);
+}
+
+function fillForm(values) {
+  for (const name of FIELDS) setField(name, values[name]);
+  if (values.model) {
+    const match = [...$("model").options].find((o) => o.value === values.model ||
+      o.value.startsWith(`${values.model} [`) || (values.model_hash && o.value.endsWith(`[${values.model_hash}]`)));
+    if (match) $("model").value = match.value;
+  }
+}
+
+// A1111 infotext keys (from /sdapi/v1/png-info) -> form fields.
+function valuesFromInfotextFields(p) {
+  return {
+    prompt: p["Prompt"], negative_prompt: p["Negative prompt"], steps: p["Steps"], sampler_name: p["Sampler"],
+    scheduler: p["Schedule type"], cfg_scale: p["CFG scale"], seed: p["Seed"], width: p["Size-1"],
+    height: p["Size-2"], model: p["Model"], model_hash: p["Model hash"],
+  };
+}
+
+// ---- generating ------------------------------------------------------------------------------------------
+async function generate(event) {
+  event.preventDefault();
+  showError(null);
+  let job;
+  try {
+    job = await api("/difusi/v1/jobs", { json: readForm() });
+  } catch (error) {
+    showError(error);
+    return;
+  }
+  ui.jobId = job.id;
+  $("generate").disabled = true;
+  $("interrupt").disabled = false;
+  setProgress(0, job.position ? `Queued (${job.position} ahead)` : "Starting…");
+  poll(job.id);
+}
+
+function setProgress(fraction, text) {
+  $("progress-bar").style.width = `${Math.round(fraction * 100)}%`;
+  $("progress-text").textContent = text;
+}
+
+async function poll(id) {
+  let status;
+  try {
+    status = await api(`/difusi/v1/jobs/${id}?preview=true`);
+  } catch (error) {
+    finishJob();
+    showError(error);
+    return;
+  }
+  if (id !== ui.jobId) return;
+  if (status.status === "queued") {
+    setProgress(0, `Queued (${status.position} ahead)`);
+  } else if (status.status === "running") {
+    const text = status.steps ? `Step ${status.step}/${status.steps} · batch ${status.iteration + 1}/${status.n_iter}` +
+      (status.eta_relative > 0 ? ` · ~${status.eta_relative.toFixed(1)} s left` : "") : "Loading model…";
+    setProgress(status.progress, text);
+    if (status.preview) showPreview(status.preview);
+  } else {
+    finishJob();
+    if (status.result) showResults(status.result, status.status);
+    if (status.error) showError(new Error(status.error.detail));
+    setProgress(status.status === "done" ? 1 : status.progress,
+      status.status === "done" ? "Done" : status.status.charAt(0).toUpperCase() + status.status.slice(1));
+    loadHistory();
+    return;
+  }
+  setTimeout(() => poll(id), POLL_MS);
+}
+
+function finishJob() {
+  ui.jobId = null;
+  $("generate").disabled = false;
+  $("interrupt").disabled = true;
+  $("preview").hidden = true;
+}
+
+async function interrupt() {
+  if (!ui.jobId) return;
+  $("interrupt").disabled = true;
+  try { await api(`/difusi/v1/jobs/${ui.jobId}`, { method: "DELETE" }); } catch (error) { showError(error); }
+}
+
+function showPreview(b64) {
+  $("stage-empty").hidden = true;
+  $("main-image").hidden = true;
+  $("preview").src = `data:image/png;base64,${b64}`;
+  $("preview").hidden = false;
+}
+
+function imageSource(entry) {
+  return entry.url || `data:image/png;base64,${entry.image}`;
+}
+
+function showResults(result, state) {
+  ui.results = result.images;
+  const thumbs = result.images.map((entry, index) => {
+    const img = document.createElement("img");
+    img.src = imageSource(entry);
+    img.alt = `Result ${index + 1} (seed ${entry.seed})`;
+    img.addEventListener("click", () => selectResult(index));
+    return img;
+  });
+  $("results").replaceChildren(...(thumbs.length > 1 ? thumbs : []));
+  if (result.images.length) {
+    selectResult(0);
+  } else {
+    $("main-image").hidden = true;
+    $("stage-empty").hidden = false;
+    $("infotext").textContent = state === "interrupted" ? "Interrupted before any image was finished." : "";
+  }
+}
+
+function selectResult(index) {
+  const entry = ui.results[index];
+  ui.shown = entry;
+  $("main-image").src = imageSource(entry);
+  $("main-image").hidden = false;
+  $("stage-empty").hidden = true;
+  $("infotext").textContent = entry.infotext;
+  [...$("results").children].forEach((img, i) => img.classList.toggle("selected", i === index));
+}
+
+// ---- history ---------------------------------------------------------------------------------------------
+async function loadHistory() {
+  const query = $("history-search").value.trim();
+  let data;
+  try {
+    data = await api(`/difusi/v1/history?limit=48${query ? `&query=${encodeURIComponent(query)}` : ""}`);
+  } catch (error) {
+    showError(error);
+    return;
+  }
+  $("history").replaceChildren(...data.items.map(historyCard));
+  $("history-empty").hidden = data.items.length > 0;
+}
+
+function historyCard(item) {
+  const card = document.createElement("figure");
+  card.className = "card";
+  card.dataset.id = item.id;
+  const img = document.createElement("img");
+  img.src = item.url;
+  img.alt = item.prompt;
+  img.loading = "lazy";
+  img.addEventListener("click", () => {
+    ui.results = [item];
+    $("results").replaceChildren();
+    selectResult(0);
+  });
+  const meta = document.createElement("figcaption");
+  meta.className = "meta";
+  const prompt = document.createElement("span");
+  prompt.className = "prompt";
+  prompt.textContent = item.prompt || "(empty prompt)";
+  prompt.title = item.infotext;
+  const detail = document.createElement("span");
+  detail.className = "muted";
+  detail.textContent = `seed ${item.seed} · ${item.sampler_name} · ${item.steps} steps`;
+  const reuse = document.createElement("button");
+  reuse.type = "button";
+  reuse.className = "reuse";
+  reuse.textContent = "♻ Reuse parameters";
+  reuse.addEventListener("click", () => reuseHistory(item));
+  meta.append(prompt, detail, reuse);
+  card.append(img, meta);
+  return card;
+}
+
+function reuseHistory(item) {
+  fillForm({ ...item.params, sampler_name: item.sampler_name, scheduler: item.scheduler, seed: item.seed,
+    model: item.model_name, model_hash: item.model_hash });
+  window.scrollTo({ top: 0, behavior: "smooth" });
+}
+
+// ---- PNG info (drop an image anywhere) ----------------------------------------------------------------------
+function readAsDataURL(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function showPngInfo(file) {
+  showError(null);
+  try {
+    const data = await api("/sdapi/v1/png-info", { json: { image: await readAsDataURL(file) } });
+    ui.pngParams = data.info ? valuesFromInfotextFields(data.parameters) : null;
+    $("pnginfo-text").textContent = data.info || "This image has no generation parameters.";
+    $("pnginfo-use").disabled = !data.info;
+    $("pnginfo").hidden = false;
+    $("pnginfo").scrollIntoView({ behavior: "smooth" });
+  } catch (error) {
+    showError(error);
+  }
+}
+
+function installDropZone() {
+  let depth = 0;
+  const overlay = $("drop-overlay");
+  const hasFiles = (event) => [...(event.dataTransfer?.types || [])].includes("Files");
+  document.addEventListener("dragenter", (event) => { if (hasFiles(event)) { depth += 1; overlay.hidden = false; } });
+  document.addEventListener("dragleave", () => { depth = Math.max(0, depth - 1); if (!depth) overlay.hidden = true; });
+  document.addEventListener("dragover", (event) => event.preventDefault());
+  document.addEventListener("drop", (event) => {
+    event.preventDefault();
+    depth = 0;
+    overlay.hidden = true;
+    const file = event.dataTransfer?.files?.[0];
+    if (file) showPngInfo(file);
+  });
+}
+
+// ---- start -------------------------------------------------------------------------------------------------
+async function start() {
+  $("txt2img").addEventListener("submit", generate);
+  $("interrupt").addEventListener("click", interrupt);
+  $("random-seed").addEventListener("click", () => { $("seed").value = "-1"; });
+  $("reuse-seed").addEventListener("click", () => { if (ui.shown) $("seed").value = String(ui.shown.seed); });
+  $("model").addEventListener("change", switchModel);
+  $("history-refresh").addEventListener("click", loadHistory);
+  $("history-search").addEventListener("input", () => { clearTimeout(ui.searchTimer); ui.searchTimer = setTimeout(loadHistory, 250); });
+  $("pnginfo-close").addEventListener("click", () => { $("pnginfo").hidden = true; });
+  $("pnginfo-use").addEventListener("click", () => { if (ui.pngParams) { fillForm(ui.pngParams); window.scrollTo({ top: 0 }); } });
+  $("pnginfo-file").addEventListener("change", (event) => { if (event.target.files[0]) showPngInfo(event.target.files[0]); });
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && !$("generate").disabled) $("txt2img").requestSubmit();
+  });
+  installDropZone();
+  try {
+    await Promise.all([loadModels(), loadSamplers()]);
+    setStatus(`Model: ${$("model").value}`);
+  } catch (error) {
+    showError(error);
+  }
+  loadHistory();
+  document.body.dataset.ready = "true";
+}
+
+start();
