@@ -1,0 +1,9 @@
+"""Checkpoint files: safe reading, hashing, architecture detection, LDM <-> diffusers conversion, loading.
+
+Public API: `load_model`, `LoadedModel`, `default_model_path`, `ModelCache`, `list_checkpoints`,
+`resolve_checkpoint`, `CheckpointInfo`. Test helpers: `difusi.models.synthetic.write_tiny_checkpoint`.
+"""
+
+from difusi.models.loader import LoadedModel, default_model_path, load_model
+
+__all__ = ["LoadedModel", "default_model_path", "load_model"]

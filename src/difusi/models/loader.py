@@ -1,0 +1,342 @@
+"""`load_model`: a checkpoint file or diffusers folder -> ready diffusers/transformers modules, offline.
+
+Modules are constructed from detected config dicts on the `meta` device (no random init, no
+memory) and then take the checkpoint's tensors directly (`load_state_dict(assign=True)`), so
+loading costs about one model's worth of memory in the requested dtype. Nothing here touches a
+model hub: no `from_pretrained` on a hub id, configs come from the file's shapes or the folder.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difusi.errors import CheckpointError, UnsupportedModelError
+from difusi.models import convert
+from difusi.models.detect import (
+    NATIVE_SIZE,
+    SCALING_FACTOR,
+    ModelSpec,
+    TextEncoderSpec,
+    detect,
+    text_encoder_layouts,
+)
+from difusi.models.files import CheckpointFile, is_diffusers_folder, read_component_state_dict, read_json
+from difusi.models.hashing import file_sha256, short_hash
+from difusi.models.latent_preview import LATENT_RGB
+from difusi.models.sidecar import read_sidecar
+from difusi.models.text_encoders import FAMILY_ENCODERS, wrap_text_encoder
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_MODEL_NAME = "difusi-mini"
+
+
+def default_model_path() -> Path:
+    """The shipped default model, difusi-mini (an SD1-layout single file with a sidecar)."""
+    return ASSETS_DIR / "models" / f"{DEFAULT_MODEL_NAME}.safetensors"
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """Everything the pipeline needs from a checkpoint. SD noise schedule: scaled-linear betas, 1000 steps."""
+
+    name: str
+    path: Path
+    family: str
+    prediction_type: str
+    unet: Any
+    vae: Any
+    text_encoders: list[Any]
+    native_size: int
+    vae_scale_factor: int
+    latent_channels: int
+    scaling_factor: float
+    latent_rgb_factors: list[list[float]] | None
+    latent_rgb_bias: list[float] | None
+    dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+    unet_config: dict[str, Any] = field(default_factory=dict)
+    vae_config: dict[str, Any] = field(default_factory=dict)
+    text_encoder_configs: list[dict[str, Any]] = field(default_factory=list)
+    sidecar: dict[str, Any] = field(default_factory=dict)
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    _sha256: str | None = None
+
+    @property
+    def sha256(self) -> str:
+        """Full sha256 of the file (computed on first use, then cached on disk by size+mtime)."""
+        if self._sha256 is None:
+            self._sha256 = file_sha256(self.path)
+        return self._sha256
+
+    @property
+    def short_hash(self) -> str:
+        """A1111's "Model hash" (first 10 hex digits of sha256)."""
+        return short_hash(self.sha256)
+
+    @property
+    def title(self) -> str:
+        """A1111's checkpoint title, "name [hash]"."""
+        return f"{self.name} [{self.short_hash}]"
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.family == "sdxl"
+
+
+# ----------------------------------------------------------------------------- module construction
+
+
+def _build_on_meta(cls: Any, config: Mapping[str, Any], state: Mapping[str, torch.Tensor], what: str) -> Any:
+    """Construct `cls` from `config` without allocating, then adopt `state`'s tensors as its parameters."""
+    with torch.device("meta"):
+        module = cls.from_config(dict(config)) if hasattr(cls, "from_config") else cls(config)
+    _adopt(module, state, what)
+    return module
+
+
+def _adopt(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            f"{label}: {items[:3]}" for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items
+        )
+        raise CheckpointError(f"{what}: the checkpoint's tensors do not fit the detected architecture ({detail})")
+    module.load_state_dict(state, strict=True, assign=True)
+    _materialize_buffers(module, what)
+
+
+def _materialize_buffers(module: torch.nn.Module, what: str) -> None:
+    """Non-persistent buffers are not in a state dict and stay on `meta`; rebuild the ones we know."""
+    for name, buffer in list(module.named_buffers()):
+        if not buffer.is_meta:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if attr == "position_ids":  # CLIP embeddings: arange over positions
+            owner.register_buffer(attr, torch.arange(buffer.shape[-1]).expand(buffer.shape).clone(), persistent=False)
+        else:
+            raise CheckpointError(f"{what}: cannot initialise buffer {name!r} (internal error)")
+
+
+def _text_model_class(with_projection: bool) -> Any:
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection if with_projection else CLIPTextModel
+
+
+def _build_text_encoder(spec: TextEncoderSpec, state: Mapping[str, torch.Tensor], what: str) -> Any:
+    from transformers import CLIPTextConfig
+
+    config = CLIPTextConfig(**spec.config)
+    with torch.device("meta"):
+        model = _text_model_class(spec.with_projection)(config)
+    _adopt(model, _fit_text_state(model, state), what)
+    return model
+
+
+def _fit_text_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Match the model's own key style: transformers 5 `CLIPTextModel` has no `text_model.` level, `...WithProjection` has."""
+    prefixed = any(k.startswith("text_model.") for k in model.state_dict())
+    has_projection = any(k.startswith("text_projection.") for k in model.state_dict())
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        bare = key.removeprefix("text_model.")
+        if bare in ("embeddings.position_ids",):
+            continue
+        if bare.startswith("text_projection."):
+            if has_projection:
+                out[bare] = value
+            continue
+        out[("text_model." if prefixed else "") + bare] = value
+    return out
+
+
+def _unet_class() -> Any:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel
+
+
+def _vae_class() -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL
+
+
+def _finish(module: Any, device: str | torch.device) -> Any:
+    module.to(device)
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+# ----------------------------------------------------------------------------- prediction type
+
+
+def _prediction_from_file(reader: CheckpointFile) -> str | None:
+    """v-prediction markers real files carry: a `v_pred` tensor (ComfyUI convention) or training metadata."""
+    if "v_pred" in reader.shapes:
+        return "v_prediction"
+    meta = {k.lower(): str(v).lower() for k, v in reader.metadata.items()}
+    if meta.get("modelspec.prediction_type") in ("v", "v_prediction", "v-prediction"):
+        return "v_prediction"
+    if meta.get("ss_v_parameterization") == "true":
+        return "v_prediction"
+    if meta.get("modelspec.prediction_type") in ("epsilon", "eps"):
+        return "epsilon"
+    return None
+
+
+@torch.no_grad()
+def guess_sd2_prediction(unet: Any) -> str:
+    """A1111's test for unmarked SD2 files: a v-model's output at t=999 on a flat 0.5 latent is strongly negative.
+
+    (AUTOMATIC1111 `sd_models_config.is_using_v_parameterization_for_sd2`.) Only meaningful for trained weights.
+    """
+    param = next(unet.parameters())
+    x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, dtype=param.dtype, device=param.device)
+    context = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, dtype=param.dtype, device=param.device)
+    out = unet(x, torch.tensor([999], device=param.device), encoder_hidden_states=context).sample
+    return "v_prediction" if (out.float() - x.float()).mean().item() < -1 else "epsilon"
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a single-file LDM checkpoint (.safetensors / .ckpt) or a diffusers folder, fully offline.
+
+    Weights stored in another precision (e.g. fp16 files) are cast to `dtype`. Raises
+    `CheckpointError` for missing/unreadable/unsafe files and `UnsupportedModelError` for
+    families difusi does not run yet (the message names what was detected).
+    """
+    path = Path(path).expanduser()
+    if is_diffusers_folder(path):
+        return _load_diffusers_folder(path, device, dtype)
+    reader = CheckpointFile(path)
+    try:
+        return _load_single_file(reader, device, dtype)
+    finally:
+        reader.close()
+
+
+def _load_single_file(reader: CheckpointFile, device: str | torch.device, dtype: torch.dtype) -> LoadedModel:
+    sidecar = read_sidecar(reader.path)
+    spec = detect(reader.shapes, sidecar)
+    wanted = (convert.UNET_PREFIX, convert.VAE_PREFIX, *(p for p, _, _ in text_encoder_layouts(spec.family)))
+    state = {k: reader.tensor(k, dtype) for k in reader.shapes if k.startswith(wanted)}
+    unet_sd, vae_sd, text_sds = convert.split_ldm_checkpoint(state, spec.family, spec.unet_config, spec.vae_config)
+    del state
+    name = sidecar.get("name") or reader.path.name.rsplit(".", 1)[0]
+    unet = _finish(_build_on_meta(_unet_class(), spec.unet_config, unet_sd, f"{reader.path} UNet"), device)
+    vae = _finish(_build_on_meta(_vae_class(), spec.vae_config, vae_sd, f"{reader.path} VAE"), device)
+    texts = [
+        _finish(_build_text_encoder(t, sd, f"{reader.path} text encoder {i}"), device)
+        for i, (t, sd) in enumerate(zip(spec.text_encoders, text_sds, strict=True))
+    ]
+    prediction = sidecar.get("prediction_type") or _prediction_from_file(reader)
+    if prediction is None:
+        prediction = guess_sd2_prediction(unet) if spec.family == "sd2" else "epsilon"
+    return _assemble(reader.path, name, spec, prediction, unet, vae, texts, sidecar, device, dtype)
+
+
+def _assemble(path: Path, name: str, spec: ModelSpec, prediction: str, unet: Any, vae: Any, texts: list[Any],
+              sidecar: Mapping[str, Any], device: str | torch.device, dtype: torch.dtype) -> LoadedModel:
+    family = spec.family
+    size_key = "sd2-v" if family == "sd2" and prediction == "v_prediction" else family
+    factors, bias = LATENT_RGB.get(family, (None, None)) if spec.latent_channels == 4 else (None, None)
+    scaling = float(sidecar.get("scaling_factor", spec.vae_config.get("scaling_factor", SCALING_FACTOR[family])))
+    vae.register_to_config(scaling_factor=scaling)
+    return LoadedModel(
+        name=name,
+        path=path,
+        family=family,
+        prediction_type=prediction,
+        unet=unet,
+        vae=vae,
+        text_encoders=[wrap_text_encoder(m, s) for m, s in zip(texts, FAMILY_ENCODERS[family], strict=True)],
+        native_size=int(sidecar.get("native_size", NATIVE_SIZE[size_key])),
+        vae_scale_factor=2 ** (spec.vae_levels - 1),
+        latent_channels=spec.latent_channels,
+        scaling_factor=scaling,
+        latent_rgb_factors=sidecar.get("latent_rgb_factors", factors),
+        latent_rgb_bias=sidecar.get("latent_rgb_bias", bias),
+        dtype=dtype,
+        device=torch.device(device),
+        unet_config=dict(spec.unet_config),
+        vae_config=dict(spec.vae_config),
+        text_encoder_configs=[dict(t.config) for t in spec.text_encoders],
+        sidecar=dict(sidecar),
+    )
+
+
+# ----------------------------------------------------------------------------- diffusers folders
+
+
+def _component_config(folder: Path) -> dict[str, Any]:
+    return {k: v for k, v in read_json(folder / "config.json").items() if not k.startswith("_")}
+
+
+def _diffusers_family(root: Path, unet_config: Mapping[str, Any]) -> str:
+    has_te1 = (root / "text_encoder").is_dir()
+    has_te2 = (root / "text_encoder_2").is_dir()
+    if unet_config.get("in_channels", 4) == 9:
+        raise UnsupportedModelError(f"{root}: not supported yet: detected inpainting (9 input channels)")
+    if has_te2 and not has_te1:
+        raise UnsupportedModelError(f"{root}: not supported yet: detected SDXL refiner (OpenCLIP bigG only)")
+    if has_te1 and has_te2:
+        return "sdxl"
+    if not has_te1:
+        raise CheckpointError(f"{root}: diffusers folder without text_encoder/")
+    te = read_json(root / "text_encoder" / "config.json")
+    return "sd2" if te.get("hidden_act") == "gelu" else "sd1"
+
+
+def _load_diffusers_folder(root: Path, device: str | torch.device, dtype: torch.dtype) -> LoadedModel:
+    """A diffusers pipeline folder: configs from its JSON files, weights from its component folders."""
+    index = read_json(root / "model_index.json")
+    for part in ("unet", "vae"):
+        if not (root / part / "config.json").is_file():
+            raise CheckpointError(f"{root}: diffusers folder without {part}/config.json")
+    if "StableDiffusion3" in str(index.get("_class_name", "")) or "Flux" in str(index.get("_class_name", "")):
+        raise UnsupportedModelError(f"{root}: not supported yet: detected {index['_class_name']}")
+    sidecar = read_sidecar(root)
+    unet_config = _component_config(root / "unet") | sidecar.get("unet", {})
+    vae_config = _component_config(root / "vae") | sidecar.get("vae", {})
+    family = _diffusers_family(root, unet_config)
+    cast = lambda sd: {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}  # noqa: E731
+    unet = _finish(_build_on_meta(_unet_class(), unet_config, cast(read_component_state_dict(root / "unet")), f"{root} UNet"), device)
+    vae = _finish(_build_on_meta(_vae_class(), vae_config, cast(read_component_state_dict(root / "vae")), f"{root} VAE"), device)
+    folders = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
+    specs, texts = [], []
+    for i, folder in enumerate(folders):
+        config = _component_config(root / folder) | sidecar.get("text_encoder", {})
+        spec = TextEncoderSpec(kind="clip", config=config, with_projection=(family == "sdxl" and i == 1))
+        specs.append(spec)
+        texts.append(_finish(_build_text_encoder(spec, cast(read_component_state_dict(root / folder)), f"{root}/{folder}"), device))
+    scheduler = root / "scheduler" / "scheduler_config.json"
+    prediction = sidecar.get("prediction_type") or (read_json(scheduler).get("prediction_type") if scheduler.is_file() else None)
+    levels = len(vae_config["block_out_channels"])
+    spec = ModelSpec(family, unet_config, vae_config, specs, levels, vae_config.get("latent_channels", 4))
+    return _assemble(root, sidecar.get("name") or root.name, spec, prediction or "epsilon", unet, vae, texts, sidecar, device, dtype)
+
+
+def free_model(model: LoadedModel | None) -> None:
+    """Drop a model's modules and collect, so its memory is returned before the next one loads."""
+    if model is None:
+        return
+    model.unet = model.vae = None
+    model.text_encoders = []
+    gc.collect()
