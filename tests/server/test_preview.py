@@ -1,0 +1,80 @@
+"""Latent -> RGB preview projection, checked against a per-pixel evaluation of the linear map."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from difusi.server.preview import (
+    SD1_LATENT_RGB_FACTORS,
+    SDXL_LATENT_RGB_FACTORS,
+    preview_image,
+    project,
+    projection_for,
+    to_image,
+)
+
+
+def reference_pixel(latent_vector: list[float], factors: list[list[float]], bias: list[float]) -> list[float]:
+    """rgb_r = sum_c latent_c * factors[c][r] + bias_r, mapped from [-1, 1] to [0, 1] and clamped."""
+    out = []
+    for r in range(3):
+        value = sum(latent_vector[c] * factors[c][r] for c in range(len(latent_vector))) + bias[r]
+        out.append(min(max((value + 1.0) / 2.0, 0.0), 1.0))
+    return out
+
+
+def test_projection_matches_per_pixel_formula():
+    torch.manual_seed(0)
+    latents = torch.randn(2, 4, 3, 5)
+    bias = [0.1, -0.2, 0.05]
+    factors, bias_t = projection_for(SimpleNamespace(latent_rgb_factors=SD1_LATENT_RGB_FACTORS, latent_rgb_bias=bias), 4)
+    rgb = project(latents, factors, bias_t)
+    assert rgb.shape == (2, 3, 3, 5)
+    for b, y, x in [(0, 0, 0), (1, 2, 4), (0, 1, 3)]:
+        expected = reference_pixel(latents[b, :, y, x].tolist(), SD1_LATENT_RGB_FACTORS, bias)
+        assert rgb[b, :, y, x].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_factors_given_as_three_rows_are_transposed():
+    torch.manual_seed(1)
+    latents = torch.randn(1, 4, 2, 2)
+    by_channel = projection_for(SimpleNamespace(latent_rgb_factors=SDXL_LATENT_RGB_FACTORS, latent_rgb_bias=None), 4)
+    by_colour = projection_for(
+        SimpleNamespace(latent_rgb_factors=[list(col) for col in zip(*SDXL_LATENT_RGB_FACTORS, strict=True)],
+                        latent_rgb_bias=None), 4)
+    assert torch.equal(project(latents, *by_channel), project(latents, *by_colour))
+
+
+def test_family_fallbacks_and_grey_for_unknown_latent_spaces():
+    sd1, _ = projection_for(SimpleNamespace(family="sd1", latent_rgb_factors=None), 4)
+    sdxl, _ = projection_for(SimpleNamespace(family="sdxl", latent_rgb_factors=None), 4)
+    assert torch.allclose(sd1, torch.tensor(SD1_LATENT_RGB_FACTORS))
+    assert torch.allclose(sdxl, torch.tensor(SDXL_LATENT_RGB_FACTORS))
+    none, _ = projection_for(SimpleNamespace(family="sd1", latent_rgb_factors=None), 16)  # 4-ch table, 16-ch model
+    assert none is None
+    latents = torch.zeros(1, 16, 2, 2)
+    latents[0, :, 0, 0] = 1.0  # brightest spot
+    grey = project(latents, None, torch.zeros(3))
+    assert grey[0, :, 0, 0].tolist() == [1.0, 1.0, 1.0] and grey[0, :, 1, 1].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_batch_is_tiled_into_a_grid_and_upscaled():
+    rgb = torch.zeros(3, 3, 2, 2)
+    rgb[0, 0] = 1.0  # red
+    rgb[1, 1] = 1.0  # green
+    rgb[2, 2] = 1.0  # blue
+    image = to_image(rgb, scale=2)
+    assert image.size == (8, 8)  # 2x2 grid of 2x2 tiles, doubled
+    assert image.getpixel((0, 0)) == (255, 0, 0)
+    assert image.getpixel((4, 0)) == (0, 255, 0)
+    assert image.getpixel((0, 4)) == (0, 0, 255)
+    assert image.getpixel((7, 7)) == (0, 0, 0)  # empty 4th cell
+
+
+def test_preview_image_scales_to_pixel_size():
+    model = SimpleNamespace(family="sd1", latent_rgb_factors=None, latent_rgb_bias=None, vae_scale_factor=8)
+    image = preview_image(torch.zeros(1, 4, 8, 8), model)
+    assert image.size == (64, 64)
