@@ -135,7 +135,6 @@ def detect_unet(shapes: Shapes, family: str, heads_override: int | list[int] | N
     """diffusers `UNet2DConditionModel` config for the LDM UNet in `shapes`."""
     p = UNET_PREFIX
     conv_in = shapes[p + "input_blocks.0.0.weight"]
-    model_channels = conv_in[0]
     n_input = len(_indices(shapes, re.escape(p) + r"input_blocks\.(\d+)\."))
     levels = len(_indices(shapes, re.escape(p) + r"input_blocks\.(\d+)\.0\.op\.weight")) + 1
     if n_input % levels:

@@ -244,13 +244,11 @@ def _write_diffusers(path: Path, family: str, prediction: str, unet: Any, vae: A
     pipeline = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
     index: dict[str, Any] = {"_class_name": pipeline, "_diffusers_version": "0.42.1"}
     for name, module in (("unet", unet), ("vae", vae)):
-        module.to(dtype).save_pretrained(path / name)
-        module.to(torch.float32)
+        _save_pretrained(module, path / name, dtype)
         index[name] = ["diffusers", type(module).__name__]
     for i, model in enumerate(texts):
         name = "text_encoder" if i == 0 else "text_encoder_2"
-        model.to(dtype).save_pretrained(path / name)
-        model.to(torch.float32)
+        _save_pretrained(model, path / name, dtype)
         index[name] = ["transformers", type(model).__name__]
         tokenizer = load_tokenizer(openclip=(family == "sd2" or i == 1))
         tokenizer.save_pretrained(path / ("tokenizer" if i == 0 else "tokenizer_2"))
@@ -267,6 +265,15 @@ def _write_diffusers(path: Path, family: str, prediction: str, unet: Any, vae: A
     (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def _save_pretrained(module: Any, folder: Path, dtype: torch.dtype) -> None:
+    """The library's own writer, in `dtype`; the module is left in float32."""
+    if dtype == torch.float32:
+        module.save_pretrained(folder)
+        return
+    module.to(dtype).save_pretrained(folder)
+    module.to(torch.float32)
 
 
 # ----------------------------------------------------------------------------- reference
