@@ -1,0 +1,279 @@
+"""txt2img: GenerationParams -> images.
+
+Owns the denoise loop around the pieces that each live in their own module:
+prompt -> conditioning (difusi.prompts) -> per-image noise (difusi.rng) -> sampler over a CFG denoiser
+(difusi.samplers) -> latents -> VAE decode (difusi.vae) -> PIL images + infotext.
+
+Batches run as batched network calls; every random draw of image i comes from seed s+i, so image i is the
+same whether generated alone or anywhere in a batch (DESIGN contract 2).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from difusi import __version__
+from difusi.errors import Interrupted
+from difusi.params import GenerationParams, resolve_seed
+from difusi.prompts.conditioning import Conditioning, encode_prompt_schedule, pad_to_same_length
+from difusi.rng import image_noise
+from difusi.samplers import build_sigmas, get_sampler
+from difusi.samplers.denoiser import CFGDenoiser, DiscreteNoiseTable, EpsDenoiser, VDenoiser
+from difusi.samplers.noise import BrownianNoiseSampler, ImageNoiseSampler
+from difusi.vae import decode_latents, latents_to_pil
+
+
+@dataclass
+class Progress:
+    """One sampling step of a job: what front ends need for progress bars and live previews."""
+
+    step: int
+    """Steps finished in the current batch (1-based after the first step)."""
+    steps: int
+    """Sampler steps per batch (len(sigmas) - 1; may differ from params.steps for DPM adaptive)."""
+    iteration: int
+    """0-based batch index in [0, n_iter)."""
+    n_iter: int
+    image_index: int
+    """Index (over the whole job) of the first image of the current batch."""
+    latents: torch.Tensor | None
+    """Current denoised estimate (x0) of the batch, in the model's latent space."""
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of the whole job done, in [0, 1]."""
+        total = max(1, self.steps * self.n_iter)
+        return min(1.0, (self.iteration * self.steps + self.step) / total)
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    seed: int
+    subseed: int
+    index: int
+    infotext: str
+    params: GenerationParams
+
+
+@dataclass
+class GenerationResult:
+    images: list[GeneratedImage] = field(default_factory=list)
+    params: GenerationParams | None = None
+    seeds: list[int] = field(default_factory=list)
+    subseeds: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def infotexts(self) -> list[str]:
+        return [image.infotext for image in self.images]
+
+
+ProgressFn = Callable[[Progress], None]
+StopFn = Callable[[], bool]
+ImageFn = Callable[[GeneratedImage], None]
+
+
+def txt2img(
+    model: Any,
+    params: GenerationParams,
+    *,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    should_skip: StopFn | None = None,
+    on_image: ImageFn | None = None,
+) -> GenerationResult:
+    """Generate `params.batch_size * params.n_iter` images with a loaded model (`difusi.models.load_model`).
+
+    `progress` is called after every sampler step; `should_stop` is polled between steps and ends the
+    job with `Interrupted` (whose `.result` holds every image finished so far); `should_skip` abandons
+    the current batch and goes on with the next; `on_image` receives each image as soon as it is decoded,
+    so callers can save it before the next batch starts.
+    """
+    started = time.perf_counter()
+    params = params.validated(native_size=model.native_size)
+    sampler = get_sampler(params.sampler_name)
+    scheduler = params.scheduler
+    if sampler.schedule_override is not None and scheduler.lower() == "automatic":
+        scheduler = sampler.schedule_override
+    seed = resolve_seed(params.seed)
+    subseed = resolve_seed(params.subseed)
+    total = params.total_images
+    seeds = [seed + i for i in range(total)]
+    subseeds = [subseed + i for i in range(total)]
+    resolved = params.replace(seed=seed, subseed=subseed, sampler_name=sampler.name, scheduler=scheduler)
+    result = GenerationResult(params=resolved, seeds=seeds, subseeds=subseeds)
+
+    table = DiscreteNoiseTable()
+    sigmas = build_sigmas(sampler, scheduler, params.steps, table, family=model.family)
+    cond_schedule, uncond_schedule = _encode(model, resolved)
+    denoiser = _denoiser(model, table)
+
+    for iteration in range(params.n_iter):
+        first = iteration * params.batch_size
+        batch_seeds = seeds[first : first + params.batch_size]
+        batch_subseeds = subseeds[first : first + params.batch_size]
+        tracker = _StepTracker(progress, should_stop, should_skip, len(sigmas) - 1, iteration, params.n_iter, first)
+        try:
+            with torch.inference_mode():
+                latents = _sample_batch(
+                    model, resolved, sampler, sigmas, denoiser, cond_schedule, uncond_schedule,
+                    batch_seeds, batch_subseeds, tracker,
+                )
+                decoded = decode_latents(model.vae, latents, model.scaling_factor)
+        except _Skipped:
+            continue
+        except Interrupted as stop:
+            result.seconds = time.perf_counter() - started
+            stop.result = result
+            raise
+        for offset, picture in enumerate(latents_to_pil(decoded)):
+            index = first + offset
+            image_params = resolved.replace(seed=seeds[index], subseed=subseeds[index])
+            generated = GeneratedImage(
+                image=picture,
+                seed=seeds[index],
+                subseed=subseeds[index],
+                index=index,
+                infotext=_infotext(model, image_params),
+                params=image_params,
+            )
+            generated.image.info["parameters"] = generated.infotext
+            result.images.append(generated)
+            if on_image is not None:
+                on_image(generated)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+class _Skipped(Exception):
+    """Raised from the step callback to abandon the current batch (A1111's "skip")."""
+
+
+class _StepTracker:
+    """Sampler callback: counts steps for prompt editing, reports progress, polls cancel/skip."""
+
+    def __init__(self, progress, should_stop, should_skip, steps, iteration, n_iter, image_index):
+        self.progress, self.should_stop, self.should_skip = progress, should_stop, should_skip
+        self.steps, self.iteration, self.n_iter, self.image_index = steps, iteration, n_iter, image_index
+        self.step = 0
+
+    def __call__(self, info: dict) -> None:
+        self.step = int(info["i"]) + 1
+        if self.progress is not None:
+            self.progress(
+                Progress(self.step, self.steps, self.iteration, self.n_iter, self.image_index, info.get("denoised"))
+            )
+        if self.should_stop is not None and self.should_stop():
+            raise Interrupted("generation interrupted")
+        if self.should_skip is not None and self.should_skip():
+            raise _Skipped()
+
+
+def _sample_batch(model, params, sampler, sigmas, denoiser, cond_schedule, uncond_schedule, seeds, subseeds, tracker):
+    shape = (model.latent_channels, params.height // model.vae_scale_factor, params.width // model.vae_scale_factor)
+    drawn = image_noise(seeds, shape, subseeds, params.subseed_strength)
+    device = next(model.unet.parameters()).device
+    dtype = next(model.unet.parameters()).dtype
+    x = drawn.noise.to(device=device, dtype=dtype) * sigmas[0].to(device)
+    sigmas = sigmas.to(device)
+    if sampler.uses_brownian_noise:
+        positive = sigmas[sigmas > 0]
+        noise_sampler = BrownianNoiseSampler(x, positive.min(), positive.max(), seeds)
+    else:
+        noise_sampler = ImageNoiseSampler(drawn.generators, x)
+    batch = len(seeds)
+    guided = _ScheduledCFG(denoiser, cond_schedule, uncond_schedule, params.cfg_scale, batch, tracker, model, params)
+    return sampler.function(
+        guided, x, sigmas, extra_args={}, callback=tracker, disable=True, noise_sampler=noise_sampler,
+        **_sampler_options(sampler, params),
+    )
+
+
+class _ScheduledCFG:
+    """The model the sampler sees: picks the conditioning for the current step (prompt editing,
+    alternation) and applies classifier-free guidance (Ho & Salimans 2022) in one batched call."""
+
+    def __init__(self, denoiser, cond_schedule, uncond_schedule, cfg_scale, batch, tracker, model, params):
+        self.cfg = CFGDenoiser(denoiser)
+        self.cond_schedule, self.uncond_schedule = cond_schedule, uncond_schedule
+        self.cfg_scale, self.batch, self.tracker = cfg_scale, batch, tracker
+        self.time_ids = _sdxl_time_ids(model, params)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **_: Any) -> torch.Tensor:
+        cond = _at_step(self.cond_schedule, self.tracker.step)
+        uncond = _at_step(self.uncond_schedule, self.tracker.step)
+        cond, uncond = pad_to_same_length(cond, uncond)
+        return self.cfg(
+            x, sigma,
+            cond=self._network_kwargs(cond, x), uncond=self._network_kwargs(uncond, x),
+            cond_scale=self.cfg_scale,
+        )
+
+    def _network_kwargs(self, conditioning: Conditioning, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        kwargs = {"context": _repeat(conditioning.context, self.batch).to(x.device, x.dtype)}
+        if conditioning.pooled is not None and self.time_ids is not None:
+            kwargs["pooled"] = _repeat(conditioning.pooled, self.batch).to(x.device, x.dtype)
+            kwargs["time_ids"] = _repeat(self.time_ids, self.batch).to(x.device, x.dtype)
+        return kwargs
+
+
+def _at_step(schedule: list[tuple[int, Conditioning]], step: int) -> Conditioning:
+    """A1111's rule: the first schedule entry whose end step is >= the current (0-based) step."""
+    for end_step, conditioning in schedule:
+        if step <= end_step:
+            return conditioning
+    return schedule[-1][1]
+
+
+def _repeat(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    return tensor if tensor.shape[0] == batch else tensor.expand(batch, *tensor.shape[1:])
+
+
+def _encode(model, params: GenerationParams):
+    with torch.inference_mode():
+        cond = encode_prompt_schedule(model.text_encoders, params.prompt, params.steps, params.clip_skip)
+        uncond = encode_prompt_schedule(model.text_encoders, params.negative_prompt, params.steps, params.clip_skip)
+    return cond, uncond
+
+
+def _denoiser(model, table: DiscreteNoiseTable):
+    unet = model.unet
+
+    def network(x_in, t, context, pooled=None, time_ids=None):
+        added = {"text_embeds": pooled, "time_ids": time_ids} if pooled is not None else None
+        return unet(x_in, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+
+    wrapper = VDenoiser if model.prediction_type == "v_prediction" else EpsDenoiser
+    return wrapper(network, table)
+
+
+def _sdxl_time_ids(model, params: GenerationParams) -> torch.Tensor | None:
+    """SDXL size conditioning (Podell et al. 2023): original size = target size, no crop, as A1111 does."""
+    if model.family != "sdxl":
+        return None
+    h, w = params.height, params.width
+    return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)
+
+
+def _sampler_options(sampler, params: GenerationParams) -> dict[str, float]:
+    """Pass the user-facing options a sampler understands; None/unset means the sampler's default."""
+    wanted = {"eta": params.eta, "s_noise": params.s_noise, "s_churn": params.s_churn,
+              "s_tmin": params.s_tmin, "s_tmax": params.s_tmax}
+    # A deterministic sampler ignores eta, as in A1111 (API clients send eta for every sampler).
+    return {name: value for name, value in wanted.items() if name in sampler.options and value is not None}
+
+
+def _infotext(model, params: GenerationParams) -> str:
+    from difusi.infotext import format_infotext
+
+    return format_infotext(
+        params, seed=params.seed, subseed=params.subseed, model_name=model.name, model_hash=model.short_hash,
+        version=__version__,
+    )

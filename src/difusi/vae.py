@@ -1,0 +1,77 @@
+"""Latents -> pixels: VAE decode (whole, or in overlapping tiles when the image is large) and PIL conversion."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+TILE_LATENT = 64
+"""Latent tile edge for the tiled fallback (512 px for an 8x VAE)."""
+TILE_OVERLAP = 16
+TILED_ABOVE = 128 * 128
+"""Decode in tiles when a latent has more pixels than this (images above 1024x1024 for an 8x VAE)."""
+
+
+def decode_latents(vae, latents: torch.Tensor, scaling_factor: float, tiled: bool | None = None) -> torch.Tensor:
+    """Decode scaled latents to images in [-1, 1], shape [B, 3, H, W].
+
+    `tiled=None` decodes whole images up to TILED_ABOVE latent pixels and falls back to tiles above that,
+    or when a whole decode runs out of memory. Tiles overlap and are blended with linear ramps, which hides
+    seams; a tiled decode is close to, not equal to, a whole decode (GroupNorm sees only the tile).
+    """
+    latents = latents / scaling_factor
+    dtype = next(vae.parameters()).dtype
+    latents = latents.to(dtype)
+    if tiled is None:
+        tiled = latents.shape[-1] * latents.shape[-2] > TILED_ABOVE
+    if not tiled:
+        try:
+            return vae.decode(latents).sample.float()
+        except (torch.OutOfMemoryError, MemoryError):
+            pass
+    return _decode_tiled(vae, latents).float()
+
+
+def _decode_tiled(vae, latents: torch.Tensor, tile: int = TILE_LATENT, overlap: int = TILE_OVERLAP) -> torch.Tensor:
+    _, _, height, width = latents.shape
+    outputs = None
+    weights = None
+    stride = tile - overlap
+    for top in _tile_starts(height, tile, stride):
+        for left in _tile_starts(width, tile, stride):
+            piece = latents[:, :, top : top + tile, left : left + tile]
+            decoded = vae.decode(piece).sample
+            scale = decoded.shape[-1] // piece.shape[-1]
+            if outputs is None:
+                outputs = decoded.new_zeros(decoded.shape[0], decoded.shape[1], height * scale, width * scale)
+                weights = decoded.new_zeros(1, 1, height * scale, width * scale)
+            ramp = _ramp(decoded.shape[-2], decoded.shape[-1], overlap * scale, decoded)
+            y, x = top * scale, left * scale
+            outputs[:, :, y : y + decoded.shape[-2], x : x + decoded.shape[-1]] += decoded * ramp
+            weights[:, :, y : y + decoded.shape[-2], x : x + decoded.shape[-1]] += ramp
+    return outputs / weights
+
+
+def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+def _ramp(height: int, width: int, overlap: int, like: torch.Tensor) -> torch.Tensor:
+    """Blend weights rising linearly over `overlap` pixels at every edge (never zero, so lone tiles count)."""
+
+    def edge(n: int) -> torch.Tensor:
+        position = torch.arange(n, dtype=like.dtype, device=like.device)
+        distance = torch.minimum(position + 1, n - position)
+        return (distance / max(1, overlap)).clamp(max=1.0)
+
+    return (edge(height)[:, None] * edge(width)[None, :])[None, None]
+
+
+def latents_to_pil(decoded: torch.Tensor) -> list[Image.Image]:
+    """[-1, 1] images -> 8-bit RGB PIL images, rounding as diffusers does (so both give the same pixels)."""
+    array = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.round(image * 255).astype(np.uint8)) for image in array]
