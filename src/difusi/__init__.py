@@ -12,3 +12,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy: `import difusi` stays cheap (no torch import) for the CLI's argument errors.
+    if name in ("generate", "get_model"):
+        from difusi import api
+
+        return getattr(api, name)
+    if name == "GenerationParams":
+        from difusi.params import GenerationParams
+
+        return GenerationParams
+    if name == "txt2img":
+        from difusi.pipeline import txt2img
+
+        return txt2img
+    raise AttributeError(f"module 'difusi' has no attribute {name!r}")

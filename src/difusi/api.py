@@ -1,0 +1,38 @@
+"""The small Python API: `generate(prompt, ...)` with the default model, or any checkpoint by path/name.
+
+    from difusi import generate
+    result = generate("a red circle on a blue background", seed=1, steps=20)
+    result.images[0].image.save("circle.png")
+
+Models are kept in one process-wide cache, so repeated calls do not re-read the file; naming another
+model frees the previous one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from difusi.models import LoadedModel, ModelCache, default_model_path, resolve_checkpoint
+from difusi.params import GenerationParams
+from difusi.pipeline import GenerationResult, txt2img
+
+_MODELS = ModelCache()
+
+
+def get_model(model: str | Path | None = None, models_dir: str | Path | None = None) -> LoadedModel:
+    """Load (or reuse) a checkpoint: None = difusi-mini; else a path, or a name/title/hash in `models_dir`."""
+    path = default_model_path() if model is None else resolve_checkpoint(model, models_dir)
+    return _MODELS.get(path)
+
+
+def generate(prompt: str, *, model: str | Path | None = None, models_dir: str | Path | None = None,
+             **fields: Any) -> GenerationResult:
+    """Generate images for `prompt`; `fields` are GenerationParams fields (A1111 names: seed, steps,
+    cfg_scale, sampler_name, scheduler, width, height, batch_size, n_iter, negative_prompt, ...).
+
+    Raises ParamError (naming the field and the allowed range) for bad values and CheckpointError for
+    a missing or unusable model.
+    """
+    params = GenerationParams(prompt=prompt, model=None if model is None else str(model), **fields)
+    return txt2img(get_model(model, models_dir), params)
