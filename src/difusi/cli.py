@@ -1,0 +1,578 @@
+"""`difusi` command line: generate | info | models | samplers | history | serve | mini.
+
+    difusi generate "a red circle on a blue background" --steps 20 --seed 42
+    difusi generate --from outputs/2026-03-04/00000-42-a-red-circle.png --seed -1
+    difusi info outputs/2026-03-04/00000-42-a-red-circle.png
+
+Errors are one line on stderr, `difusi: error: --FLAG: what is allowed, got what`, exit code 2 (no
+traceback); Ctrl-C stops after the current step, keeps every finished image and exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import difusi  # noqa: F401  (sets the offline hub environment before any Hugging Face import)
+from difusi import settings
+from difusi.errors import CheckpointError, DifusiError, Interrupted, ParamError
+from difusi.infotext import KEY_TO_FIELD, parse_infotext, read_infotext, recipe_from_infotext
+from difusi.params import LIMITS, GenerationParams
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# GenerationParams field -> the flag a user types to set it (ParamError.field is the field name).
+FIELD_FLAGS: dict[str, str] = {
+    "prompt": "PROMPT",
+    "negative_prompt": "--negative-prompt",
+    "model": "--model",
+    "sampler_name": "--sampler",
+    "scheduler": "--scheduler",
+    "steps": "--steps",
+    "cfg_scale": "--cfg-scale",
+    "seed": "--seed",
+    "subseed": "--subseed",
+    "subseed_strength": "--subseed-strength",
+    "width": "--width",
+    "height": "--height",
+    "batch_size": "--batch-size",
+    "n_iter": "--batch-count",
+    "eta": "--eta",
+    "s_noise": "--s-noise",
+    "s_churn": "--s-churn",
+    "s_tmin": "--s-tmin",
+    "s_tmax": "--s-tmax",
+    "clip_skip": "--clip-skip",
+}
+
+
+class UsageError(DifusiError):
+    """A command-line mistake; printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with difusi's error format: one line, no usage block, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        message = message.removeprefix("argument ")
+        message = re.sub(r"^(--[\w-]+)(?:/-\w+)+:", r"\1:", message)  # "--width/-W:" -> "--width:"
+        _fail(message)
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    print(f"difusi: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+# ----------------------------------------------------------------------------- value types for flags
+
+
+def _int_type(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def _float_type(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}")
+    return value
+
+
+def _positive_int_type(text: str) -> int:
+    value = _int_type(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _range_help(name: str) -> str:
+    low, high = LIMITS[name]
+    fmt = lambda v: "inf" if math.isinf(v) else str(int(v)) if float(v).is_integer() else str(v)  # noqa: E731
+    return f"[{fmt(low)}, {fmt(high)}]"
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole `difusi` command line (serve and mini forward their arguments to their own parsers)."""
+    parser = _Parser(prog="difusi", description="Local Stable Diffusion text-to-image (A1111-compatible).")
+    parser.add_argument("--version", action="version", version=f"difusi {difusi.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_generate(commands)
+    info = commands.add_parser("info", help="print the parameters stored in an image")
+    info.add_argument("image", metavar="IMAGE", help="a PNG written by difusi, A1111 or a compatible tool")
+    info.add_argument("--json", action="store_true", help="print the parsed fields as JSON")
+    models = commands.add_parser("models", help="list checkpoints in the models folder")
+    models.add_argument("--models-dir", default=None, help="folder of checkpoints (default: see settings)")
+    samplers = commands.add_parser("samplers", help="list samplers, aliases and schedules")
+    samplers.add_argument("--report", nargs="?", const="sampler-report", default=None, metavar="DIR",
+                          help="write the sampler comparison report (convergence plots) to DIR")
+    samplers.add_argument("--quick", action="store_true", help="with --report: a fast, coarse report")
+    history = commands.add_parser("history", help="list and search recent generations")
+    history.add_argument("--search", default=None, metavar="TEXT", help="only prompts containing TEXT")
+    history.add_argument("--limit", type=_positive_int_type, default=20, help="at most N rows (default 20)")
+    history.add_argument("--outputs-dir", default=None, help="outputs folder (default: see settings)")
+    history.add_argument("--json", action="store_true", help="print rows as JSON lines")
+    commands.add_parser("serve", help="run the A1111-compatible HTTP API and web UI (see `difusi serve --help`)",
+                        add_help=False)
+    commands.add_parser("mini", help="train or evaluate difusi-mini (`difusi mini train|evaluate --help`)",
+                        add_help=False)
+    return parser
+
+
+def _add_generate(commands: Any) -> None:
+    gen = commands.add_parser(
+        "generate",
+        help="generate images from a prompt",
+        description="Generate images. Flags left out keep the image's values with --from/--infotext, "
+        "else the defaults.",
+    )
+    gen.add_argument("prompt", nargs="?", default=None, metavar="PROMPT", help="the prompt (A1111 syntax)")
+    gen.add_argument("--negative-prompt", "-n", default=None, help="what to steer away from")
+    gen.add_argument("--model", "-m", default=None,
+                     help="checkpoint: path, file name, name or short hash in the models folder (default difusi-mini)")
+    gen.add_argument("--sampler", default=None, help='sampler name, A1111 or ComfyUI style (default "DPM++ 2M")')
+    gen.add_argument("--scheduler", default=None, help='noise schedule, e.g. "Karras" (default "Automatic")')
+    gen.add_argument("--steps", type=_int_type, default=None, help=f"sampling steps {_range_help('steps')}, default 20")
+    gen.add_argument("--cfg-scale", type=_float_type, default=None,
+                     help=f"classifier-free guidance scale {_range_help('cfg_scale')}, default 7")
+    gen.add_argument("--seed", type=_int_type, default=None, help="seed; -1 (default) draws a random one")
+    gen.add_argument("--subseed", type=_int_type, default=None, help="variation seed; -1 draws a random one")
+    gen.add_argument("--subseed-strength", type=_float_type, default=None,
+                     help=f"variation strength {_range_help('subseed_strength')}, default 0")
+    gen.add_argument("--width", "-W", type=_int_type, default=None, help="width in pixels (default: model's size)")
+    gen.add_argument("--height", "-H", type=_int_type, default=None, help="height in pixels (default: model's size)")
+    gen.add_argument("--batch-size", type=_int_type, default=None,
+                     help=f"images per batch {_range_help('batch_size')}, default 1")
+    gen.add_argument("--batch-count", type=_int_type, default=None,
+                     help=f"batches, run one after the other {_range_help('n_iter')}, default 1")
+    gen.add_argument("--eta", type=_float_type, default=None, help="ancestral/SDE noise amount (default: sampler's)")
+    gen.add_argument("--s-noise", type=_float_type, default=None, help="noise multiplier (default 1)")
+    gen.add_argument("--s-churn", type=_float_type, default=None, help="Euler/Heun churn (default 0)")
+    gen.add_argument("--s-tmin", type=_float_type, default=None, help="churn lower sigma bound (default 0)")
+    gen.add_argument("--s-tmax", type=_float_type, default=None, help="churn upper sigma bound (default inf)")
+    gen.add_argument("--clip-skip", type=_int_type, default=None,
+                     help=f"stop CLIP this many layers from the end {_range_help('clip_skip')}, default 1")
+    source = gen.add_mutually_exclusive_group()
+    source.add_argument("--from", dest="from_image", default=None, metavar="IMAGE",
+                        help="start from the parameters (and model) stored in IMAGE; flags override them")
+    source.add_argument("--infotext", default=None, metavar="TEXT",
+                        help="start from an A1111 parameters text; unsupported keys are reported")
+    gen.add_argument("--output", "-o", default=None, metavar="FILE.png",
+                     help="also write the image to FILE.png (FILE-1.png, FILE-2.png... for several); never overwrites")
+    gen.add_argument("--models-dir", default=None, help="folder of checkpoints (default: see settings)")
+    gen.add_argument("--outputs-dir", default=None, help="folder for images and history (default: see settings)")
+    gen.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `difusi` command; returns the exit code (0 ok, 2 usage/parameter/model error, 130 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("serve", "mini"):
+        return _forward(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "generate": cmd_generate,
+        "info": cmd_info,
+        "models": cmd_models,
+        "samplers": cmd_samplers,
+        "history": cmd_history,
+    }
+    if args.command is None:
+        build_parser().print_help()
+        return EXIT_USAGE
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print("difusi: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ParamError as error:
+        _fail(_describe_param_error(error, getattr(args, "_origins", {})))
+    except (UsageError, CheckpointError, settings.ConfigError) as error:
+        _fail(str(error))
+    except DifusiError as error:
+        _fail(str(error))
+
+
+def _forward(command: str, rest: list[str]) -> int:
+    if command == "serve":
+        from difusi.server import main as serve_main
+
+        return int(serve_main(rest) or 0)
+    if not rest or rest[0] not in ("train", "evaluate"):
+        _fail("mini: expected `train` or `evaluate`, e.g. `difusi mini train --help`")
+    if rest[0] == "train":
+        from difusi.mini.train import main as train_main
+
+        return int(train_main(rest[1:]) or 0)
+    from difusi.mini.evaluate import main as evaluate_main
+
+    return int(evaluate_main(rest[1:]) or 0)
+
+
+def _describe_param_error(error: ParamError, origins: dict[str, str]) -> str:
+    """Name the flag the user typed, or the infotext key the bad value came from."""
+    origin = origins.get(error.field)
+    label = origin or FIELD_FLAGS.get(error.field, error.field)
+    return f"{label}: {error.message}"
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+FLAG_DESTS: dict[str, str] = {
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "sampler_name": "sampler",
+    "scheduler": "scheduler",
+    "steps": "steps",
+    "cfg_scale": "cfg_scale",
+    "seed": "seed",
+    "subseed": "subseed",
+    "subseed_strength": "subseed_strength",
+    "width": "width",
+    "height": "height",
+    "batch_size": "batch_size",
+    "n_iter": "batch_count",
+    "eta": "eta",
+    "s_noise": "s_noise",
+    "s_churn": "s_churn",
+    "s_tmin": "s_tmin",
+    "s_tmax": "s_tmax",
+    "clip_skip": "clip_skip",
+}
+"""GenerationParams field -> argparse dest of its flag."""
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params, recipe = _generation_params(args)
+    params.validated(native_size=512)  # fail fast, before loading a model (512 only stands in for a missing size)
+    output_paths = _output_paths(args.output, params.total_images)
+    model_path = _choose_model(args, recipe)
+    store_dir = settings.outputs_dir(args.outputs_dir)
+    from difusi.models import load_model
+
+    model = load_model(model_path, device=args.device)
+    from difusi.store import OutputStore
+
+    with OutputStore(store_dir) as store:
+        return _run(model, params, store, output_paths)
+
+
+def _generation_params(args: argparse.Namespace) -> tuple[GenerationParams, Any]:
+    """Merge: defaults < image/infotext values < flags given on the command line."""
+    recipe = None
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    args._origins = origins
+    if args.from_image is not None:
+        text = _read_image_infotext(args.from_image)
+        recipe = recipe_from_infotext(text)
+        source = "--from"
+    elif args.infotext is not None:
+        recipe = recipe_from_infotext(args.infotext)
+        source = "--infotext"
+    if recipe is not None:
+        if recipe.ignored:
+            print(f"difusi: ignored keys: {', '.join(recipe.ignored)}", file=sys.stderr)
+        values.update(recipe.values)
+        reverse = {field: key.removesuffix("-1").removesuffix("-2") for key, field in KEY_TO_FIELD.items()}
+        origins.update({name: f"{source} {reverse.get(name, name)!r}" for name in recipe.values})
+    elif args.prompt is None:
+        raise UsageError("PROMPT: required (or start from an image with --from IMAGE or --infotext TEXT)")
+    for name, dest in FLAG_DESTS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            values[name] = value
+            origins.pop(name, None)
+    params, _ = GenerationParams.from_mapping(values)
+    return params, recipe
+
+
+def _read_image_infotext(path_text: str) -> str:
+    path = Path(path_text)
+    if not path.is_file():
+        raise UsageError(f"--from: no such file: {path}")
+    try:
+        text = read_infotext(path)
+    except OSError as error:
+        raise UsageError(f"--from: cannot read {path} as an image: {error}") from None
+    if not text:
+        raise UsageError(f"--from: {path} has no generation parameters (no PNG 'parameters' text)")
+    return text
+
+
+def _output_paths(output: str | None, count: int) -> list[Path] | None:
+    """`--output FILE.png`: FILE.png for one image, FILE-1.png... for several; refuse to overwrite."""
+    if output is None:
+        return None
+    path = Path(output)
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"--output: must name a .png file, got {output!r}")
+    paths = [path] if count == 1 else [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(count)]
+    for candidate in paths:
+        if candidate.exists():
+            raise UsageError(f"--output: {candidate} exists (difusi never overwrites files)")
+    if not path.parent.is_dir():
+        raise UsageError(f"--output: folder {path.parent} does not exist")
+    return paths
+
+
+def _choose_model(args: argparse.Namespace, recipe: Any) -> Path:
+    """--model if given; else the image's model found by hash (then by name); else difusi-mini."""
+    from difusi.models import default_model_path
+
+    models_dir = settings.models_dir(args.models_dir)
+    if args.model is not None:
+        return _resolve_model_flag(args.model, models_dir)
+    if recipe is None or not (recipe.model_hash or recipe.model_name):
+        return default_model_path()
+    return _find_recipe_model(recipe.model_hash, recipe.model_name, models_dir, args)
+
+
+def _resolve_model_flag(reference: str, models_dir: Path) -> Path:
+    """A path, or a title/name/stem/short hash in the models folder, or the shipped default (difusi-mini)."""
+    from difusi.models import default_model_path, resolve_checkpoint
+
+    try:
+        return Path(resolve_checkpoint(reference, models_dir)).resolve()
+    except CheckpointError as error:
+        try:
+            return Path(resolve_checkpoint(reference, default_model_path().parent)).resolve()
+        except CheckpointError:
+            raise UsageError(f"--model: {error}") from None
+
+
+def _find_recipe_model(model_hash: str | None, model_name: str | None, models_dir: Path, args: Any) -> Path:
+    """The image's model: by its A1111 short hash (sha256 prefix), else by name, in the shipped and user models."""
+    source = "--from" if args.from_image is not None else "--infotext"
+    candidates = _known_checkpoints(models_dir)
+    if model_hash:
+        wanted = model_hash.strip().lower()
+        # A1111 wrote 8-hex "old" hashes (of a 64 KiB slice) before 2023; those cannot match a sha256 prefix.
+        hit = next((info for info in candidates if len(wanted) >= 10 and info.sha256.startswith(wanted)), None)
+    else:
+        hit = next((info for info in candidates if model_name in (info.name, info.path.stem)), None)
+    if hit is not None:
+        return Path(hit.path)
+    what = f"hash {model_hash}" if model_hash else "name"
+    named = f" ({model_name})" if model_name else ""
+    raise UsageError(f"{source}: model with {what}{named} not found in {models_dir}; pass --model to choose one")
+
+
+def _known_checkpoints(models_dir: Path) -> list[Any]:
+    """The shipped default model first, then the models folder's checkpoints."""
+    from difusi.models import default_model_path, list_checkpoints
+
+    default = default_model_path()
+    shipped = [info for info in list_checkpoints(default.parent) if Path(info.path) == default]
+    return shipped + list_checkpoints(models_dir)
+
+
+def _run(model: Any, params: GenerationParams, store: Any, output_paths: list[Path] | None) -> int:
+    from difusi.pipeline import txt2img
+
+    stop = threading.Event()
+    bar = _ProgressReporter()
+    saved: list[Path] = []
+
+    def on_image(generated: Any) -> None:
+        path = store.save(generated)
+        saved.append(path)
+        shown = path
+        if output_paths is not None:
+            shown = output_paths[generated.index]
+            _write_copy(path, shown)
+        bar.clear()
+        print(f"{shown}  seed={generated.seed}", flush=True)
+
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, _stop_handler(stop))
+    try:
+        txt2img(model, params, progress=bar.update, should_stop=stop.is_set, on_image=on_image)
+    except Interrupted:
+        bar.close()
+        print(f"difusi: interrupted: {len(saved)} of {params.total_images} images saved", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        bar.close()
+    return 0
+
+
+def _stop_handler(stop: threading.Event) -> Callable[[int, Any], None]:
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():  # second Ctrl-C: stop now (temp files are still cleaned up)
+            raise KeyboardInterrupt
+        stop.set()
+        print("\ndifusi: stopping after the current step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+    return handler
+
+
+def _write_copy(source: Path, target: Path) -> None:
+    """Copy a finished image to --output atomically and without overwriting (temp + link)."""
+    import os
+    import shutil
+    import tempfile
+
+    fd, temp = tempfile.mkstemp(prefix=".difusi-tmp-", suffix=".png", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle, open(source, "rb") as original:
+            shutil.copyfileobj(original, handle)
+        try:
+            os.link(temp, target)
+        except FileExistsError:
+            raise UsageError(f"--output: {target} appeared while generating; the image is at {source}") from None
+    finally:
+        Path(temp).unlink(missing_ok=True)
+
+
+class _ProgressReporter:
+    """tqdm bar on a terminal (step, it/s, ETA over the whole job); plain throttled lines otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.bar: Any = None
+        self.last_line = 0.0
+        self.started = time.perf_counter()
+        self.done = 0
+
+    def update(self, progress: Any) -> None:
+        total = progress.steps * progress.n_iter
+        done = progress.iteration * progress.steps + progress.step
+        if self.tty:
+            self._update_bar(progress, total, done)
+        else:
+            self._print_line(progress, total, done)
+        self.done = done
+
+    def _update_bar(self, progress: Any, total: int, done: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, unit="it", file=sys.stderr, dynamic_ncols=True, leave=False)
+        self.bar.set_description(f"batch {progress.iteration + 1}/{progress.n_iter}", refresh=False)
+        self.bar.update(max(0, done - self.done))
+
+    def _print_line(self, progress: Any, total: int, done: int) -> None:
+        now = time.perf_counter()
+        if done not in (1, total) and now - self.last_line < 1.0:
+            return
+        self.last_line = now
+        rate = done / max(now - self.started, 1e-9)
+        eta = (total - done) / rate if rate > 0 else 0.0
+        print(
+            f"difusi: step {progress.step}/{progress.steps} batch {progress.iteration + 1}/{progress.n_iter}"
+            f"  {rate:.2f} it/s  ETA {eta:.0f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def clear(self) -> None:
+        if self.bar is not None:
+            self.bar.clear()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# ----------------------------------------------------------------------------- info, models, samplers, history
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    path = Path(args.image)
+    if not path.is_file():
+        raise UsageError(f"IMAGE: no such file: {path}")
+    try:
+        text = read_infotext(path)
+    except OSError as error:
+        raise UsageError(f"IMAGE: cannot read {path} as an image: {error}") from None
+    if not text:
+        raise UsageError(f"IMAGE: {path} has no generation parameters (no PNG 'parameters' text)")
+    if args.json:
+        fields, unknown = parse_infotext(text)
+        print(json.dumps({"infotext": text, "fields": fields, "unsupported": unknown}, ensure_ascii=False, indent=2))
+    else:
+        print(text)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from difusi.models import default_model_path
+
+    models_dir = settings.models_dir(args.models_dir)
+    infos = _known_checkpoints(models_dir)
+    print(f"models folder: {models_dir}" + ("" if models_dir.is_dir() else "  (does not exist)"))
+    if not infos:
+        return 0
+    width = max(len(info.name) for info in infos)
+    for info in infos:
+        mark = "  (default)" if Path(info.path) == default_model_path() else ""
+        print(f"{info.name:<{width}}  {info.short_hash}  {info.family:<5}  {info.path}{mark}")
+    return 0
+
+
+def cmd_samplers(args: argparse.Namespace) -> int:
+    from difusi.samplers import list_samplers, list_schedules
+
+    if args.report is not None:
+        from difusi.samplers.report import write_report
+
+        out_dir = Path(args.report)
+        written = write_report(out_dir, quick=args.quick)
+        print(f"report written to {written or out_dir}")
+        return 0
+    samplers = list_samplers()
+    width = max(len(s.name) for s in samplers)
+    print(f"{'sampler':<{width}}  {'default schedule':<16}  aliases")
+    for sampler in samplers:
+        aliases = ", ".join(sampler.aliases)
+        print(f"{sampler.name:<{width}}  {sampler.default_schedule or 'Automatic':<16}  {aliases}")
+    schedules = ", ".join(getattr(s, "label", getattr(s, "name", str(s))) for s in list_schedules())
+    print(f"\nschedules: Automatic, {schedules}")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from difusi.store import OutputStore
+
+    with OutputStore(settings.outputs_dir(args.outputs_dir)) as store:
+        entries = store.history(limit=args.limit, query=args.search)
+    for entry in entries:
+        if args.json:
+            row = {k: (str(v) if isinstance(v, Path) else v) for k, v in entry.__dict__.items()}
+            print(json.dumps(row, ensure_ascii=False, default=str))
+            continue
+        first_line = entry.prompt.split("\n", 1)[0]
+        prompt = first_line if len(first_line) <= 60 else first_line[:57] + "..."
+        print(f"{entry.created_at[:19]}  seed={entry.seed}  {entry.path}  {prompt}")
+    if not entries and not args.json:
+        print("no images" + (f" matching {args.search!r}" if args.search else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
