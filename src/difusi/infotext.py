@@ -138,28 +138,20 @@ def format_infotext(
     return f"{params.prompt}{negative}\n{settings}".strip()
 
 
-def resolved_sampler_and_schedule(sampler_name: str, scheduler: str) -> tuple[str, str | None]:
+def resolved_sampler_and_schedule(sampler_name: str, scheduler: str) -> tuple[str, str]:
     """Canonical A1111 sampler name and the concrete schedule label it will run with.
 
     Legacy names ("DPM++ 2M Karras") split into sampler + schedule; "Automatic" resolves to the sampler's
-    default schedule. Unknown names pass through unchanged (validation reports them, not the writer).
+    default schedule (`difusi.samplers.resolve_schedule`, the rule the pipeline samples with). Unknown names
+    pass through unchanged: validation reports them, not the writer.
     """
-    from difusi.samplers import get_sampler, get_schedule
+    from difusi.samplers import get_sampler, resolve_schedule
 
     try:
         sampler = get_sampler(sampler_name)
+        return sampler.name, resolve_schedule(sampler, scheduler).name
     except ParamError:
         return sampler_name, scheduler
-    schedule = scheduler
-    if scheduler.strip().lower() == "automatic":
-        schedule = sampler.schedule_override or sampler.default_schedule
-    try:
-        schedule = get_schedule(schedule).label if schedule else None
-    except ParamError:
-        pass
-    except AttributeError:  # a Schedule without a `label` attribute: keep the given name
-        pass
-    return sampler.name, schedule
 
 
 def parse_infotext(text: str) -> tuple[dict[str, str], list[str]]:

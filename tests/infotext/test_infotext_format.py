@@ -85,8 +85,7 @@ def test_automatic_schedule_is_written_resolved():
     text = format_infotext(_params(sampler_name="Euler a", scheduler="Automatic"), 1, 0, "m", "h", "1")
     fields, _ = parse_infotext(text)
     assert fields["Sampler"] == "Euler a"
-    if sampler.default_schedule:
-        assert fields["Schedule type"] == get_schedule(sampler.default_schedule).label
+    assert fields["Schedule type"] == get_schedule(sampler.default_schedule).name != "Automatic"
 
 
 HARD_PROMPTS = [

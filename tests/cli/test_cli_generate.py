@@ -1,0 +1,238 @@
+"""End-to-end: `python -m difusi ...` as real subprocesses on the default model, writing real files.
+
+One module-scoped batch (batch size 2 x batch count 2, a hard prompt) is generated once and reused:
+seeds, names, history rows, `info`, reproduce-from-image and flag overrides are all checked against it.
+The reference for "bit-identical" is the batch itself: DESIGN contract 2 says image i of seed s depends
+only on s+i, so regenerating one image from its PNG must give the same pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from difusi.infotext import parse_infotext, read_infotext
+from difusi.models import default_model_path
+
+SEED = 4242
+STEPS = 3
+HARD_PROMPT = 'a red circle, on: "blue" (background:1.2)\n[square|circle] \\(x\\) 猫 🐱'
+RESULT_LINE = re.compile(r"^(?P<path>.+\.png)  seed=(?P<seed>\d+)$")
+
+
+def _env(root: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DIFUSI_OUTPUTS_DIR": str(root / "outputs"),
+        "DIFUSI_MODELS_DIR": str(root / "models"),
+        "DIFUSI_CONFIG": str(root / "no-config.json"),
+        "DIFUSI_CACHE_DIR": str(root / "cache"),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def difusi(root: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "difusi", *args], capture_output=True, text=True, env=_env(root), timeout=timeout
+    )
+
+
+def results(done: subprocess.CompletedProcess) -> list[tuple[Path, int]]:
+    lines = done.stdout.splitlines()
+    parsed = [RESULT_LINE.match(line) for line in lines]
+    assert all(parsed), done.stdout
+    return [(Path(m["path"]), int(m["seed"])) for m in parsed]
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")).copy()
+
+
+def history_rows(outputs: Path) -> list[sqlite3.Row]:
+    db = sqlite3.connect(outputs / "history.sqlite3")
+    db.row_factory = sqlite3.Row
+    try:
+        return db.execute("SELECT * FROM images ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli-e2e")
+    (path / "models").mkdir()
+    return path
+
+
+@pytest.fixture(scope="module")
+def batch(root) -> list[tuple[Path, int]]:
+    done = difusi(
+        root, "generate", HARD_PROMPT, "--seed", str(SEED), "--steps", str(STEPS),
+        "--sampler", "Euler a", "--batch-size", "2", "--batch-count", "2",
+    )
+    assert done.returncode == 0, done.stderr
+    return results(done)
+
+
+def test_batch_seeds_files_and_history_match(root, batch):
+    assert [seed for _, seed in batch] == [SEED, SEED + 1, SEED + 2, SEED + 3]
+    day_folders = list((root / "outputs").iterdir())
+    pngs = sorted(p for folder in day_folders if folder.is_dir() for p in folder.glob("*.png"))
+    assert sorted(path for path, _ in batch) == pngs
+    for number, (path, seed) in enumerate(batch):
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", path.parent.name)
+        assert path.name == f"{number:05d}-{seed}-a-red-circle-on-blue-background-1-2-square-circle-x-猫.png"
+        fields, _ = parse_infotext(read_infotext(path))
+        assert fields["Seed"] == str(seed)
+    rows = history_rows(root / "outputs")[:4]
+    assert [Path(root / "outputs" / row["path"]) for row in rows] == [path for path, _ in batch]
+    assert [row["seed"] for row in rows] == [seed for _, seed in batch]
+    assert all(row["prompt"] == HARD_PROMPT and row["negative_prompt"] == "" for row in rows)
+    assert all(row["infotext"] == read_infotext(path) for row, (path, _) in zip(rows, batch, strict=True))
+    sha = hashlib.sha256(default_model_path().read_bytes()).hexdigest()
+    assert all(row["model_hash"] == sha[:10] for row in rows)
+
+
+def test_infotext_of_hard_prompt_round_trips(batch):
+    path, seed = batch[0]
+    text = read_infotext(path)
+    fields, unknown = parse_infotext(text)
+    assert fields["Prompt"] == HARD_PROMPT
+    assert fields["Negative prompt"] == "" and "Negative prompt:" not in text
+    assert text.split("\n")[-1].startswith("Steps: 3, Sampler: Euler a, ")
+    assert (fields["Steps"], fields["Seed"]) == (str(STEPS), str(seed))
+    assert unknown == []
+
+
+def test_info_prints_the_parameters(root, batch):
+    path, _ = batch[1]
+    done = difusi(root, "info", str(path))
+    assert done.returncode == 0
+    assert done.stdout == read_infotext(path) + "\n"
+
+
+def test_from_image_regenerates_identical_pixels(root, batch):
+    original, seed = batch[2]
+    done = difusi(root, "generate", "--from", str(original))
+    assert done.returncode == 0, done.stderr
+    ((path, new_seed),) = results(done)
+    assert new_seed == seed and path != original
+    assert np.array_equal(pixels(path), pixels(original))
+    assert read_infotext(path) == read_infotext(original)
+
+
+def test_seed_override_changes_only_the_seed(root, batch):
+    """--from image 0 with the seed of image 3 must equal image 3 exactly (noise depends on the seed only)."""
+    (first, _), (fourth, fourth_seed) = batch[0], batch[3]
+    done = difusi(root, "generate", "--from", str(first), "--seed", str(fourth_seed))
+    assert done.returncode == 0, done.stderr
+    ((path, seed),) = results(done)
+    assert seed == fourth_seed
+    assert np.array_equal(pixels(path), pixels(fourth))
+    assert read_infotext(path) == read_infotext(fourth)
+
+
+def test_sampler_and_steps_override_change_only_those_keys(root, batch):
+    original, _ = batch[0]
+    done = difusi(root, "generate", "--from", str(original), "--sampler", "Euler", "--steps", "4")
+    assert done.returncode == 0, done.stderr
+    ((path, _),) = results(done)
+    before, _ = parse_infotext(read_infotext(original))
+    after, _ = parse_infotext(read_infotext(path))
+    changed = {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
+    assert changed == {"Sampler", "Steps"}
+    assert (after["Sampler"], after["Steps"]) == ("Euler", "4")
+    assert not np.array_equal(pixels(path), pixels(original))
+
+
+def test_infotext_flag_reports_ignored_keys_and_reproduces(root, batch):
+    original, seed = batch[1]
+    pasted = read_infotext(original).replace(", Version:", ", Hires upscale: 2, ADetailer model: face_yolov8n.pt, Version:")
+    done = difusi(root, "generate", "--infotext", pasted)
+    assert done.returncode == 0, done.stderr
+    assert "difusi: ignored keys: Hires upscale, ADetailer model" in done.stderr.splitlines()
+    ((path, new_seed),) = results(done)
+    assert new_seed == seed
+    assert np.array_equal(pixels(path), pixels(original))
+
+
+def test_from_image_with_unknown_model_hash_is_an_error(root, batch, tmp_path):
+    original, _ = batch[0]
+    text = read_infotext(original)
+    fields, _ = parse_infotext(text)
+    done = difusi(root, "generate", "--infotext", text.replace(fields["Model hash"], "0000000000"))
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"difusi: error: --infotext: model with hash 0000000000 ({fields['Model']}) not found in "
+        f"{root / 'models'}; pass --model to choose one"
+    ]
+
+
+def test_history_command_lists_and_searches(root, batch):
+    done = difusi(root, "history", "--search", "RED CIRCLE", "--limit", "2")
+    assert done.returncode == 0
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2
+    newest = history_rows(root / "outputs")[-2:][::-1]
+    for line, row in zip(lines, newest, strict=True):
+        assert f"seed={row['seed']}" in line and str(root / "outputs" / row["path"]) in line
+    assert difusi(root, "history", "--search", "no such prompt").stdout == ""
+
+
+def test_models_lists_default_with_a1111_hash(root):
+    done = difusi(root, "models")
+    assert done.returncode == 0, done.stderr
+    sha = hashlib.sha256(default_model_path().read_bytes()).hexdigest()
+    (line,) = [line for line in done.stdout.splitlines() if "(default)" in line]
+    assert line.split()[:3] == ["difusi-mini", sha[:10], "sd1"]
+
+
+def test_samplers_lists_names_aliases_and_schedules(root):
+    done = difusi(root, "samplers")
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("  ")[0].strip(): line for line in done.stdout.splitlines()}
+    assert "k_euler_a" in rows["Euler a"]
+    assert "dpmpp_2m" in rows["DPM++ 2M"]
+    assert "Karras" in done.stdout.splitlines()[-1]
+
+
+def test_sigint_mid_batch_keeps_finished_images_only(root):
+    outputs = root / "sigint-outputs"
+    env = {**_env(root), "DIFUSI_OUTPUTS_DIR": str(outputs)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "difusi", "generate", "a blue square", "--seed", "7", "--steps", "20",
+         "--batch-count", "50", "--sampler", "Euler"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    first = process.stdout.readline()  # the first finished image: now we are in the middle of the batch
+    assert RESULT_LINE.match(first.rstrip("\n")), first + process.stderr.read()
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    rest, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    saved = [RESULT_LINE.match(line) for line in (first + rest).splitlines()]
+    assert 1 <= len(saved) < 50
+    files = sorted(p for p in outputs.rglob("*") if p.is_file() and p.suffix == ".png")
+    assert sorted(Path(m["path"]) for m in saved) == files
+    leftovers = [p.name for p in outputs.rglob("*") if p.is_file() and p.name.startswith(".difusi-tmp")]
+    assert leftovers == []
+    rows = history_rows(outputs)
+    assert sorted(outputs / row["path"] for row in rows) == files
+    assert [row["seed"] for row in rows] == list(range(7, 7 + len(files)))
+    for path in files:
+        with Image.open(path) as image:
+            image.verify()
+    assert f"difusi: interrupted: {len(files)} of 50 images saved" in stderr
