@@ -409,7 +409,7 @@ def _run(model: Any, params: GenerationParams, store: Any, output_paths: list[Pa
     previous = signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGINT, _stop_handler(stop))
     try:
-        txt2img(model, params, progress=bar.update, should_stop=stop.is_set, on_image=on_image)
+        txt2img(model, params, progress=bar.update, should_stop=_announce_stop(stop, bar), on_image=on_image)
     except Interrupted:
         bar.close()
         print(f"difusi: interrupted: {len(saved)} of {params.total_images} images saved", file=sys.stderr)
@@ -421,13 +421,31 @@ def _run(model: Any, params: GenerationParams, store: Any, output_paths: list[Pa
 
 
 def _stop_handler(stop: threading.Event) -> Callable[[int, Any], None]:
+    """First Ctrl-C: ask the pipeline to stop between steps. Second: abort now (temp files still cleaned up).
+
+    The handler only sets a flag: printing from a signal handler can hit a half-written stderr buffer.
+    """
+
     def handler(signum: int, frame: Any) -> None:
-        if stop.is_set():  # second Ctrl-C: stop now (temp files are still cleaned up)
+        if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        print("\ndifusi: stopping after the current step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
 
     return handler
+
+
+def _announce_stop(stop: threading.Event, bar: Any) -> Callable[[], bool]:
+    announced = False
+
+    def should_stop() -> bool:
+        nonlocal announced
+        if stop.is_set() and not announced:
+            announced = True
+            bar.clear()
+            print("difusi: stopping after this step (Ctrl-C again to abort now)", file=sys.stderr, flush=True)
+        return stop.is_set()
+
+    return should_stop
 
 
 def _write_copy(source: Path, target: Path) -> None:

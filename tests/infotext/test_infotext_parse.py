@@ -211,3 +211,32 @@ def test_bad_number_in_infotext_names_the_field():
 def test_quote_matches_json_and_unquote_inverts(value, expected):
     assert quote(value) == expected
     assert unquote(quote(value)) == value
+
+
+def test_legacy_sampler_name_splits_into_sampler_and_schedule():
+    recipe = recipe_from_infotext(ANIME_HIRES)
+    assert (recipe.values["sampler_name"], recipe.values["scheduler"]) == ("DPM++ 2M", "Karras")
+    params = recipe.params()
+    assert (params.steps, params.cfg_scale, params.seed) == (28, 7.5, 2847562301)
+    assert (params.width, params.height, params.clip_skip) == (512, 768, 2)
+    assert params.negative_prompt == "(worst quality, low quality:1.4), EasyNegative, bad-hands-5"
+
+
+def test_explicit_schedule_wins_over_legacy_name():
+    recipe = recipe_from_infotext("x\nSteps: 5, Sampler: DPM++ 2M Karras, Schedule type: Exponential, Seed: 1")
+    assert (recipe.values["sampler_name"], recipe.values["scheduler"]) == ("DPM++ 2M", "Exponential")
+
+
+def test_comfyui_and_alias_sampler_names_become_a1111_names():
+    assert recipe_from_infotext("x\nSteps: 5, Sampler: k_euler_a, Seed: 1").values["sampler_name"] == "Euler a"
+    assert recipe_from_infotext("x\nSteps: 5, Sampler: dpmpp_2m, Seed: 1").values["sampler_name"] == "DPM++ 2M"
+
+
+def test_unknown_sampler_is_kept_for_validation_to_report():
+    from difusi.errors import ParamError
+
+    recipe = recipe_from_infotext("x\nSteps: 5, Sampler: Magic Sampler 9000, Seed: 1")
+    assert recipe.values["sampler_name"] == "Magic Sampler 9000"
+    with pytest.raises(ParamError) as info:
+        recipe.params().validated(native_size=64)
+    assert info.value.field == "sampler_name"
