@@ -208,9 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except ParamError as error:
         _fail(_describe_param_error(error, getattr(args, "_origins", {})))
-    except (UsageError, CheckpointError, settings.ConfigError) as error:
-        _fail(str(error))
-    except DifusiError as error:
+    except DifusiError as error:  # UsageError, CheckpointError, ConfigError, ...
         _fail(str(error))
 
 
@@ -238,30 +236,6 @@ def _describe_param_error(error: ParamError, origins: dict[str, str]) -> str:
 
 
 # ----------------------------------------------------------------------------- generate
-
-
-FLAG_DESTS: dict[str, str] = {
-    "prompt": "prompt",
-    "negative_prompt": "negative_prompt",
-    "sampler_name": "sampler",
-    "scheduler": "scheduler",
-    "steps": "steps",
-    "cfg_scale": "cfg_scale",
-    "seed": "seed",
-    "subseed": "subseed",
-    "subseed_strength": "subseed_strength",
-    "width": "width",
-    "height": "height",
-    "batch_size": "batch_size",
-    "n_iter": "batch_count",
-    "eta": "eta",
-    "s_noise": "s_noise",
-    "s_churn": "s_churn",
-    "s_tmin": "s_tmin",
-    "s_tmax": "s_tmax",
-    "clip_skip": "clip_skip",
-}
-"""GenerationParams field -> argparse dest of its flag."""
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -300,13 +274,18 @@ def _generation_params(args: argparse.Namespace) -> tuple[GenerationParams, Any]
         origins.update({name: f"{source} {reverse.get(name, name)!r}" for name in recipe.values})
     elif args.prompt is None:
         raise UsageError("PROMPT: required (or start from an image with --from IMAGE or --infotext TEXT)")
-    for name, dest in FLAG_DESTS.items():
-        value = getattr(args, dest)
+    for name, flag in FIELD_FLAGS.items():
+        value = getattr(args, _dest(flag), None)
         if value is not None:
             values[name] = value
             origins.pop(name, None)
     params, _ = GenerationParams.from_mapping(values)
     return params, recipe
+
+
+def _dest(flag: str) -> str:
+    """argparse's attribute name for a flag: "--cfg-scale" -> "cfg_scale", "PROMPT" -> "prompt"."""
+    return flag.lstrip("-").replace("-", "_").lower()
 
 
 def _read_image_infotext(path_text: str) -> str:
