@@ -548,8 +548,7 @@ def cmd_samplers(args: argparse.Namespace) -> int:
     for sampler in samplers:
         aliases = ", ".join(sampler.aliases)
         print(f"{sampler.name:<{width}}  {sampler.default_schedule or 'Automatic':<16}  {aliases}")
-    schedules = ", ".join(getattr(s, "label", getattr(s, "name", str(s))) for s in list_schedules())
-    print(f"\nschedules: Automatic, {schedules}")
+    print(f"\nschedules: {', '.join(schedule.name for schedule in list_schedules())}")
     return 0
 
 

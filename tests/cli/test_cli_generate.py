@@ -168,18 +168,6 @@ def test_infotext_flag_reports_ignored_keys_and_reproduces(root, batch):
     assert np.array_equal(pixels(path), pixels(original))
 
 
-def test_from_image_with_unknown_model_hash_is_an_error(root, batch, tmp_path):
-    original, _ = batch[0]
-    text = read_infotext(original)
-    fields, _ = parse_infotext(text)
-    done = difusi(root, "generate", "--infotext", text.replace(fields["Model hash"], "0000000000"))
-    assert done.returncode == 2
-    assert done.stderr.splitlines() == [
-        f"difusi: error: --infotext: model with hash 0000000000 ({fields['Model']}) not found in "
-        f"{root / 'models'}; pass --model to choose one"
-    ]
-
-
 def test_history_command_lists_and_searches(root, batch):
     done = difusi(root, "history", "--search", "RED CIRCLE", "--limit", "2")
     assert done.returncode == 0
@@ -189,23 +177,6 @@ def test_history_command_lists_and_searches(root, batch):
     for line, row in zip(lines, newest, strict=True):
         assert f"seed={row['seed']}" in line and str(root / "outputs" / row["path"]) in line
     assert difusi(root, "history", "--search", "no such prompt").stdout == ""
-
-
-def test_models_lists_default_with_a1111_hash(root):
-    done = difusi(root, "models")
-    assert done.returncode == 0, done.stderr
-    sha = hashlib.sha256(default_model_path().read_bytes()).hexdigest()
-    (line,) = [line for line in done.stdout.splitlines() if "(default)" in line]
-    assert line.split()[:3] == ["difusi-mini", sha[:10], "sd1"]
-
-
-def test_samplers_lists_names_aliases_and_schedules(root):
-    done = difusi(root, "samplers")
-    assert done.returncode == 0, done.stderr
-    rows = {line.split("  ")[0].strip(): line for line in done.stdout.splitlines()}
-    assert "k_euler_a" in rows["Euler a"]
-    assert "dpmpp_2m" in rows["DPM++ 2M"]
-    assert "Karras" in done.stdout.splitlines()[-1]
 
 
 def test_sigint_mid_batch_keeps_finished_images_only(root):

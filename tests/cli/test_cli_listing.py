@@ -1,0 +1,63 @@
+"""`difusi models`, `difusi samplers`, and the model lookup of --from/--infotext (in-process: nothing is generated)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from difusi import cli
+from difusi.models import default_model_path
+
+
+@pytest.fixture
+def folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFUSI_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("DIFUSI_OUTPUTS_DIR", str(tmp_path / "outputs"))
+    monkeypatch.setenv("DIFUSI_CONFIG", str(tmp_path / "none.json"))
+    monkeypatch.setenv("DIFUSI_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "models").mkdir()
+    return tmp_path
+
+
+def test_models_lists_default_and_folder_checkpoints_with_a1111_hash(folders, capsys):
+    from difusi.models.synthetic import write_tiny_checkpoint
+
+    tiny = write_tiny_checkpoint(folders / "models" / "sub" / "tiny.safetensors", "sd1", "safetensors").path
+    assert cli.main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"models folder: {folders / 'models'}"
+    default_sha = hashlib.sha256(default_model_path().read_bytes()).hexdigest()
+    tiny_sha = hashlib.sha256(tiny.read_bytes()).hexdigest()
+    assert lines[1].split() == ["difusi-mini", default_sha[:10], "sd1", str(default_model_path()), "(default)"]
+    assert lines[2].split() == ["sub/tiny", tiny_sha[:10], "sd1", str(tiny)]
+
+
+def test_models_flag_beats_environment(folders, capsys, tmp_path):
+    assert cli.main(["models", "--models-dir", str(tmp_path / "elsewhere")]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"models folder: {tmp_path / 'elsewhere'}  (does not exist)"
+
+
+def test_samplers_lists_names_aliases_and_schedules(capsys):
+    from difusi.samplers import list_samplers, list_schedules
+
+    assert cli.main(["samplers"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split("  ")[0]: line for line in lines[1:] if line}
+    for sampler in list_samplers():
+        row = rows[sampler.name]
+        assert sampler.default_schedule in row
+        assert all(alias in row for alias in sampler.aliases)
+    assert rows["Euler a"].split()[-3:] == ["k_euler_a,", "k_euler_ancestral,", "euler_ancestral"]
+    assert lines[-1] == "schedules: " + ", ".join(s.name for s in list_schedules())
+
+
+def test_infotext_with_unknown_model_hash_is_one_line_error(folders, capsys):
+    text = "a cat\nSteps: 3, Sampler: Euler, Seed: 1, Size: 64x64, Model hash: 0000000000, Model: lost, Version: x"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "--infotext", text])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"difusi: error: --infotext: model with hash 0000000000 (lost) not found in {folders / 'models'}; "
+        "pass --model to choose one"
+    ]
