@@ -21,6 +21,7 @@ from difusi.errors import CheckpointError
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 DIFFUSERS_INDEX = "model_index.json"
+_ALIGNMENT = 64  # bytes; what torch's CPU allocator guarantees
 
 
 def is_diffusers_folder(path: Path) -> bool:
@@ -75,7 +76,11 @@ class CheckpointFile:
             except (SafetensorError, OSError, RuntimeError) as exc:
                 raise CheckpointError(f"{self.path}: cannot read tensor {key!r} (truncated or corrupt?): {exc}") from exc
         if dtype is not None and value.is_floating_point() and value.dtype != dtype:
-            value = value.to(dtype)
+            return value.to(dtype)
+        if value.data_ptr() % _ALIGNMENT:
+            # safetensors hands out tensors at the file's (unaligned) offsets; unaligned weights run slower
+            # and round differently from a freshly built module, so give them their own aligned memory.
+            return value.clone()
         return value
 
     def close(self) -> None:
