@@ -63,14 +63,18 @@ class ModelSpec:
 
 
 def describe(shapes: Shapes, limit: int = 6) -> str:
-    """A short summary of what a state dict holds (top-level prefixes with tensor counts), for error messages."""
+    """A short summary of what a state dict holds (key groups with counts, a few example keys with shapes)."""
     counts: Counter[str] = Counter()
     for key in shapes:
         parts = key.split(".")
-        counts[".".join(parts[:2]) if len(parts) > 2 else parts[0]] += 1
+        # "model.diffusion_model", "conditioner.embedders", "cond_stage_model.transformer": two levels tell more
+        counts[".".join(parts[:2]) if parts[0] in ("model", "conditioner", "cond_stage_model") and len(parts) > 2 else parts[0]] += 1
+    if not counts:
+        return "no tensors"
     top = ", ".join(f"{p}.* ({n})" for p, n in counts.most_common(limit))
     more = f", and {len(counts) - limit} more groups" if len(counts) > limit else ""
-    return f"{len(shapes)} tensors: {top}{more}" if counts else "no tensors"
+    examples = ", ".join(f"{k} {list(v)}" for k, v in list(shapes.items())[:3])
+    return f"{len(shapes)} tensors: {top}{more}; e.g. {examples}"
 
 
 def detect_family(shapes: Shapes) -> str:

@@ -112,8 +112,11 @@ def read_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 f"{_first_line(text)}"
             ) from exc
         raise CheckpointError(f"{path}: not a checkpoint (not a safetensors file or a torch pickle): {_first_line(text)}") from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {_first_line(str(exc))}") from exc
+    except Exception as exc:  # the unpickler raises anything (IndexError, KeyError, ...) on bytes that are not a pickle
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (not a torch pickle, or truncated/corrupt): {type(exc).__name__}: "
+            f"{_first_line(str(exc))}"
+        ) from exc
     return _unwrap_state_dict(path, loaded)
 
 
