@@ -7,9 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from difusi.models.latent_preview import SD1_FACTORS as SD1_LATENT_RGB_FACTORS
+from difusi.models.latent_preview import SDXL_BIAS
+from difusi.models.latent_preview import SDXL_FACTORS as SDXL_LATENT_RGB_FACTORS
 from difusi.server.preview import (
-    SD1_LATENT_RGB_FACTORS,
-    SDXL_LATENT_RGB_FACTORS,
     preview_image,
     project,
     projection_for,
@@ -49,8 +50,9 @@ def test_factors_given_as_three_rows_are_transposed():
 
 
 def test_family_fallbacks_and_grey_for_unknown_latent_spaces():
-    sd1, _ = projection_for(SimpleNamespace(family="sd1", latent_rgb_factors=None), 4)
-    sdxl, _ = projection_for(SimpleNamespace(family="sdxl", latent_rgb_factors=None), 4)
+    sd1, sd1_bias = projection_for(SimpleNamespace(family="sd1", latent_rgb_factors=None), 4)
+    sdxl, sdxl_bias = projection_for(SimpleNamespace(family="sdxl", latent_rgb_factors=None), 4)
+    assert sd1_bias.tolist() == [0.0, 0.0, 0.0] and torch.allclose(sdxl_bias, torch.tensor(SDXL_BIAS))
     assert torch.allclose(sd1, torch.tensor(SD1_LATENT_RGB_FACTORS))
     assert torch.allclose(sdxl, torch.tensor(SDXL_LATENT_RGB_FACTORS))
     none, _ = projection_for(SimpleNamespace(family="sd1", latent_rgb_factors=None), 16)  # 4-ch table, 16-ch model

@@ -47,6 +47,7 @@ class Engine:
         self._cache = ModelCache()
         self._lock = threading.Lock()
         self._checkpoints: list[Any] | None = None
+        self._extra: list[Any] = []  # checkpoints named by path outside the models folder (listed too)
         self._loaded: Any = None
         self._options: dict[str, Any] = {
             "samples_save": True,
@@ -69,10 +70,12 @@ class Engine:
     def _scan(self) -> list[Any]:
         from difusi.models import default_model_path, list_checkpoints
 
-        found = list(list_checkpoints(self.models_dir)) if Path(self.models_dir).is_dir() else []
-        default = Path(default_model_path()).resolve()
-        if not any(Path(info.path).resolve() == default for info in found):
-            found.insert(0, _describe(default))
+        found = list(list_checkpoints(self.models_dir))
+        default = Path(default_model_path())
+        outside = ([_describe(default)] if default.exists() else []) + self._extra
+        for info in outside:
+            if not any(Path(known.path).resolve() == Path(info.path).resolve() for known in found):
+                found.append(info)
         return found
 
     def refresh(self) -> None:
@@ -80,13 +83,15 @@ class Engine:
             self._checkpoints = None
 
     def _default_checkpoint(self) -> Any:
+        """difusi-mini when shipped, else the first checkpoint in the models folder, else None."""
         from difusi.models import default_model_path
 
         default = Path(default_model_path()).resolve()
-        for info in self.checkpoints():
+        found = self.checkpoints()
+        for info in found:
             if Path(info.path).resolve() == default:
                 return info
-        return _describe(default)
+        return found[0] if found else None
 
     def _checkpoint_by_name(self, name: str, field: str = "sd_model_checkpoint") -> Any:
         """Find a checkpoint by title "name [hash]", name, file name, short hash or path."""
@@ -98,7 +103,11 @@ class Engine:
                 return info
         path = Path(wanted).expanduser()
         if path.exists():
-            return _describe(path)
+            info = _describe(path)
+            with self._lock:
+                self._extra.append(info)
+                self._checkpoints = None
+            return info
         known = ", ".join(title(info) for info in self.checkpoints()) or "none"
         raise ParamError(field, f"unknown model {name!r}; available: {known} (POST /sdapi/v1/refresh-checkpoints after adding files)")
 
@@ -107,8 +116,8 @@ class Engine:
             raise ParamError("sd_model_checkpoint", f"must be a checkpoint name, got {name!r}")
         return title(self._checkpoint_by_name(name))
 
-    def current_title(self) -> str:
-        return title(self._current)
+    def current_title(self) -> str | None:
+        return title(self._current) if self._current is not None else None
 
     def sd_models(self) -> list[dict[str, Any]]:
         return [
@@ -130,7 +139,8 @@ class Engine:
 
     # -- options -------------------------------------------------------------------------------------------------
     def options(self) -> dict[str, Any]:
-        return {"sd_model_checkpoint": self.current_title(), "sd_checkpoint_hash": self._current.sha256,
+        current = self._current
+        return {"sd_model_checkpoint": self.current_title(), "sd_checkpoint_hash": current.sha256 if current else None,
                 "outdir_samples": str(self.outputs_dir), **self._options}
 
     def set_options(self, values: dict[str, Any]) -> None:
@@ -164,9 +174,7 @@ class Engine:
         raise ValueError(f"unknown job kind {job.kind!r}")
 
     def _load(self, info: Any) -> Any:
-        from difusi.models import load_model
-
-        model = self._cache.get(info.path, loader=load_model) if hasattr(self._cache, "get") else load_model(info.path)
+        model = self._cache.get(info.path)
         self._loaded = model
         return model
 
@@ -175,6 +183,8 @@ class Engine:
 
         spec: a1111.Txt2ImgJob = job.payload
         info = self._checkpoint_by_name(spec.checkpoint) if spec.checkpoint else self._current
+        if info is None:
+            raise ParamError("sd_model_checkpoint", f"no model available: put a checkpoint in {self.models_dir}")
         job.report(textinfo="Loading model")
         model = self._load(info)
         params = spec.params.validated(native_size=model.native_size)
@@ -232,9 +242,13 @@ def title(info: Any) -> str:
 
 
 def _describe(path: Path) -> Any:
-    from difusi.models import describe_checkpoint
+    """A CheckpointInfo for a file outside the models folder (e.g. the shipped difusi-mini, a --model path)."""
+    from difusi.models import CheckpointInfo
+    from difusi.models.catalog import checkpoint_name
+    from difusi.models.hashing import file_sha256, short_hash
 
-    return describe_checkpoint(path)
+    sha = file_sha256(path)
+    return CheckpointInfo(checkpoint_name(path), path, short_hash(sha), sha, "")
 
 
 def _history_item(entry: Any, outputs_dir: Path) -> dict[str, Any]:

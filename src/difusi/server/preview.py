@@ -6,10 +6,10 @@ AUTOMATIC1111 and ComfyUI use for their live previews: it costs one tiny matrix 
 and shows colour and layout well enough to follow the sampler.
 
 Factors come from the model when it provides them (`LoadedModel.latent_rgb_factors` / `_bias`,
-e.g. difusi-mini's sidecar, fitted against its own VAE). Otherwise the published approximate
-factors for the SD1/SD2 VAE and the SDXL VAE are used (A1111 `modules/sd_vae_approx.py`,
-`cheap_approximation`; the numbers are facts about those VAEs). A latent space with neither gets a
-neutral grey-scale view of its per-channel mean so a preview still shows structure.
+e.g. difusi-mini's sidecar, fitted against its own VAE; the loader fills in the published factors
+for the SD1/SD2 and SDXL VAEs). A model object without them falls back to the published factors of
+its family (`difusi.models.latent_preview.LATENT_RGB`). A latent space with neither gets a neutral
+grey-scale view of its per-channel mean so a preview still shows structure.
 """
 
 from __future__ import annotations
@@ -22,23 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-SD1_LATENT_RGB_FACTORS = [
-    [0.298, 0.207, 0.208],
-    [0.187, 0.286, 0.173],
-    [-0.158, 0.189, 0.264],
-    [-0.184, -0.271, -0.473],
-]
-"""Rows are latent channels, columns R, G, B; for the SD1/SD2 VAE (kl-f8), A1111's coefficients."""
-
-SDXL_LATENT_RGB_FACTORS = [
-    [0.3448, 0.4168, 0.4395],
-    [-0.1953, -0.0290, 0.0250],
-    [0.1074, 0.0886, -0.0163],
-    [-0.3730, -0.2499, -0.2088],
-]
-"""The same for the SDXL VAE, A1111's coefficients."""
-
-FAMILY_FACTORS = {"sd1": SD1_LATENT_RGB_FACTORS, "sd2": SD1_LATENT_RGB_FACTORS, "sdxl": SDXL_LATENT_RGB_FACTORS}
+from difusi.models.latent_preview import LATENT_RGB
 
 
 def projection_for(model: Any, channels: int) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -49,8 +33,7 @@ def projection_for(model: Any, channels: int) -> tuple[torch.Tensor | None, torc
     factors = getattr(model, "latent_rgb_factors", None)
     bias = getattr(model, "latent_rgb_bias", None)
     if factors is None:
-        factors = FAMILY_FACTORS.get(getattr(model, "family", None))
-        bias = None
+        factors, bias = LATENT_RGB.get(getattr(model, "family", None), (None, None))
     matrix = _as_channel_matrix(factors, channels)
     bias_vector = torch.zeros(3) if bias is None or matrix is None else torch.tensor(bias, dtype=torch.float32)
     return matrix, bias_vector

@@ -1,0 +1,156 @@
+"""The web UI end to end: Playwright drives Debian's chromium (headless) against a real server.
+
+Screenshots are written to test-artifacts/server/ for a human to look at.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "server"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 60_000
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (tools/setup-chromium.sh)"),
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture()
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(server.url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    yield page
+    context.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def fill_form(page, **values) -> None:
+    for name, value in values.items():
+        if name in ("sampler_name", "scheduler"):
+            page.select_option(f"#{name}", str(value))
+        else:
+            page.fill(f"#{name}", str(value))
+
+
+def test_form_lists_models_samplers_and_schedules(page, models):
+    model_titles = page.eval_on_selector_all("#model option", "os => os.map(o => o.value)")
+    assert any(t.startswith(models.default.stem) for t in model_titles)
+    assert any(t.startswith(models.other.stem) for t in model_titles)
+    samplers = page.eval_on_selector_all("#sampler_name option", "os => os.map(o => o.value)")
+    assert {"Euler", "Euler a", "DPM++ 2M"} <= set(samplers) and page.input_value("#sampler_name") == "DPM++ 2M"
+    assert "Karras" in page.eval_on_selector_all("#scheduler option", "os => os.map(o => o.value)")
+
+
+def test_generate_shows_images_with_infotext_and_seed_buttons(page):
+    fill_form(page, prompt="a red circle on a blue background", negative_prompt="blurry", steps=3, width=64,
+              height=64, seed=1234, batch_size=2, n_iter=1, cfg_scale=6, sampler_name="Euler")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#infotext').textContent.includes('Seed: 1234,')")
+    assert page.is_visible("#main-image")
+    infotext = page.text_content("#infotext")
+    assert infotext.startswith("a red circle on a blue background\nNegative prompt: blurry\nSteps: 3, Sampler: Euler,")
+    assert "Size: 64x64" in infotext and "CFG scale: 6" in infotext
+    assert page.locator("#results img").count() == 2
+    page.locator("#results img").nth(1).click()
+    assert "Seed: 1235," in page.text_content("#infotext")
+    natural = page.eval_on_selector("#main-image", "img => [img.naturalWidth, img.naturalHeight]")
+    assert natural == [64, 64]
+    shot(page, "generate")
+    page.click("#reuse-seed")
+    assert page.input_value("#seed") == "1235"
+    page.click("#random-seed")
+    assert page.input_value("#seed") == "-1"
+
+
+def test_interrupt_with_live_preview(page):
+    fill_form(page, prompt="interrupt me", steps=1000, width=64, height=64, n_iter=3, seed=5, sampler_name="Euler")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#progress-text').textContent.startsWith('Step')")
+    page.wait_for_selector("#preview:not([hidden])")
+    width = page.eval_on_selector("#progress-bar", "bar => parseFloat(bar.style.width)")
+    assert 0 <= width < 100
+    shot(page, "progress")
+    page.click("#interrupt")
+    page.wait_for_function("document.querySelector('#progress-text').textContent === 'Interrupted'")
+    assert page.is_enabled("#generate") and not page.is_enabled("#interrupt")
+
+
+def test_server_side_validation_error_names_the_field(page):
+    fill_form(page, prompt="x", steps=0, width=64, height=64)
+    page.click("#generate")
+    page.wait_for_selector("#error:not([hidden])")
+    assert re.search(r"steps.*\[1, 1000\]", page.text_content("#error"))
+    assert "invalid" in page.get_attribute("#steps", "class")
+    shot(page, "error")
+
+
+def test_reuse_parameters_from_history(page, client):
+    body = {"prompt": "history prompt unique", "negative_prompt": "nothing", "seed": 777, "steps": 4,
+            "sampler_name": "Euler a", "scheduler": "Karras", "cfg_scale": 6.5, "width": 64, "height": 72}
+    assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200
+    page.fill("#history-search", "history prompt unique")
+    card = page.locator(".card", has_text="history prompt unique").first
+    card.wait_for()
+    assert card.locator("img").evaluate("img => img.complete && img.naturalWidth") == 64
+    shot(page, "history")
+    card.locator("button.reuse").click()
+    got = {name: page.input_value(f"#{name}") for name in
+           ("prompt", "negative_prompt", "seed", "steps", "sampler_name", "scheduler", "cfg_scale", "width", "height")}
+    assert got == {"prompt": "history prompt unique", "negative_prompt": "nothing", "seed": "777", "steps": "4",
+                   "sampler_name": "Euler a", "scheduler": "Karras", "cfg_scale": "6.5", "width": "64", "height": "72"}
+
+
+def test_png_info_by_dropping_an_image(page, client):
+    body = {"prompt": "dropped image", "seed": 4321, "steps": 3, "sampler_name": "DPM++ 2M", "cfg_scale": 4,
+            "width": 64, "height": 64, "save_images": False}
+    response = client.post("/sdapi/v1/txt2img", json=body).json()
+    infotext = json.loads(response["info"])["infotexts"][0]
+    png_b64 = response["images"][0]
+    assert base64.b64decode(png_b64)[:4] == b"\x89PNG"
+    page.evaluate(
+        """b64 => {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const data = new DataTransfer();
+            data.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+            document.body.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+        }""",
+        png_b64,
+    )
+    page.wait_for_selector("#pnginfo:not([hidden])")
+    assert page.text_content("#pnginfo-text") == infotext
+    shot(page, "pnginfo")
+    page.click("#pnginfo-use")
+    assert page.input_value("#prompt") == "dropped image"
+    assert page.input_value("#seed") == "4321" and page.input_value("#steps") == "3"
+    assert page.input_value("#sampler_name") == "DPM++ 2M" and page.input_value("#cfg_scale") == "4"
