@@ -30,7 +30,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--outputs-dir", default=None, help="folder for images and history (default: settings)")
     parser.add_argument("--model", default=None, help="checkpoint to start with (default: difusi-mini)")
     parser.add_argument("--queue-size", type=int, default=32, help="jobs allowed to wait before 503 (default 32)")
+    parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu; e.g. cuda)")
     return parser
+
+
+def bind_address(args: argparse.Namespace) -> str:
+    """--host wins, then --listen (0.0.0.0, all interfaces), else loopback only."""
+    return args.host or ("0.0.0.0" if args.listen else DEFAULT_HOST)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,11 +61,11 @@ def serve(args: argparse.Namespace) -> int:
     try:
         auth = parse_auth(args.api_auth)
         app = create_app(models_dir=args.models_dir, outputs_dir=args.outputs_dir, checkpoint=args.model,
-                         queue_size=args.queue_size, auth=auth)
+                         queue_size=args.queue_size, auth=auth, device=args.device)
     except (ValueError, DifusiError) as error:
         print(f"difusi serve: {error}", file=sys.stderr)
         return 2
-    host = args.host or ("0.0.0.0" if args.listen else DEFAULT_HOST)
+    host = bind_address(args)
     shown = "127.0.0.1" if host == "0.0.0.0" else host
     print(f"difusi: serving the web UI at http://{shown}:{args.port}/ and the API docs at http://{shown}:{args.port}/docs",
           file=sys.stderr)

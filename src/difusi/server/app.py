@@ -50,14 +50,15 @@ def create_app(
     checkpoint: str | None = None,
     queue_size: int = 32,
     auth: dict[str, str] | None = None,
+    device: str = "cpu",
 ) -> FastAPI:
     """Build the app. `engine` runs jobs (default: `difusi.server.engine.Engine` over the given folders);
     `auth` maps user names to passwords for HTTP basic auth on every route (None = open)."""
     if engine is None:
         from difusi.server.engine import Engine
 
-        engine = Engine(models_dir=models_dir, outputs_dir=outputs_dir, checkpoint=checkpoint)
-    queue = JobQueue(engine.run_job, max_pending=queue_size)
+        engine = Engine(models_dir=models_dir, outputs_dir=outputs_dir, checkpoint=checkpoint, device=device)
+    queue = JobQueue(engine.run_job, max_pending=queue_size, keep_finished=32)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):

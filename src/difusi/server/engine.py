@@ -37,7 +37,7 @@ class Engine:
     """Model cache + pipeline + output store behind the job queue."""
 
     def __init__(self, models_dir: str | Path | None = None, outputs_dir: str | Path | None = None,
-                 checkpoint: str | None = None):
+                 checkpoint: str | None = None, device: str = "cpu"):
         from difusi.models import ModelCache
         from difusi.store import OutputStore
 
@@ -45,6 +45,7 @@ class Engine:
         self.outputs_dir = settings.outputs_dir(outputs_dir)
         self.store = OutputStore(self.outputs_dir)
         self._cache = ModelCache()
+        self.device = device
         self._lock = threading.Lock()
         self._checkpoints: list[Any] | None = None
         self._extra: list[Any] = []  # checkpoints named by path outside the models folder (listed too)
@@ -174,7 +175,7 @@ class Engine:
         raise ValueError(f"unknown job kind {job.kind!r}")
 
     def _load(self, info: Any) -> Any:
-        model = self._cache.get(info.path)
+        model = self._cache.get(info.path, device=self.device)
         self._loaded = model
         return model
 
