@@ -134,6 +134,21 @@ def test_switching_the_model_through_options(client, models):
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].endswith(f"[{default_hash}]")
 
 
+def test_common_options_become_job_defaults(client):
+    try:
+        assert client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2, "samples_save": False}).status_code == 200
+        options = client.get("/sdapi/v1/options").json()
+        assert options["CLIP_stop_at_last_layers"] == 2 and options["samples_save"] is False
+        before = len(client.get("/difusi/v1/history", params={"limit": 1000}).json()["items"])
+        _, info = txt2img(client, seed=8)
+        assert info["clip_skip"] == 2 and "Clip skip: 2" in info["infotexts"][0]
+        assert len(client.get("/difusi/v1/history", params={"limit": 1000}).json()["items"]) == before
+        bad = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 0})
+        assert bad.status_code == 422 and bad.json()["field"] == "CLIP_stop_at_last_layers"
+    finally:
+        client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1, "samples_save": True})
+
+
 # -- progress, interrupt, skip ---------------------------------------------------------------------------------------
 
 

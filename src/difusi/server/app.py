@@ -201,7 +201,7 @@ def _add_a1111_routes(app: FastAPI, engine: Any, queue: JobQueue) -> None:  # no
         await _wait(job)
         if job.result is None:
             raise _job_error(job)
-        return await run_in_threadpool(_txt2img_response, job, True)
+        return await run_in_threadpool(_txt2img_response, job)
 
     @app.get("/sdapi/v1/samplers", tags=["sdapi"])
     def samplers() -> list[dict[str, Any]]:
@@ -238,13 +238,13 @@ def _add_a1111_routes(app: FastAPI, engine: Any, queue: JobQueue) -> None:  # no
     async def set_options(body: dict[str, Any]) -> None:
         """Set options. `sd_model_checkpoint` loads that model in the worker (after queued jobs) before answering."""
         checkpoint = body.get("sd_model_checkpoint")
-        if checkpoint is not None:
-            title = await run_in_threadpool(engine.resolve_title, checkpoint)
+        title = await run_in_threadpool(engine.resolve_title, checkpoint) if checkpoint is not None else None
+        engine.set_options({key: value for key, value in body.items() if key != "sd_model_checkpoint"})
+        if title is not None:
             job = _submit(queue, "load_model", title)
             await _wait(job)
-            if job.status == FAILED or job.status == CANCELLED:
+            if job.status in (FAILED, CANCELLED):
                 raise _job_error(job)
-        engine.set_options({key: value for key, value in body.items() if key != "sd_model_checkpoint"})
         return None
 
     @app.get("/sdapi/v1/progress", response_model=a1111.ProgressResponse, tags=["sdapi"])
@@ -282,10 +282,10 @@ def _prepare_txt2img(engine: Any, body: a1111.Txt2ImgRequest) -> a1111.Txt2ImgJo
     return spec
 
 
-def _txt2img_response(job: Job, send_images: bool) -> dict[str, Any]:
+def _txt2img_response(job: Job) -> dict[str, Any]:
     outcome = job.result
     spec: a1111.Txt2ImgJob = job.payload
-    images = [png_base64_with_text(image.image, image.infotext) for image in outcome.images] if spec.send_images and send_images else []
+    images = [png_base64_with_text(image.image, image.infotext) for image in outcome.images] if spec.send_images else []
     return {"images": images, "parameters": a1111.echo_parameters(spec), "info": a1111.info_json(outcome.info)}
 
 

@@ -294,7 +294,9 @@ function readAsDataURL(file) {
 async function showPngInfo(file) {
   showError(null);
   try {
-    const data = await api("/sdapi/v1/png-info", { json: { image: await readAsDataURL(file) } });
+    const dataURL = await readAsDataURL(file);
+    const data = await api("/sdapi/v1/png-info", { json: { image: dataURL } });
+    $("pnginfo-image").src = dataURL;
     ui.pngParams = data.info ? valuesFromInfotextFields(data.parameters) : null;
     $("pnginfo-text").textContent = data.info || "This image has no generation parameters.";
     $("pnginfo-use").disabled = !data.info;
