@@ -168,3 +168,45 @@ def test_works_offline_with_an_empty_hub_cache(tmp_path, checkpoint_factory):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == f"ok {len(paths)}"
     assert not any((hf_home / "hub").glob("models--*"))
+
+
+def test_sd2_epsilon_file(checkpoint_factory):
+    model = load_model(checkpoint_factory("sd2").path)  # metadata says epsilon, no v_pred key
+    assert (model.family, model.prediction_type, model.native_size) == ("sd2", "epsilon", 512)
+
+
+def test_unmarked_sd2_uses_a1111_output_test():
+    """A1111's rule: mean(unet(0.5, t=999) - 0.5) < -1 means v-prediction."""
+    from types import SimpleNamespace
+
+    from difusi.models.loader import guess_sd2_prediction
+
+    class FakeUnet(torch.nn.Module):
+        def __init__(self, offset):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.offset = offset
+            self.config = SimpleNamespace(in_channels=4, cross_attention_dim=8)
+
+        def forward(self, x, t, encoder_hidden_states):
+            assert t.tolist() == [999] and torch.all(x == 0.5) and torch.all(encoder_hidden_states == 0.5)
+            return SimpleNamespace(sample=x + self.offset)
+
+    assert guess_sd2_prediction(FakeUnet(-1.5)) == "v_prediction"
+    assert guess_sd2_prediction(FakeUnet(-0.5)) == "epsilon"
+
+
+def test_legacy_pickle_format_and_ldm_extras(tmp_path, checkpoint_factory):
+    """Old (non-zip) torch.save files load too; EMA copies and VAE loss weights are ignored."""
+    from safetensors.torch import load_file
+
+    synth = checkpoint_factory("sd1")
+    state = load_file(str(synth.path))
+    state["model_ema.decay"] = torch.tensor(0.999)
+    state["first_stage_model.loss.logvar"] = torch.zeros(())
+    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": state, "epoch": 3}, path, _use_new_zipfile_serialization=False)
+    model = load_model(path)
+    assert_same_weights(synth.unet, model.unet)
+    assert_same_weights(synth.text_encoders[0], _encoder_model(model.text_encoders[0]))

@@ -197,6 +197,7 @@ def vae_ldm_to_diffusers(state: Mapping[str, Tensor], config: Mapping[str, Any])
     The LDM mid-block attention uses 1x1 convolutions; diffusers uses linear layers, so those
     weights lose their two trailing unit dimensions.
     """
+    state = {k: v for k, v in state.items() if not k.startswith("loss.")}  # training-only discriminator/LPIPS
     out = _rename(state, _vae_table(config), reverse=False, what="VAE")
     for key, value in out.items():
         if _is_vae_attention_matrix(key) and value.ndim == 4:

@@ -193,7 +193,9 @@ def write_tiny_checkpoint(
     `fmt`: "safetensors" / "ckpt" (single-file LDM layout; a `.ckpt` holds `{"state_dict": ...}`
     like Lightning checkpoints) or "diffusers" (a pipeline folder at `path`). `size="sd15"` gives
     the full SD 1.5 architecture (sd1 only). SD2-v files carry the `v_pred` marker key (ComfyUI's
-    convention); diffusers folders put the prediction type in `scheduler/scheduler_config.json`.
+    convention); SD2 safetensors also state `modelspec.prediction_type` in their metadata (an
+    unmarked SD2 .ckpt falls back to A1111's test run, meaningless on random weights); diffusers
+    folders put the prediction type in `scheduler/scheduler_config.json`.
     Weights are stored in `dtype`; the returned modules stay float32.
     """
     if family not in FAMILIES:
@@ -213,7 +215,7 @@ def write_tiny_checkpoint(
         state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
         if prediction == "v_prediction":
             state["v_pred"] = torch.tensor([])
-        _write_single_file(path, fmt, state)
+        _write_single_file(path, fmt, state, {"modelspec.prediction_type": prediction} if base == "sd2" else {})
     return SyntheticCheckpoint(
         path=path,
         family=base,
@@ -228,12 +230,12 @@ def write_tiny_checkpoint(
     )
 
 
-def _write_single_file(path: Path, fmt: str, state: dict[str, torch.Tensor]) -> None:
+def _write_single_file(path: Path, fmt: str, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
         from safetensors.torch import save_file
 
-        save_file(state, str(path), metadata={"format": "pt"})
+        save_file(state, str(path), metadata={"format": "pt", **metadata})
     else:
         torch.save({"state_dict": state, "global_step": 0}, path)
 
@@ -260,6 +262,7 @@ def _write_diffusers(path: Path, family: str, prediction: str, unet: Any, vae: A
         "beta_end": 0.012,
         "beta_schedule": "scaled_linear",
         "prediction_type": prediction,
+        "steps_offset": 1,
     }
     (path / "scheduler").mkdir(exist_ok=True)
     (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
@@ -276,6 +279,29 @@ def _save_pretrained(module: Any, folder: Path, dtype: torch.dtype) -> None:
     module.to(torch.float32)
 
 
+def write_random_ldm_file(path: str | Path, size: str = "sd15", dtype: torch.dtype = torch.float16, seed: int = 0) -> Path:
+    """A single-file SD1 safetensors of random weights at `size`, without building real modules.
+
+    The key set and shapes come from modules constructed on the meta device (no memory), so a
+    full-size 2 GB fp16 file costs ~2 GB of RAM to write. For benches; no reference modules returned.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet_cfg, vae_cfg, text_cfgs = sd15_configs() if size == "sd15" else tiny_configs("sd1")
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel.from_config(unet_cfg), AutoencoderKL.from_config(vae_cfg)
+        text = CLIPTextModel(CLIPTextConfig(**text_cfgs[0]))
+    shapes = {k: v.shape for k, v in convert.ldm_checkpoint_from_modules("sd1", unet, vae, [text]).items()}
+    generator = torch.Generator().manual_seed(seed)
+    state = {k: (torch.randn(shape, generator=generator) * 0.02).to(dtype) for k, shape in shapes.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={"format": "pt"})
+    return path
+
+
 # ----------------------------------------------------------------------------- reference
 
 
@@ -285,7 +311,7 @@ def reference_pipeline(synth: SyntheticCheckpoint) -> Any:
 
     scheduler = EulerDiscreteScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type=synth.prediction_type,
+        prediction_type=synth.prediction_type, steps_offset=1,  # as in SD's released scheduler configs
     )
     if synth.family == "sdxl":
         return StableDiffusionXLPipeline(

@@ -20,6 +20,7 @@ from difusi.models.detect import EOS_TOKEN_ID
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizers" / "clip"
 OPENCLIP_PAD_TOKEN = "!"  # id 0 in the CLIP vocabulary
 OPENCLIP_PAD_ID = 0
+MAX_LENGTH = 77
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,9 @@ def load_tokenizer(openclip: bool = False) -> Any:
     from transformers import CLIPTokenizer
 
     pad = {"pad_token": OPENCLIP_PAD_TOKEN} if openclip else {}
-    return CLIPTokenizer(vocab=str(TOKENIZER_DIR / "vocab.json"), merges=str(TOKENIZER_DIR / "merges.txt"), **pad)
+    files = {"vocab": str(TOKENIZER_DIR / "vocab.json"), "merges": str(TOKENIZER_DIR / "merges.txt")}
+    # model_max_length as in SD's tokenizer configs (77), which diffusers' pipelines read for padding
+    return CLIPTokenizer(**files, model_max_length=MAX_LENGTH, **pad)
 
 
 @dataclass
