@@ -1,0 +1,179 @@
+"""Weighted prompt fragments -> CLIP token ids in 77-token chunks, the way A1111 builds them.
+
+CLIP's text encoder sees at most 77 positions, so A1111 ("infinite prompt length",
+``modules/sd_hijack_clip.py``) cuts a prompt into chunks of 75 tokens, wraps each as
+``<|startoftext|> t1 .. t75 <|endoftext|>`` and encodes every chunk separately; the
+conditioning is the chunks' encodings side by side (77*k positions). Rules reproduced here:
+
+* Each ``(fragment, weight)`` from :func:`~difusi.prompts.parser.parse_prompt_attention` is
+  BPE-tokenized on its own; every token keeps its fragment's weight, BOS/EOS/padding get 1.0.
+* When a chunk is full and the prompt goes on, and the last comma in the chunk is at most
+  ``comma_backtrack`` (A1111 default 20) tokens from its end, the tokens after that comma move
+  to the next chunk, so a phrase is not cut in half ("comma padding backtrack").
+* ``BREAK`` closes the current chunk (padding it); text after it starts a new chunk.
+* Padding: the chunk is filled with ``<|endoftext|>``, and every position after the first
+  ``<|endoftext|>`` is then set to the encoder's pad id (the same token for CLIP ViT-L/SD1,
+  0 for the OpenCLIP encoders of SD2 and SDXL).
+* An empty prompt gives one chunk ``[BOS, EOS, pad, ...]``; text never gives an empty chunk at
+  the end, except what ``BREAK`` made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+from difusi.prompts.parser import BREAK, parse_prompt_attention
+
+__all__ = [
+    "CHUNK_TOKENS",
+    "COMMA_BACKTRACK",
+    "TokenChunk",
+    "SpecialTokens",
+    "chunk_tokens",
+    "tokenize_prompt",
+    "special_tokens",
+    "load_clip_tokenizer",
+]
+
+CHUNK_TOKENS = 75
+"""Prompt tokens per chunk; with BOS and EOS a chunk is 77 positions."""
+
+COMMA_BACKTRACK = 20
+"""A1111's default "Prompt word wrap length limit" (``comma_padding_backtrack``)."""
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """One 77-position encoder input: token ids and the emphasis weight of each position."""
+
+    ids: tuple[int, ...]
+    weights: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The ids a chunk is built from; ``comma`` is the id of ``,</w>`` (None: no backtracking)."""
+
+    bos: int
+    eos: int
+    pad: int
+    comma: int | None
+
+
+def special_tokens(tokenizer: Any, pad_token_id: int) -> SpecialTokens:
+    """Read BOS/EOS/comma ids from a transformers CLIP tokenizer; ``pad_token_id`` is the encoder's."""
+    return SpecialTokens(
+        bos=tokenizer.bos_token_id,
+        eos=tokenizer.eos_token_id,
+        pad=pad_token_id,
+        comma=tokenizer.get_vocab().get(",</w>"),
+    )
+
+
+def tokenize_prompt(
+    text: str,
+    tokenizer: Any,
+    pad_token_id: int,
+    *,
+    comma_backtrack: int = COMMA_BACKTRACK,
+) -> list[TokenChunk]:
+    """Parse emphasis/BREAK in ``text`` and cut it into 77-token chunks (see module docstring).
+
+    Args:
+        text: one prompt text (already resolved by :func:`~difusi.prompts.parser.get_prompt_schedule`).
+        tokenizer: a transformers ``CLIPTokenizer`` (see :func:`load_clip_tokenizer`).
+        pad_token_id: the encoder's padding id (EOS for CLIP ViT-L, 0 for OpenCLIP).
+        comma_backtrack: how far back (in tokens) a comma may be to move the tail of a full chunk.
+    """
+    fragments = parse_prompt_attention(text)
+    # verbose=False: fragments longer than 77 tokens are expected here (they get chunked below)
+    texts = [fragment for fragment, _ in fragments]
+    token_lists = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    weighted = [
+        (None if (fragment == BREAK and weight == -1.0) else ids, weight)
+        for ids, (fragment, weight) in zip(token_lists, fragments, strict=True)
+    ]
+    return chunk_tokens(weighted, special_tokens(tokenizer, pad_token_id), comma_backtrack=comma_backtrack)
+
+
+def chunk_tokens(
+    fragments: Sequence[tuple[Sequence[int] | None, float]],
+    special: SpecialTokens,
+    *,
+    comma_backtrack: int = COMMA_BACKTRACK,
+) -> list[TokenChunk]:
+    """Cut weighted token lists into chunks; a fragment whose ids are ``None`` is a BREAK.
+
+    This is the tokenizer-free core of :func:`tokenize_prompt` (A1111's ``tokenize_line``).
+    """
+    builder = _ChunkBuilder(special, comma_backtrack)
+    for ids, weight in fragments:
+        if ids is None:
+            builder.close_chunk()
+            continue
+        for token in ids:
+            builder.add(int(token), float(weight))
+    return builder.finish()
+
+
+class _ChunkBuilder:
+    def __init__(self, special: SpecialTokens, comma_backtrack: int):
+        self.special = special
+        self.comma_backtrack = comma_backtrack
+        self.chunks: list[TokenChunk] = []
+        self.ids: list[int] = []
+        self.weights: list[float] = []
+        self.last_comma = -1  # position of the last comma in the current chunk
+
+    def add(self, token: int, weight: float) -> None:
+        if token == self.special.comma:
+            self.last_comma = len(self.ids)
+        elif self._full() and self.last_comma != -1 and len(self.ids) - self.last_comma <= self.comma_backtrack:
+            self._move_tail_after_comma()
+        if self._full():
+            self.close_chunk()
+        self.ids.append(token)
+        self.weights.append(weight)
+
+    def _full(self) -> bool:
+        return len(self.ids) == CHUNK_TOKENS
+
+    def _move_tail_after_comma(self) -> None:
+        cut = self.last_comma + 1
+        tail_ids, tail_weights = self.ids[cut:], self.weights[cut:]
+        self.ids, self.weights = self.ids[:cut], self.weights[:cut]
+        self.close_chunk()
+        self.ids, self.weights = tail_ids, tail_weights
+
+    def close_chunk(self) -> None:
+        """Pad the current chunk, wrap it in BOS/EOS and start an empty one."""
+        missing = CHUNK_TOKENS - len(self.ids)
+        ids = [self.special.bos, *self.ids, *[self.special.eos] * missing, self.special.eos]
+        weights = [1.0, *self.weights, *[1.0] * missing, 1.0]
+        first_eos = ids.index(self.special.eos)
+        ids[first_eos + 1 :] = [self.special.pad] * (len(ids) - first_eos - 1)
+        self.chunks.append(TokenChunk(tuple(ids), tuple(weights)))
+        self.ids, self.weights, self.last_comma = [], [], -1
+
+    def finish(self) -> list[TokenChunk]:
+        if self.ids or not self.chunks:
+            self.close_chunk()
+        return self.chunks
+
+
+@lru_cache(maxsize=1)
+def load_clip_tokenizer() -> Any:
+    """The CLIP BPE tokenizer shipped in ``difusi/assets/tokenizers/clip`` (no network).
+
+    The same vocabulary serves CLIP ViT-L (SD1), OpenCLIP ViT-H (SD2) and both SDXL encoders;
+    only the pad id differs, and that is the encoder's business (``pad_token_id``).
+    """
+    from transformers import CLIPTokenizer
+
+    folder = resources.files("difusi") / "assets" / "tokenizers" / "clip"
+    # transformers 5 names these `vocab`/`merges`; unknown keywords are silently ignored, so be exact.
+    return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
