@@ -126,7 +126,9 @@ def _emphasis_weight(number: str, prompt: str) -> float:
     except ValueError:
         weight = math.nan
     if not math.isfinite(weight):
-        raise ParamError("prompt", f"emphasis weight {number!r} is not a number (write e.g. '(word:1.3)'); in {prompt!r}")
+        raise ParamError(
+            "prompt", f"emphasis weight {number!r} is not a number (write e.g. '(word:1.3)'); in {prompt!r}"
+        )
     return weight
 
 
