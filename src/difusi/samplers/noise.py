@@ -53,7 +53,7 @@ class BrownianNoiseSampler:
             raise ValueError(f"need one seed per image: {len(seed_list)} seeds for batch {x.shape[0]}")
         self.trees = [
             torchsde.BrownianTree(self.sigma_min, torch.zeros(shape, dtype=torch.float32), self.sigma_max,
-                                  entropy=int(seed), tol=tol, pool_size=24, cache_size=64)
+                                  entropy=int(seed), tol=tol, pool_size=24)
             for shape, seed in zip(shapes, seed_list, strict=True)
         ]
 

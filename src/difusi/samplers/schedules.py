@@ -87,7 +87,7 @@ def kl_optimal_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tenso
     return _append_zero(torch.tan(w * math.atan(sigma_min) + (1 - w) * math.atan(sigma_max)))
 
 
-# Published 10-step Align Your Steps sigmas (Sabour et al. 2024, NVIDIA's AYS "how to" page).
+# Published Align Your Steps sigmas, 11 values for 11 steps (then 0) (Sabour et al. 2024, NVIDIA's AYS "how to" page).
 AYS_SIGMAS = {
     "sd1": [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029],
     "sdxl": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029],
@@ -149,8 +149,6 @@ SCHEDULES: list[Schedule] = [
     _s("Align Your Steps", "align_your_steps",
        lambda n, lo, hi, table, rho, family: align_your_steps_sigmas(n, family),
        description="Sabour et al. 2024 table for the model family (SDXL table for SDXL, else SD1.5)"),
-    _s("Align Your Steps SDXL", "align_your_steps_sdxl",
-       lambda n, lo, hi, table, rho, family: align_your_steps_sigmas(n, "sdxl"), description="the SDXL table"),
     _s("Simple", "simple", lambda n, lo, hi, table, rho, family: simple_sigmas(n, table), inner=True,
        description="every (1000/n)-th training sigma (diffusers 'trailing')"),
     _s("Normal", "normal", lambda n, lo, hi, table, rho, family: normal_sigmas(n, lo, hi, table), inner=True,
@@ -159,6 +157,8 @@ SCHEDULES: list[Schedule] = [
        inner=True, description="DDIM's uniform timesteps 1 + k*(1000//n)"),
     _s("Beta", "beta", lambda n, lo, hi, table, rho, family: beta_sigmas(n, lo, hi), inner=False,
        description="Lee et al. 2024, Beta(0.6, 0.6) quantiles"),
+    _s("Align Your Steps SDXL", "align_your_steps_sdxl",
+       lambda n, lo, hi, table, rho, family: align_your_steps_sigmas(n, "sdxl"), description="the SDXL table"),
 ]
 
 
