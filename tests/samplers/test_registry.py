@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from difusi.errors import ParamError
-from difusi.samplers import get_sampler, list_samplers, list_schedules
-from difusi.samplers import dpm, dpmpp, euler, multistep
+from difusi.samplers import dpm, dpmpp, euler, get_sampler, list_samplers, list_schedules, multistep
 
 A1111_NAMES = ["Euler", "Euler a", "Heun", "DPM2", "DPM2 a", "LMS", "DPM fast", "DPM adaptive", "DPM++ 2S a",
                "DPM++ SDE", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DDIM", "PLMS",
