@@ -174,6 +174,8 @@ def detect_unet(shapes: Shapes, family: str, heads_override: int | list[int] | N
         "attention_head_dim": heads,  # diffusers' legacy name: this is the number of heads
         "transformer_layers_per_block": depths if max(depths) > 1 else 1,
         "use_linear_projection": len(shapes[proj_in]) == 2,
+        # SD2's released configs compute attention scores in fp32 (fp16 overflows otherwise); no effect in fp32
+        "upcast_attention": family == "sd2",
         "norm_num_groups": 32,
     }
     if p + "label_emb.0.0.weight" in shapes:

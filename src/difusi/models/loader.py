@@ -286,7 +286,9 @@ def _assemble(path: Path, name: str, spec: ModelSpec, prediction: str, unet: Any
 
 
 def _component_config(folder: Path) -> dict[str, Any]:
-    return {k: v for k, v in read_json(folder / "config.json").items() if not k.startswith("_")}
+    """A component's config.json without bookkeeping keys (and without a stored dtype: the caller picks it)."""
+    drop = ("dtype", "torch_dtype", "architectures", "transformers_version")
+    return {k: v for k, v in read_json(folder / "config.json").items() if not k.startswith("_") and k not in drop}
 
 
 def _diffusers_family(root: Path, unet_config: Mapping[str, Any]) -> str:
