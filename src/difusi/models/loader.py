@@ -49,9 +49,9 @@ class LoadedModel:
     path: Path
     family: str
     prediction_type: str
-    unet: Any
-    vae: Any
-    text_encoders: list[Any]
+    unet: Any = field(repr=False)
+    vae: Any = field(repr=False)
+    text_encoders: list[Any] = field(repr=False)
     native_size: int
     vae_scale_factor: int
     latent_channels: int
