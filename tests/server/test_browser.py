@@ -77,13 +77,14 @@ def test_generate_shows_images_with_infotext_and_seed_buttons(page):
               height=64, seed=1234, batch_size=2, n_iter=1, cfg_scale=6, sampler_name="Euler")
     page.click("#generate")
     page.wait_for_function("document.querySelector('#infotext').textContent.includes('Seed: 1234,')")
-    assert page.is_visible("#main-image")
+    page.wait_for_selector("#main-image", state="visible")  # visible once the PNG has loaded
     infotext = page.text_content("#infotext")
     assert infotext.startswith("a red circle on a blue background\nNegative prompt: blurry\nSteps: 3, Sampler: Euler,")
     assert "Size: 64x64" in infotext and "CFG scale: 6" in infotext
     assert page.locator("#results img").count() == 2
     page.locator("#results img").nth(1).click()
     assert "Seed: 1235," in page.text_content("#infotext")
+    page.wait_for_function("(() => { const img = document.querySelector('#main-image'); return img.complete && img.naturalWidth > 0; })()")
     natural = page.eval_on_selector("#main-image", "img => [img.naturalWidth, img.naturalHeight]")
     assert natural == [64, 64]
     shot(page, "generate")

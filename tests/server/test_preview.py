@@ -80,3 +80,26 @@ def test_preview_image_scales_to_pixel_size():
     model = SimpleNamespace(family="sd1", latent_rgb_factors=None, latent_rgb_bias=None, vae_scale_factor=8)
     image = preview_image(torch.zeros(1, 4, 8, 8), model)
     assert image.size == (64, 64)
+
+
+def test_difusi_mini_preview_approximates_its_vae():
+    """The shipped model's preview factors reproduce its VAE's colours on a real image (encode -> project)."""
+    from difusi.models import default_model_path, load_model
+
+    if not default_model_path().exists():
+        pytest.skip("difusi-mini weights are not in the package yet")
+    model = load_model(default_model_path())
+    size = model.native_size
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    picture = torch.empty(1, 3, size, size)
+    picture[0, 0], picture[0, 1], picture[0, 2] = -0.8, -0.6, 0.8  # blue background, pixels in [-1, 1]
+    inside = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2
+    picture[0, 0][inside], picture[0, 1][inside], picture[0, 2][inside] = 0.9, -0.9, -0.9  # red disc
+    with torch.inference_mode():
+        latents = model.vae.encode(picture).latent_dist.mean * model.scaling_factor
+    preview = project(latents, *projection_for(model, latents.shape[1]))
+    target = ((torch.nn.functional.avg_pool2d(picture, model.vae_scale_factor) + 1) / 2).clamp(0, 1)
+    assert preview.shape == target.shape
+    assert (preview - target).abs().mean() < 0.12
+    centre, corner = preview[0, :, latents.shape[2] // 2, latents.shape[3] // 2], preview[0, :, 0, 0]
+    assert centre[0] > centre[2] and corner[2] > corner[0]  # red in the middle, blue in the corner
