@@ -358,3 +358,20 @@ def test_basic_auth(start_server):
 def test_no_auth_by_default(client):
     assert client.get("/sdapi/v1/samplers").status_code == 200
     assert "www-authenticate" not in client.get("/").headers
+
+
+def test_broken_checkpoint_is_a_clear_error_and_the_server_keeps_serving(start_server, models, tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    broken = start_server(models_dir=folder)
+    with broken.client() as client:
+        titles = [m["title"] for m in client.get("/sdapi/v1/sd-models").json()]
+        assert any(t.startswith("broken [") for t in titles)
+        response = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "broken"})
+        assert response.status_code == 422 and response.json()["field"] == "sd_model_checkpoint"
+        assert "broken" in response.json()["detail"]
+        response = client.post("/sdapi/v1/txt2img", json={**FAST, "override_settings": {"sd_model_checkpoint": "broken"}})
+        assert response.status_code == 422 and response.json()["field"] == "sd_model_checkpoint"
+        images, info = txt2img(client, seed=3, save_images=False)  # the default model still works
+        assert info["all_seeds"] == [3] and len(images) == 1
