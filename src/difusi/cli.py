@@ -452,7 +452,7 @@ class _ProgressReporter:
         self.tty = sys.stderr.isatty()
         self.bar: Any = None
         self.last_line = 0.0
-        self.started = time.perf_counter()
+        self.first: tuple[float, int] | None = None  # (time, steps done) at the first report: excludes setup
         self.done = 0
 
     def update(self, progress: Any) -> None:
@@ -474,17 +474,15 @@ class _ProgressReporter:
 
     def _print_line(self, progress: Any, total: int, done: int) -> None:
         now = time.perf_counter()
+        if self.first is None:
+            self.first = (now, done)
         if done not in (1, total) and now - self.last_line < 1.0:
             return
         self.last_line = now
-        rate = done / max(now - self.started, 1e-9)
-        eta = (total - done) / rate if rate > 0 else 0.0
-        print(
-            f"difusi: step {progress.step}/{progress.steps} batch {progress.iteration + 1}/{progress.n_iter}"
-            f"  {rate:.2f} it/s  ETA {eta:.0f}s",
-            file=sys.stderr,
-            flush=True,
-        )
+        elapsed, steps = now - self.first[0], done - self.first[1]
+        speed = f"{steps / elapsed:.2f} it/s  ETA {(total - done) * elapsed / steps:.0f}s" if steps else "-- it/s"
+        print(f"difusi: step {progress.step}/{progress.steps} batch {progress.iteration + 1}/{progress.n_iter}  {speed}",
+              file=sys.stderr, flush=True)
 
     def clear(self) -> None:
         if self.bar is not None:

@@ -1,9 +1,11 @@
 """End-to-end: `python -m difusi ...` as real subprocesses on the default model, writing real files.
 
-One module-scoped batch (batch size 2 x batch count 2, a hard prompt) is generated once and reused:
+One module-scoped job (batch size 2 x batch count 2, a hard prompt) is generated once and reused:
 seeds, names, history rows, `info`, reproduce-from-image and flag overrides are all checked against it.
-The reference for "bit-identical" is the batch itself: DESIGN contract 2 says image i of seed s depends
-only on s+i, so regenerating one image from its PNG must give the same pixels.
+The reference for "bit-identical" is the job itself: DESIGN contract 2 says image i of seed s depends only
+on s+i. A1111's infotext does not record the batch size, and on a CPU a batched matrix product can differ
+from an unbatched one in the last bit (then, rarely, one 8-bit level of one pixel), so regenerating passes
+the original `--batch-size 2`; everything else comes from the PNG.
 """
 
 from __future__ import annotations
@@ -124,48 +126,41 @@ def test_info_prints_the_parameters(root, batch):
 
 
 def test_from_image_regenerates_identical_pixels(root, batch):
-    original, seed = batch[2]
-    done = difusi(root, "generate", "--from", str(original))
+    (original, seed), (neighbour, neighbour_seed) = batch[2], batch[3]
+    done = difusi(root, "generate", "--from", str(original), "--batch-size", "2")
     assert done.returncode == 0, done.stderr
-    ((path, new_seed),) = results(done)
-    assert new_seed == seed and path != original
-    assert np.array_equal(pixels(path), pixels(original))
-    assert read_infotext(path) == read_infotext(original)
+    (first, first_seed), (second, second_seed) = results(done)
+    assert (first_seed, second_seed) == (seed, neighbour_seed)
+    assert first != original
+    assert np.array_equal(pixels(first), pixels(original))
+    assert np.array_equal(pixels(second), pixels(neighbour))
+    assert read_infotext(first) == read_infotext(original)
 
 
-def test_seed_override_changes_only_the_seed(root, batch):
-    """--from image 0 with the seed of image 3 must equal image 3 exactly (noise depends on the seed only)."""
-    (first, _), (fourth, fourth_seed) = batch[0], batch[3]
-    done = difusi(root, "generate", "--from", str(first), "--seed", str(fourth_seed))
+def test_overrides_change_only_what_they_name(root, batch):
+    original, _ = batch[0]
+    done = difusi(root, "generate", "--from", str(original), "--sampler", "Euler", "--steps", "4", "--seed", "99")
     assert done.returncode == 0, done.stderr
     ((path, seed),) = results(done)
-    assert seed == fourth_seed
-    assert np.array_equal(pixels(path), pixels(fourth))
-    assert read_infotext(path) == read_infotext(fourth)
-
-
-def test_sampler_and_steps_override_change_only_those_keys(root, batch):
-    original, _ = batch[0]
-    done = difusi(root, "generate", "--from", str(original), "--sampler", "Euler", "--steps", "4")
-    assert done.returncode == 0, done.stderr
-    ((path, _),) = results(done)
+    assert seed == 99
     before, _ = parse_infotext(read_infotext(original))
     after, _ = parse_infotext(read_infotext(path))
     changed = {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
-    assert changed == {"Sampler", "Steps"}
-    assert (after["Sampler"], after["Steps"]) == ("Euler", "4")
+    assert changed == {"Sampler", "Steps", "Seed"}
+    assert (after["Sampler"], after["Steps"], after["Seed"]) == ("Euler", "4", "99")
     assert not np.array_equal(pixels(path), pixels(original))
 
 
 def test_infotext_flag_reports_ignored_keys_and_reproduces(root, batch):
-    original, seed = batch[1]
+    (original, seed), (neighbour, _) = batch[0], batch[1]
     pasted = read_infotext(original).replace(", Version:", ", Hires upscale: 2, ADetailer model: face_yolov8n.pt, Version:")
-    done = difusi(root, "generate", "--infotext", pasted)
+    done = difusi(root, "generate", "--infotext", pasted, "--batch-size", "2")
     assert done.returncode == 0, done.stderr
     assert "difusi: ignored keys: Hires upscale, ADetailer model" in done.stderr.splitlines()
-    ((path, new_seed),) = results(done)
-    assert new_seed == seed
-    assert np.array_equal(pixels(path), pixels(original))
+    (first, first_seed), (second, _) = results(done)
+    assert first_seed == seed
+    assert np.array_equal(pixels(first), pixels(original))
+    assert np.array_equal(pixels(second), pixels(neighbour))
 
 
 def test_history_command_lists_and_searches(root, batch):
@@ -183,8 +178,8 @@ def test_sigint_mid_batch_keeps_finished_images_only(root):
     outputs = root / "sigint-outputs"
     env = {**_env(root), "DIFUSI_OUTPUTS_DIR": str(outputs)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "difusi", "generate", "a blue square", "--seed", "7", "--steps", "20",
-         "--batch-count", "50", "--sampler", "Euler"],
+        [sys.executable, "-m", "difusi", "generate", "a blue square", "--seed", "7", "--steps", "5",
+         "--batch-size", "2", "--batch-count", "25", "--sampler", "Euler"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     first = process.stdout.readline()  # the first finished image: now we are in the middle of the batch
@@ -195,7 +190,7 @@ def test_sigint_mid_batch_keeps_finished_images_only(root):
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     saved = [RESULT_LINE.match(line) for line in (first + rest).splitlines()]
-    assert 1 <= len(saved) < 50
+    assert 2 <= len(saved) < 50 and len(saved) % 2 == 0  # whole batches of two
     files = sorted(p for p in outputs.rglob("*") if p.is_file() and p.suffix == ".png")
     assert sorted(Path(m["path"]) for m in saved) == files
     leftovers = [p.name for p in outputs.rglob("*") if p.is_file() and p.name.startswith(".difusi-tmp")]
