@@ -1,0 +1,1 @@
+"""Tests for difusi.prompts (parser, tokens, conditioning)."""
