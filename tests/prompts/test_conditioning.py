@@ -240,6 +240,15 @@ def test_repeat_makes_a_batch(sdxl):
     torch.testing.assert_close(batch.context[2], single.context[0])
 
 
+def test_zeros_like_keeps_shapes_and_padding(sdxl):
+    _, encoders = sdxl
+    zero = encode_prompt(encoders, LONG_PROMPT).zeros_like()
+    assert zero.context.shape == (1, 154, 80) and zero.pooled.shape == (1, 16)
+    assert not zero.context.any() and not zero.pooled.any()
+    _, padded = pad_to_same_length(encode_prompt(encoders, LONG_PROMPT + " BREAK x"), zero)
+    assert padded.context.shape[1] == 231 and padded.context[:, 154:].abs().sum() > 0
+
+
 # ---------------------------------------------------------------- schedules
 
 

@@ -71,6 +71,15 @@ class Conditioning:
         """Number of 77-token chunks in ``context``."""
         return self.context.shape[1] // CHUNK_POSITIONS
 
+    def zeros_like(self) -> Conditioning:
+        """All-zero context and pooled of the same shapes (``empty_chunk`` kept for padding).
+
+        SDXL's unconditional input when the negative prompt is empty: A1111 zeroes the text
+        embeddings then (``force_zero_embeddings``), diffusers too (``force_zeros_for_empty_prompt``).
+        """
+        pooled = None if self.pooled is None else torch.zeros_like(self.pooled)
+        return Conditioning(torch.zeros_like(self.context), pooled, self.empty_chunk)
+
     def repeat(self, batch_size: int) -> Conditioning:
         """The same conditioning for ``batch_size`` images (repeats along dim 0)."""
         pooled = None if self.pooled is None else self.pooled.repeat(batch_size, 1)
@@ -218,8 +227,8 @@ def encode_texts(encoders: Sequence[ClipTextEncoder], texts: Sequence[str], clip
     All results have the same chunk count. With several encoders (SDXL) the contexts are
     concatenated along the feature dim; ``pooled`` comes from the encoder marked ``pooled=True``.
     """
-    if not encoders:
-        raise ValueError("encode_texts needs at least one text encoder")
+    if not encoders or not texts:
+        raise ValueError("encode_texts needs at least one text encoder and one text")
     multiplicity = Counter(texts)
     distinct = list(multiplicity)
     counts = [multiplicity[text] for text in distinct]
