@@ -1,0 +1,176 @@
+"""The sampler report: measured convergence order and distribution error of every sampler on the exact
+Gaussian-mixture problem, as a markdown table and a PNG plot (`difusi samplers --report`)."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difusi.samplers.measure import (
+    DISTRIBUTION_CASES,
+    ORDER_CASES,
+    SIGMA_MAX,
+    SIGMA_MIN,
+    distribution_stats,
+    draw_samples,
+    measure_adaptive,
+    measure_order,
+    ode_problem,
+)
+
+REPORT_MD = "samplers-report.md"
+REPORT_PNG = "samplers-report.png"
+
+
+def _evaluations_for(target: float, nfes: list[int], errors: list[float]) -> str:
+    """Model evaluations needed for a given RMS error, by log-log interpolation of the measurements."""
+    if errors[0] <= target:
+        return f"<= {nfes[0]}"
+    for (n0, e0), (n1, e1) in zip(zip(nfes, errors, strict=True), zip(nfes[1:], errors[1:], strict=True), strict=False):
+        if e1 <= target < e0:
+            frac = (math.log(e0) - math.log(target)) / (math.log(e0) - math.log(e1))
+            return str(round(math.exp(math.log(n0) + frac * (math.log(n1) - math.log(n0)))))
+    return f"> {nfes[-1]}"
+
+
+def _order_section(results, adaptive) -> list[str]:
+    lines = [
+        "## Deterministic samplers: convergence order",
+        "",
+        f"Probability-flow ODE from sigma = {SIGMA_MAX} to {SIGMA_MIN} (SD's range) on a Karras schedule, 16 start points.",
+        "Error = RMS distance at sigma_min to a DOP853 solution at 1e-12 tolerance. Order = fitted slope of",
+        "log(error) against log(steps). *Evals for error* = model evaluations needed for that RMS error (data scale ~2).",
+        "",
+        "DPM fast is measured at 17, 32, 65 and 128 steps (all 2 mod 3, so every run ends with the same order pattern).",
+        "",
+        "| sampler | measured order | expected (test band) | error @ 16 steps | error @ 64 steps | evals for 1e-2 | evals for 1e-3 | why |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        case = r["case"]
+        lines.append(
+            f"| {case.label} | **{r['order']:.2f}** | {case.expected[0]:g} to {case.expected[1]:g} | {r['errors'][0]:.2e} | "
+            f"{r['errors'][2]:.2e} | {_evaluations_for(1e-2, r['nfe'], r['errors'])} | "
+            f"{_evaluations_for(1e-3, r['nfe'], r['errors'])} | {case.reason} |"
+        )
+    lines += ["", "DPM adaptive (eta 0) picks its own steps; error and evaluations per tolerance:", "",
+              "| rtol | atol | evaluations | RMS error |", "|---|---|---|---|"]
+    for rtol, nfe, err in zip(adaptive["rtols"], adaptive["nfe"], adaptive["errors"], strict=True):
+        lines.append(f"| {rtol:g} | {rtol / 10:g} | {nfe} | {err:.2e} |")
+    return lines
+
+
+def _best(results, target: float) -> str:
+    """The sampler needing the fewest evaluations for an RMS error target, by interpolation."""
+    def cost(r):
+        text = _evaluations_for(target, r["nfe"], r["errors"])
+        return float(text.split()[-1]) + (0.5 if text.startswith(">") else 0)
+
+    ranked = sorted(results, key=cost)
+    return ", ".join(f"{r['case'].label} ({_evaluations_for(target, r['nfe'], r['errors'])})" for r in ranked[:3])
+
+
+def _distribution_section(rows, n, floor) -> list[str]:
+    lines = [
+        "## Stochastic samplers: distribution error",
+        "",
+        f"{n:,} samples per sampler (seeded), compared with the exact mixture (3 components, weights 0.5/0.3/0.2).",
+        "Errors: largest weight error, largest per-component mean error (L2), largest relative covariance error",
+        "(Frobenius); *max z* = largest error in units of its standard error for this many exact samples (the test",
+        "requires < 5).",
+        "",
+        "| sampler | steps | weight error | mean error | covariance error | max z |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines.append(f"| *exact samples (noise floor)* | - | {floor['weight_error']:.4f} | {floor['mean_error']:.4f} | "
+                 f"{floor['cov_rel_error']:.3f} | {floor['max_z']:.1f} |")
+    for case, stats in rows:
+        lines.append(f"| {case.label} | {case.steps} | {stats['weight_error']:.4f} | {stats['mean_error']:.4f} | "
+                     f"{stats['cov_rel_error']:.3f} | {stats['max_z']:.1f} |")
+    lines += ["", "LCM is built for consistency-distilled models: with an ordinary denoiser each step jumps to a",
+              "posterior mean, so its samples are pulled towards the modes' centres (large error by design)."]
+    return lines
+
+
+def _plot(results, adaptive, rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_ode, ax_dist) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [3, 2]})
+    markers = "os^vD<>phH*XP"
+    for k, r in enumerate(results):
+        ax_ode.loglog(r["nfe"], r["errors"], marker=markers[k % len(markers)], ms=4,
+                      label=f"{r['case'].label} ({r['order']:.1f})")
+    ax_ode.loglog(adaptive["nfe"], adaptive["errors"], "k--", marker="x", label="DPM adaptive (rtol sweep)")
+    ax_ode.set_xlabel("model evaluations")
+    ax_ode.set_ylabel("RMS error at sigma_min vs exact ODE")
+    ax_ode.set_title("Deterministic samplers (measured order)")
+    ax_ode.grid(True, which="both", alpha=0.3)
+    ax_ode.legend(fontsize=7, ncol=2)
+    labels = [case.label for case, _ in rows]
+    ax_dist.barh(labels, [stats["max_z"] for _, stats in rows], color="tab:blue")
+    ax_dist.axvline(5, color="tab:red", ls="--", label="test limit (5 standard errors)")
+    ax_dist.set_xscale("log")
+    ax_dist.set_xlabel("largest statistic error / standard error")
+    ax_dist.set_title("Stochastic samplers vs exact distribution")
+    ax_dist.invert_yaxis()
+    ax_dist.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, quick: bool = False) -> Path:
+    """Measure every sampler and write `samplers-report.md` and `samplers-report.png` into out_dir.
+
+    quick=True uses 2,000 samples per stochastic sampler (about 4x faster); the full report uses 10,000.
+    Returns the markdown path.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    problem = ode_problem(n_points=16, seed=0)
+    results = [measure_order(case, *problem) for case in ORDER_CASES]
+    adaptive = measure_adaptive(*problem)
+    n = 2_000 if quick else 10_000
+    mixture = problem[0]
+    rows = [(case, distribution_stats(draw_samples(case, n, seed=21, mixture=mixture), mixture))
+            for case in DISTRIBUTION_CASES]
+    floor = distribution_stats(mixture.sample(n, torch.Generator().manual_seed(21))[0], mixture)
+    _plot(results, adaptive, rows, out_dir / REPORT_PNG)
+    lines = [
+        "# difusi sampler report",
+        "",
+        "Every sampler run on an exact problem: 2-D data from a 3-component Gaussian mixture, whose ideal",
+        "denoiser D(x, sigma) is closed-form (`difusi.samplers.gmm`). A real model adds its own error on top; this",
+        "measures the sampler alone. Regenerate with `difusi samplers --report` (or `python bench/sampler_report.py`).",
+        "",
+        f"![error versus model evaluations]({REPORT_PNG})",
+        "",
+        *_order_section(results, adaptive),
+        "",
+        *_distribution_section(rows, n, floor),
+        "",
+        "## Reading it",
+        "",
+        f"- Fewest model evaluations for RMS error 1e-2: {_best(results, 1e-2)}.",
+        f"- Fewest model evaluations for RMS error 1e-3: {_best(results, 1e-3)}.",
+        "- Single-step second-order samplers (Heun, DPM2, DPM++ 2S a, DPM++ SDE) spend two evaluations per step:",
+        "  compare samplers by evaluations, not by steps.",
+        "- Startup steps matter: LMS, PLMS and DPM++ 3M start with low-order steps, so their fitted order sits below",
+        "  their nominal order over 16-128 steps.",
+        "- DPM fast and DPM adaptive stop at the last non-zero sigma, as in A1111; the others end with a final",
+        "  denoising jump to 0 (not part of the order measurement, checked against diffusers instead).",
+        "",
+        f"_Generated in {time.perf_counter() - started:.0f} s; numpy {np.__version__}._",
+        "",
+    ]
+    path = out_dir / REPORT_MD
+    path.write_text("\n".join(lines))
+    return path
