@@ -20,7 +20,7 @@ TESTED = [c for c in DISTRIBUTION_CASES if c.max_z != float("inf")]
 
 @pytest.mark.parametrize("case", TESTED, ids=[c.label for c in TESTED])
 def test_distribution_quick(case, mixture):
-    n = 1000 if case.sampler == "DPM adaptive" else 2000
+    n = 2000
     stats = distribution_stats(draw_samples(case, n, seed=11, mixture=mixture), mixture)
     assert stats["max_z"] < case.max_z, stats
 

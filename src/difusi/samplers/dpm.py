@@ -204,7 +204,7 @@ class _PIDController:
 @torch.no_grad()
 def sample_dpm_adaptive(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None,
                         order=3, rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0.0, icoeff=1.0, dcoeff=0.0,
-                        accept_safety=0.81, eta=0.0, s_noise=1.0):
+                        accept_safety=0.81, eta=0.0, s_noise=1.0, shared_steps=False):
     """Adaptive DPM-Solver-12 / 23 (Lu et al. 2022, sec. 3.3 and Appendix C): embedded lower/higher order
     pair, RMS error over each image scaled by max(atol, rtol * |x|), PID step-size control in t = -log(sigma).
 
@@ -212,6 +212,12 @@ def sample_dpm_adaptive(model, x, sigmas, extra_args=None, callback=None, disabl
     returns x there. The callback fires once per loop iteration in which some image accepted its step.
     Each image in a batch is controlled separately; every loop iteration draws one noise sample per image
     whether its step was accepted or not, so with per-image noise samplers a batch equals single runs.
+    shared_steps=True instead controls the whole batch with one error norm (k-diffusion's behaviour).
+
+    With eta > 0, per-image control makes the step sizes depend on the image's own noisy state, which biases
+    the sampled distribution when an image has very few dimensions (measured on the 2-D test problem: about
+    9% covariance error; with shared steps it is within sampling noise). For real latents of thousands of
+    values the step choice depends far less on any one value, so the effect is expected to be much smaller.
     """
     if order not in (2, 3):
         raise ValueError("order: DPM adaptive supports order 2 or 3")
@@ -244,7 +250,8 @@ def sample_dpm_adaptive(model, x, sigmas, extra_args=None, callback=None, disabl
         else:
             x_low, x_high = solver.step_2(x, s, t_down, eps, r1=1 / 3), solver.step_3(x, s, t_down, eps)
         delta = torch.maximum(torch.as_tensor(atol, dtype=x.dtype), rtol * torch.maximum(x_low.abs(), x_prev.abs()))
-        error = ((x_low - x_high) / delta).flatten(1).pow(2).mean(1).sqrt()
+        error = ((x_low - x_high) / delta).flatten(1).pow(2).mean(1)
+        error = (error.mean().expand(batch) if shared_steps else error).sqrt()
         noise = noise_sampler(sigma_fn(s), sigma_fn(t))
         accept = pid.propose_step(error) & running
         take = solver._b(accept)

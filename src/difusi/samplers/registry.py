@@ -96,7 +96,7 @@ SAMPLERS: list[Sampler] = [
     _sampler("DPM fast", dpm.sample_dpm_fast, ["k_dpm_fast", "dpm_fast"], options=_ANCESTRAL, stochastic=True),
     _sampler("DPM adaptive", dpm.sample_dpm_adaptive, ["k_dpm_ad", "dpm_adaptive"],
              options={"order": 3, "rtol": 0.05, "atol": 0.0078, "h_init": 0.05, "pcoeff": 0.0, "icoeff": 1.0,
-                      "dcoeff": 0.0, "accept_safety": 0.81, **_ANCESTRAL}, stochastic=True),
+                      "dcoeff": 0.0, "accept_safety": 0.81, **_ANCESTRAL, "shared_steps": False}, stochastic=True),
     _sampler("Restart", restart.sample_restart, ["restart"], "Karras", {"s_noise": 1.0, "restart_list": None},
              stochastic=True, second_order=True),
     _sampler("DDIM", ddim.sample_ddim, ["ddim"], "DDIM", {"eta": 0.0, "s_noise": 1.0}),
