@@ -155,3 +155,20 @@ def test_png_info_by_dropping_an_image(page, client):
     assert page.input_value("#prompt") == "dropped image"
     assert page.input_value("#seed") == "4321" and page.input_value("#steps") == "3"
     assert page.input_value("#sampler_name") == "DPM++ 2M" and page.input_value("#cfg_scale") == "4"
+
+
+def test_api_docs_render_without_a_cdn(browser, server):
+    from difusi.server.app import _swagger_ui_folder
+
+    if _swagger_ui_folder() is None:
+        pytest.skip("swagger-ui-py is not installed: /docs loads Swagger UI from a CDN")
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    outside: list[str] = []
+    page.on("request", lambda request: None if request.url.startswith(server.url) else outside.append(request.url))
+    page.goto(server.url + "/docs")
+    page.get_by_text("/sdapi/v1/txt2img", exact=True).first.wait_for()
+    shot(page, "docs")
+    context.close()
+    assert outside == []

@@ -67,6 +67,20 @@ class Txt2ImgResponse(BaseModel):
     info: str = Field(description="JSON string: seed, all_seeds, subseed, all_subseeds, infotexts, prompt, ...")
 
 
+class ErrorResponse(BaseModel):
+    """Every error body: what went wrong, which request field (when one is to blame), and a readable message."""
+
+    error: str = Field(examples=["ParamError"])
+    field: str | None = Field(None, examples=["steps"])
+    detail: str = Field(examples=["steps: must be in [1, 1000], got 0"])
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    422: {"model": ErrorResponse, "description": "bad input: malformed JSON, wrong type, out of range, unknown name"},
+    503: {"model": ErrorResponse, "description": "the job queue is full"},
+}
+
+
 class PngInfoRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     image: str = Field(description="a PNG as a data URL or raw base64")

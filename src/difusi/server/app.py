@@ -68,11 +68,13 @@ def create_app(
         finally:
             await run_in_threadpool(queue.stop)
 
+    local_docs = _swagger_ui_folder()
     app = FastAPI(
         title="difusi",
         version=__version__,
         description="Local Stable Diffusion txt2img: AUTOMATIC1111-compatible `/sdapi/v1` API plus `/difusi/v1` jobs.",
         lifespan=lifespan,
+        docs_url=None if local_docs else "/docs",
     )
     app.state.engine = engine
     app.state.queue = queue
@@ -82,6 +84,8 @@ def create_app(
     _add_a1111_routes(app, engine, queue)
     _add_difusi_routes(app, engine, queue)
     _add_ui_routes(app)
+    if local_docs:
+        _add_local_docs(app, local_docs)
     return app
 
 
@@ -193,7 +197,7 @@ def _submit(queue: JobQueue, kind: str, payload: Any) -> Job:
 
 # -- /sdapi/v1 ----------------------------------------------------------------------------------------------------
 def _add_a1111_routes(app: FastAPI, engine: Any, queue: JobQueue) -> None:  # noqa: C901 - a flat list of routes
-    @app.post("/sdapi/v1/txt2img", response_model=a1111.Txt2ImgResponse, tags=["sdapi"])
+    @app.post("/sdapi/v1/txt2img", response_model=a1111.Txt2ImgResponse, tags=["sdapi"], responses=a1111.ERROR_RESPONSES)
     async def txt2img(body: a1111.Txt2ImgRequest) -> dict[str, Any]:
         """Generate images and wait for them (A1111). Seeds of a job with seed s are s, s+1, ... over batch_size x n_iter."""
         spec = await run_in_threadpool(_prepare_txt2img, engine, body)
@@ -234,7 +238,7 @@ def _add_a1111_routes(app: FastAPI, engine: Any, queue: JobQueue) -> None:  # no
     def get_options() -> dict[str, Any]:
         return engine.options()
 
-    @app.post("/sdapi/v1/options", tags=["sdapi"])
+    @app.post("/sdapi/v1/options", tags=["sdapi"], responses=a1111.ERROR_RESPONSES)
     async def set_options(body: dict[str, Any]) -> None:
         """Set options. `sd_model_checkpoint` loads that model in the worker (after queued jobs) before answering."""
         checkpoint = body.get("sd_model_checkpoint")
@@ -263,7 +267,7 @@ def _add_a1111_routes(app: FastAPI, engine: Any, queue: JobQueue) -> None:  # no
         if job is not None:
             job.skip()
 
-    @app.post("/sdapi/v1/png-info", response_model=a1111.PngInfoResponse, tags=["sdapi"])
+    @app.post("/sdapi/v1/png-info", response_model=a1111.PngInfoResponse, tags=["sdapi"], responses=a1111.ERROR_RESPONSES)
     def png_info(body: a1111.PngInfoRequest) -> dict[str, Any]:
         return _png_info(body.image)
 
@@ -355,7 +359,7 @@ def _png_info(data: str) -> dict[str, Any]:
 
 # -- /difusi/v1 -----------------------------------------------------------------------------------------------------
 def _add_difusi_routes(app: FastAPI, engine: Any, queue: JobQueue) -> None:
-    @app.post("/difusi/v1/jobs", status_code=202, tags=["difusi"])
+    @app.post("/difusi/v1/jobs", status_code=202, tags=["difusi"], responses=a1111.ERROR_RESPONSES)
     async def submit_job(body: a1111.Txt2ImgRequest) -> dict[str, Any]:
         """Queue a txt2img job (same body as /sdapi/v1/txt2img) and return its id at once."""
         spec = await run_in_threadpool(_prepare_txt2img, engine, body)
@@ -464,6 +468,32 @@ def _job_result(job: Job, images: bool) -> dict[str, Any]:
             entry["image"] = png_base64_with_text(image.image, image.infotext)
         entries.append(entry)
     return {"images": entries, "info": outcome.info, "parameters": a1111.echo_parameters(spec)}
+
+
+# -- /docs without a CDN ----------------------------------------------------------------------------------------------
+def _swagger_ui_folder() -> Path | None:
+    """Swagger UI 5 (OpenAPI 3.1) files shipped by the optional `swagger-ui-py` package, so /docs works
+    offline. Only its folder is used, found without importing it. None: FastAPI's default /docs (CDN)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "static"
+    return folder if (folder / "swagger-ui-bundle.js").is_file() else None
+
+
+def _add_local_docs(app: FastAPI, folder: Path) -> None:
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    app.mount("/docs-assets", StaticFiles(directory=folder), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url, title="difusi API", swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
 
 
 # -- the web UI --------------------------------------------------------------------------------------------------
