@@ -1,5 +1,7 @@
 """Sampler names: A1111 names, aliases, ComfyUI names, legacy combined names, listing shapes."""
 
+import json
+
 import pytest
 import torch
 
@@ -86,6 +88,7 @@ def test_listing_shapes_for_the_http_api():
     assert set(A1111_NAMES) <= {e["name"] for e in entries}
     for entry in entries:
         assert set(entry) == {"name", "aliases", "options"} and isinstance(entry["aliases"], list)
+    json.dumps(entries + [s.to_a1111() for s in list_schedules()], allow_nan=False)  # what the HTTP API sends
     dpmpp_2m = get_sampler("DPM++ 2M").to_a1111()
     assert dpmpp_2m["options"]["scheduler"] == "karras" and "k_dpmpp_2m" in dpmpp_2m["aliases"]
     assert get_sampler("DPM2").to_a1111()["options"]["discard_next_to_last_sigma"] is True

@@ -43,7 +43,8 @@ class Sampler:
 
     def to_a1111(self) -> dict:
         """One entry of A1111's GET /sdapi/v1/samplers: {"name", "aliases", "options"}; options carries
-        A1111's flags (scheduler, discard_next_to_last_sigma, brownian_noise, second_order, uses_ensd)."""
+        A1111's flags (scheduler, discard_next_to_last_sigma, brownian_noise, second_order, uses_ensd), all
+        JSON-safe. The sampler's own keyword options and defaults are in `self.options`."""
         flags: dict[str, Any] = {}
         if self.default_schedule != "Uniform":
             flags["scheduler"] = get_schedule(self.default_schedule).key
@@ -55,8 +56,6 @@ class Sampler:
             flags["second_order"] = True
         if self.stochastic:
             flags["uses_ensd"] = True
-        for key, value in self.options.items():
-            flags.setdefault(key, value)
         return {"name": self.name, "aliases": list(self.aliases), "options": flags}
 
 

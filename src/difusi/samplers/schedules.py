@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -109,7 +109,8 @@ def align_your_steps_sigmas(n: int, family: str = "sd1") -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Schedule:
-    """One schedule type: A1111 label as `name`, lower-case id as `label`-independent `key`."""
+    """One schedule type: `name` is A1111's label ("Karras"), `key` its lower-case id ("karras"), `function`
+    builds the sigmas (None for "Automatic"), `default_rho` is the rho it uses unless one is given."""
 
     name: str
     key: str
@@ -118,7 +119,6 @@ class Schedule:
     default_rho: float | None = None
     need_inner_model: bool = False
     description: str = ""
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def to_a1111(self) -> dict:
         """The shape of one entry of A1111's GET /sdapi/v1/schedulers."""
