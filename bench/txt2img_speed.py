@@ -13,10 +13,10 @@ import argparse
 import statistics
 import time
 
-import difusi  # noqa: F401  (offline env before Hugging Face imports)
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
+import difusi  # noqa: F401  (offline env before Hugging Face imports)
 from difusi.api import get_model
 from difusi.params import GenerationParams
 from difusi.pipeline import txt2img

@@ -181,8 +181,9 @@ def _sample_batch(model, params, sampler, sigmas, denoiser, cond_schedule, uncon
     drawn = image_noise(seeds, shape, subseeds, params.subseed_strength)
     device = next(model.unet.parameters()).device
     dtype = next(model.unet.parameters()).dtype
-    x = drawn.noise.to(device=device, dtype=dtype) * sigmas[0].to(device)
-    sigmas = sigmas.to(device)
+    # float32 sigmas, as A1111 and diffusers: the denoiser scales x by them, and float64 would upcast x.
+    sigmas = sigmas.to(device=device, dtype=torch.float32)
+    x = drawn.noise.to(device=device, dtype=dtype) * sigmas[0]
     if sampler.uses_brownian_noise:
         positive = sigmas[sigmas > 0]
         noise_sampler = BrownianNoiseSampler(x, positive.min(), positive.max(), seeds)

@@ -5,6 +5,8 @@ to 1e-3 (max abs difference of float pixels in [0, 1]). diffusers computes CFG i
 x0 space; the two are algebraically identical, so only float rounding separates them.
 """
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -49,8 +51,21 @@ def _sigmas(steps):
 
 
 def _noise(model, params):
+    """Unit noise for seed s; diffusers multiplies given latents by init_noise_sigma (= sigma_max when trailing)."""
     shape = (1, model.latent_channels, params.height // model.vae_scale_factor, params.width // model.vae_scale_factor)
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(params.seed))
+
+
+def _reference_text_encoder(encoder):
+    """diffusers' SD2 layout drops the last text layer (its last hidden state is the penultimate layer + final LN);
+    difusi keeps the full model and reads layer -2, as the original checkpoint defines it. Give diffusers its layout."""
+    if encoder.hidden_layer == -1:
+        return encoder.model
+    truncated = copy.deepcopy(encoder.model)
+    keep = len(truncated.encoder.layers) + encoder.hidden_layer + 1
+    truncated.encoder.layers = truncated.encoder.layers[:keep]
+    truncated.config.num_hidden_layers = keep
+    return truncated
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2-v"])
@@ -64,7 +79,7 @@ def test_sd_pipeline_matches_diffusers(tiny_models, family):
 
     encoder = model.text_encoders[0]
     reference = StableDiffusionPipeline(
-        vae=model.vae, text_encoder=encoder.model, tokenizer=encoder.tokenizer, unet=model.unet,
+        vae=model.vae, text_encoder=_reference_text_encoder(encoder), tokenizer=encoder.tokenizer, unet=model.unet,
         scheduler=_euler_scheduler(model), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     reference.vae.register_to_config(scaling_factor=model.scaling_factor)
@@ -72,7 +87,7 @@ def test_sd_pipeline_matches_diffusers(tiny_models, family):
     with torch.inference_mode():
         theirs = reference(
             PROMPT, negative_prompt=NEGATIVE, height=64, width=64, guidance_scale=params.cfg_scale,
-            sigmas=sigmas.tolist(), latents=_noise(model, params) * sigmas[0], output_type="np",
+            sigmas=sigmas.tolist(), latents=_noise(model, params), output_type="np",
         ).images
     assert ours.shape == theirs.shape
     assert np.abs(ours - theirs).max() <= 1e-3
@@ -97,7 +112,7 @@ def test_sdxl_pipeline_matches_diffusers(tiny_models):
     with torch.inference_mode():
         theirs = reference(
             PROMPT, negative_prompt=NEGATIVE, height=64, width=64, guidance_scale=params.cfg_scale,
-            sigmas=sigmas.tolist(), latents=_noise(model, params) * sigmas[0], output_type="np",
+            sigmas=sigmas.tolist(), latents=_noise(model, params), output_type="np",
             original_size=(64, 64), target_size=(64, 64),
         ).images
     assert np.abs(ours - theirs).max() <= 1e-3

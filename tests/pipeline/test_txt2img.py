@@ -76,13 +76,14 @@ def test_variation_seed_strength_interpolates_between_seeds(tiny_models):
 
 
 def test_prompt_editing_switches_conditioning_at_the_right_step(tiny_models):
-    """`[cat:dog:0.5]` over 6 steps: the network sees "cat" for steps 0-2 and "dog" for steps 3-5."""
+    """`[cat:dog:0.5]` over 6 steps: `when` = 3, and as in A1111 the "from" text holds while the 0-based
+    step is <= 3, so the network sees "cat" for steps 0-3 and "dog" for steps 4-5."""
     model = tiny_models("sd1")
     seen = []
     original_forward = model.unet.forward
 
     def recording_forward(sample, timestep, encoder_hidden_states=None, **kwargs):
-        seen.append(encoder_hidden_states[0].clone())  # row 0 = cond (rows are [cond, uncond])
+        seen.append(encoder_hidden_states[-1].clone())  # rows are [uncond, cond]
         return original_forward(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs)
 
     model.unet.forward = recording_forward
@@ -95,7 +96,7 @@ def test_prompt_editing_switches_conditioning_at_the_right_step(tiny_models):
         dog = encode_prompt(model.text_encoders, "a dog").context[0]
     assert len(seen) == 6
     for step, context in enumerate(seen):
-        expected, wrong = (cat, dog) if step < 3 else (dog, cat)
+        expected, wrong = (cat, dog) if step <= 3 else (dog, cat)
         assert torch.allclose(context, expected, atol=1e-5), f"step {step}"
         assert not torch.allclose(context, wrong, atol=1e-3)
 
