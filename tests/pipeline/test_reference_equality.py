@@ -116,3 +116,30 @@ def test_sdxl_pipeline_matches_diffusers(tiny_models):
             original_size=(64, 64), target_size=(64, 64),
         ).images
     assert np.abs(ours - theirs).max() <= 1e-3
+
+
+@pytest.mark.slow
+def test_full_size_sd15_architecture_matches_diffusers(tmp_path):
+    """The true SD 1.5 architecture (random fp16 weights, run in fp32), 64x64, 2 Euler steps."""
+    from difusi.models import load_model
+    from difusi.models.synthetic import write_tiny_checkpoint
+
+    path = tmp_path / "sd15-random.safetensors"
+    write_tiny_checkpoint(path, "sd1", "safetensors", size="sd15", dtype=torch.float16)
+    model = load_model(path)
+    params = GenerationParams(prompt=PROMPT, negative_prompt=NEGATIVE, seed=3, sampler_name="Euler",
+                              scheduler="Karras", steps=2, cfg_scale=7.0, width=64, height=64)
+    ours = _difusi_image(model, params)
+    encoder = model.text_encoders[0]
+    reference = StableDiffusionPipeline(
+        vae=model.vae, text_encoder=encoder.model, tokenizer=encoder.tokenizer, unet=model.unet,
+        scheduler=_euler_scheduler(model), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    reference.vae.register_to_config(scaling_factor=model.scaling_factor)
+    sigmas = _sigmas(params.steps)
+    with torch.inference_mode():
+        theirs = reference(
+            PROMPT, negative_prompt=NEGATIVE, height=64, width=64, guidance_scale=params.cfg_scale,
+            sigmas=sigmas.tolist(), latents=_noise(model, params), output_type="np",
+        ).images
+    assert np.abs(ours - theirs).max() <= 1e-3
