@@ -84,6 +84,12 @@ def test_save_images_false_adds_nothing_to_history(client):
     assert len(images) == 1 and len(after) == len(before)
 
 
+def test_send_images_false_returns_info_only(client):
+    response = client.post("/sdapi/v1/txt2img", json={**FAST, "seed": 6, "send_images": False, "save_images": False})
+    assert response.status_code == 200
+    assert response.json()["images"] == [] and json.loads(response.json()["info"])["all_seeds"] == [6]
+
+
 def test_a1111_client_body_with_nulls_and_unknown_keys(client):
     body = {**FAST, "seed": 9, "styles": [], "restore_faces": None, "enable_hr": False, "hr_scale": 2,
             "alwayson_scripts": {}, "eta": None, "s_noise": None, "script_args": [], "sampler_index": "Euler",
