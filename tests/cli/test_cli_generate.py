@@ -50,6 +50,20 @@ def difusi(root: Path, *args: str, timeout: float = 300) -> subprocess.Completed
     )
 
 
+def in_process(root: Path, monkeypatch, capsys, *args: str) -> subprocess.CompletedProcess:
+    """`cli.main` in this process (torch already imported: saves a process start); same shape as `difusi`."""
+    from difusi import cli
+
+    for name, value in _env(root).items():
+        monkeypatch.setenv(name, value)
+    try:
+        code = cli.main(list(args))
+    except SystemExit as exit_info:
+        code = exit_info.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
 def results(done: subprocess.CompletedProcess) -> list[tuple[Path, int]]:
     lines = done.stdout.splitlines()
     parsed = [RESULT_LINE.match(line) for line in lines]
@@ -137,9 +151,9 @@ def test_from_image_regenerates_identical_pixels(root, batch):
     assert read_infotext(first) == read_infotext(original)
 
 
-def test_overrides_change_only_what_they_name(root, batch):
+def test_overrides_change_only_what_they_name(root, batch, monkeypatch, capsys):
     original, _ = batch[0]
-    done = difusi(root, "generate", "--from", str(original), "--sampler", "Euler", "--steps", "4", "--seed", "99")
+    done = in_process(root, monkeypatch, capsys, "generate", "--from", str(original), "--sampler", "Euler", "--steps", "4", "--seed", "99")
     assert done.returncode == 0, done.stderr
     ((path, seed),) = results(done)
     assert seed == 99
@@ -151,16 +165,34 @@ def test_overrides_change_only_what_they_name(root, batch):
     assert not np.array_equal(pixels(path), pixels(original))
 
 
-def test_infotext_flag_reports_ignored_keys_and_reproduces(root, batch):
+def test_infotext_flag_reports_ignored_keys_and_reproduces(root, batch, monkeypatch, capsys):
     (original, seed), (neighbour, _) = batch[0], batch[1]
     pasted = read_infotext(original).replace(", Version:", ", Hires upscale: 2, ADetailer model: face_yolov8n.pt, Version:")
-    done = difusi(root, "generate", "--infotext", pasted, "--batch-size", "2")
+    done = in_process(root, monkeypatch, capsys, "generate", "--infotext", pasted, "--batch-size", "2")
     assert done.returncode == 0, done.stderr
     assert "difusi: ignored keys: Hires upscale, ADetailer model" in done.stderr.splitlines()
     (first, first_seed), (second, _) = results(done)
     assert first_seed == seed
     assert np.array_equal(pixels(first), pixels(original))
     assert np.array_equal(pixels(second), pixels(neighbour))
+
+
+def test_output_flag_writes_copies_and_never_overwrites(root, batch, monkeypatch, capsys, tmp_path):
+    (original, _), (neighbour, _) = batch[0], batch[1]
+    target = tmp_path / "mine.png"
+    done = in_process(root, monkeypatch, capsys, "generate", "--from", str(original), "--batch-size", "2",
+                      "--output", str(target))
+    assert done.returncode == 0, done.stderr
+    assert [path for path, _ in results(done)] == [tmp_path / "mine-1.png", tmp_path / "mine-2.png"]
+    assert np.array_equal(pixels(tmp_path / "mine-1.png"), pixels(original))
+    assert np.array_equal(pixels(tmp_path / "mine-2.png"), pixels(neighbour))
+    assert read_infotext(tmp_path / "mine-1.png") == read_infotext(original)
+    again = in_process(root, monkeypatch, capsys, "generate", "--from", str(original), "--batch-size", "2",
+                       "--output", str(target))
+    assert again.returncode == 2
+    assert again.stderr.splitlines() == [
+        f"difusi: error: --output: {tmp_path / 'mine-1.png'} exists (difusi never overwrites files)"
+    ]
 
 
 def test_history_command_lists_and_searches(root, batch):
