@@ -145,7 +145,7 @@ DISTRIBUTION_CASES = [
     DistributionCase("Euler a", "Euler a", 150),
     DistributionCase("Heun (s_churn 40)", "Heun", 40, {"s_churn": 40.0}),
     DistributionCase("DPM2 a", "DPM2 a", 40),
-    DistributionCase("DPM++ 2S a", "DPM++ 2S a", 30),
+    DistributionCase("DPM++ 2S a", "DPM++ 2S a", 50),
     DistributionCase("DPM++ SDE", "DPM++ SDE", 30),
     DistributionCase("DPM++ 2M SDE", "DPM++ 2M SDE", 40, schedule="exponential"),
     DistributionCase("DPM++ 2M SDE Heun", "DPM++ 2M SDE Heun", 40, schedule="exponential"),
