@@ -21,7 +21,13 @@ from PIL import Image
 from difusi import __version__
 from difusi.errors import Interrupted
 from difusi.params import GenerationParams, resolve_seed
-from difusi.prompts.conditioning import Conditioning, encode_prompt_schedule, pad_to_same_length
+from difusi.prompts.conditioning import (
+    Conditioning,
+    conditioning_at,
+    encode_prompt_schedule,
+    pad_to_same_length,
+    sdxl_time_ids,
+)
 from difusi.rng import image_noise
 from difusi.samplers import build_sigmas, get_sampler
 from difusi.samplers.denoiser import CFGDenoiser, DiscreteNoiseTable, EpsDenoiser, VDenoiser
@@ -208,8 +214,8 @@ class _ScheduledCFG:
         self.time_ids = _sdxl_time_ids(model, params)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **_: Any) -> torch.Tensor:
-        cond = _at_step(self.cond_schedule, self.tracker.step)
-        uncond = _at_step(self.uncond_schedule, self.tracker.step)
+        cond = conditioning_at(self.cond_schedule, self.tracker.step)
+        uncond = conditioning_at(self.uncond_schedule, self.tracker.step)
         cond, uncond = pad_to_same_length(cond, uncond)
         return self.cfg(
             x, sigma,
@@ -225,22 +231,19 @@ class _ScheduledCFG:
         return kwargs
 
 
-def _at_step(schedule: list[tuple[int, Conditioning]], step: int) -> Conditioning:
-    """A1111's rule: the first schedule entry whose end step is >= the current (0-based) step."""
-    for end_step, conditioning in schedule:
-        if step <= end_step:
-            return conditioning
-    return schedule[-1][1]
-
-
 def _repeat(tensor: torch.Tensor, batch: int) -> torch.Tensor:
     return tensor if tensor.shape[0] == batch else tensor.expand(batch, *tensor.shape[1:])
 
 
 def _encode(model, params: GenerationParams):
+    # Clip skip acts on SD1 only, as in A1111: SD2 and SDXL already read the penultimate layer.
+    clip_skip = params.clip_skip if model.family == "sd1" else 1
     with torch.inference_mode():
-        cond = encode_prompt_schedule(model.text_encoders, params.prompt, params.steps, params.clip_skip)
-        uncond = encode_prompt_schedule(model.text_encoders, params.negative_prompt, params.steps, params.clip_skip)
+        cond = encode_prompt_schedule(model.text_encoders, params.prompt, params.steps, clip_skip)
+        uncond = encode_prompt_schedule(model.text_encoders, params.negative_prompt, params.steps, clip_skip)
+    if model.family == "sdxl" and not params.negative_prompt:
+        # SDXL's empty negative prompt is all zeros in A1111 and diffusers alike.
+        uncond = [(end_step, conditioning.zeros_like()) for end_step, conditioning in uncond]
     return cond, uncond
 
 
@@ -259,8 +262,7 @@ def _sdxl_time_ids(model, params: GenerationParams) -> torch.Tensor | None:
     """SDXL size conditioning (Podell et al. 2023): original size = target size, no crop, as A1111 does."""
     if model.family != "sdxl":
         return None
-    h, w = params.height, params.width
-    return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)
+    return sdxl_time_ids((params.height, params.width), (0, 0), (params.height, params.width))
 
 
 def _sampler_options(sampler, params: GenerationParams) -> dict[str, float]:

@@ -143,3 +143,25 @@ def test_full_size_sd15_architecture_matches_diffusers(tmp_path):
             sigmas=sigmas.tolist(), latents=_noise(model, params), output_type="np",
         ).images
     assert np.abs(ours - theirs).max() <= 1e-3
+
+
+def test_sdxl_empty_negative_prompt_is_zeros_like_diffusers(tiny_models):
+    """With no negative prompt SDXL's uncond is all zeros (diffusers' force_zeros_for_empty_prompt, A1111 too)."""
+    model = tiny_models("sdxl")
+    params = GenerationParams(prompt=PROMPT, seed=5, sampler_name="Euler", scheduler="Karras", steps=3,
+                              cfg_scale=4.0, width=64, height=64)
+    ours = _difusi_image(model, params)
+    clip_l, clip_g = model.text_encoders
+    reference = StableDiffusionXLPipeline(
+        vae=model.vae, text_encoder=clip_l.model, text_encoder_2=clip_g.model, tokenizer=clip_l.tokenizer,
+        tokenizer_2=clip_g.tokenizer, unet=model.unet, scheduler=_euler_scheduler(model),
+        force_zeros_for_empty_prompt=True,
+    )
+    reference.vae.register_to_config(scaling_factor=model.scaling_factor, force_upcast=False)
+    sigmas = _sigmas(params.steps)
+    with torch.inference_mode():
+        theirs = reference(
+            PROMPT, height=64, width=64, guidance_scale=params.cfg_scale, sigmas=sigmas.tolist(),
+            latents=_noise(model, params), output_type="np", original_size=(64, 64), target_size=(64, 64),
+        ).images
+    assert np.abs(ours - theirs).max() <= 1e-3
