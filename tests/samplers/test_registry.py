@@ -38,7 +38,7 @@ def test_aliases_and_comfyui_names(alias, name):
 
 def test_uni_pc_bh2_is_unipc_with_bh2():
     sampler = get_sampler("uni_pc_bh2")
-    assert sampler.function is multistep.sample_unipc and sampler.options["variant"] == "bh2"
+    assert sampler.function is multistep.sample_unipc_bh2 and sampler.options["variant"] == "bh2"
     assert get_sampler("UniPC").options["variant"] == "bh1"
 
 
@@ -96,6 +96,16 @@ def test_listing_shapes_for_the_http_api():
     assert [s["label"] for s in schedules][: len(A1111_SCHEDULES)] == A1111_SCHEDULES
     for entry in schedules:
         assert set(entry) == {"name", "label", "aliases", "default_rho", "need_inner_model"}
+
+
+@pytest.mark.parametrize("sampler", list_samplers(), ids=lambda s: s.name)
+def test_function_defaults_equal_registry_options(sampler):
+    """Pipelines may call `sampler.function` directly: its keyword defaults must be the registry's options."""
+    import inspect
+
+    params = inspect.signature(sampler.function).parameters
+    for name, value in sampler.options.items():
+        assert params[name].default == value, (sampler.name, name)
 
 
 def test_sampler_call_uses_registry_defaults_and_rejects_unknown_options(mixture):

@@ -143,12 +143,13 @@ def _solver_range(sigmas):
 
 @torch.no_grad()
 def sample_dpm_fast(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None,
-                    eta=0.0, s_noise=1.0):
+                    eta=1.0, s_noise=1.0):
     """DPM-Solver-fast (Lu et al. 2022): as many third-order steps as fit in n = len(sigmas) - 1 model
     evaluations, evenly spaced in t = -log(sigma) from sigmas[0] to the last non-zero sigma.
 
     The result is x at that last sigma (as in k-diffusion / A1111), not a final denoise to 0. With eta > 0
-    each step lands on sigma_down and adds noise (ancestral variant).
+    each step lands on sigma_down and adds noise (ancestral variant); eta defaults to 1 because A1111 passes
+    its "eta (ancestral)" setting, 1 by default, to this sampler. eta=0 is the deterministic DPM-Solver-fast.
     """
     check_nonnegative(eta=eta, s_noise=s_noise)
     sigma_max, sigma_min, nfe = _solver_range(sigmas)
@@ -204,10 +205,11 @@ class _PIDController:
 @torch.no_grad()
 def sample_dpm_adaptive(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None,
                         order=3, rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0.0, icoeff=1.0, dcoeff=0.0,
-                        accept_safety=0.81, eta=0.0, s_noise=1.0, shared_steps=False):
+                        accept_safety=0.81, eta=1.0, s_noise=1.0, shared_steps=False):
     """Adaptive DPM-Solver-12 / 23 (Lu et al. 2022, sec. 3.3 and Appendix C): embedded lower/higher order
     pair, RMS error over each image scaled by max(atol, rtol * |x|), PID step-size control in t = -log(sigma).
 
+    eta defaults to 1 as in A1111 (see `sample_dpm_fast`); eta=0 is the deterministic solver.
     Integrates from sigmas[0] to the last non-zero sigma of `sigmas` (the rest of `sigmas` is unused) and
     returns x there. The callback fires once per loop iteration in which some image accepted its step.
     Each image in a batch is controlled separately; every loop iteration draws one noise sample per image

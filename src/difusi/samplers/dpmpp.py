@@ -152,6 +152,14 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
 
 
 @torch.no_grad()
+def sample_dpmpp_2m_sde_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None,
+                             eta=1.0, s_noise=1.0, solver_type="heun"):
+    """DPM-Solver++(2M) SDE with the Heun form of the second-order correction (A1111's "DPM++ 2M SDE Heun")."""
+    return sample_dpmpp_2m_sde(model, x, sigmas, extra_args, callback, disable, noise_sampler,
+                               eta=eta, s_noise=s_noise, solver_type=solver_type)
+
+
+@torch.no_grad()
 def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None,
                         eta=1.0, s_noise=1.0):
     """DPM-Solver++(3M) SDE: third-order multistep on the SDE (quadratic extrapolation of the denoised

@@ -148,3 +148,11 @@ def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None,
         else:
             x = _unipc_update(x, sigma, sigma_next, lambdas, history, last_order, variant)
     return x
+
+
+@torch.no_grad()
+def sample_unipc_bh2(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None,
+                     order=3, variant="bh2", use_corrector=True):
+    """UniPC with B(h) = expm1(h) (ComfyUI's "uni_pc_bh2"); see `sample_unipc`."""
+    return sample_unipc(model, x, sigmas, extra_args, callback, disable, noise_sampler,
+                        order=order, variant=variant, use_corrector=use_corrector)

@@ -18,7 +18,8 @@ from difusi.samplers.schedules import Schedule, check_steps, get_schedule, list_
 @dataclass(frozen=True)
 class Sampler:
     """A sampler function plus what A1111 knows about it. Calling it calls the function with the
-    registry's default options, overridden by any keyword options given."""
+    registry's default options, overridden by any keyword options given (unknown options raise ParamError).
+    The function's own keyword defaults equal `options`, so calling `function` directly gives the same result."""
 
     name: str
     function: Callable[..., torch.Tensor]
@@ -76,7 +77,7 @@ SAMPLERS: list[Sampler] = [
              {**_ANCESTRAL, "r": 0.5}, uses_brownian_noise=True, stochastic=True, second_order=True),
     _sampler("DPM++ 2M SDE", dpmpp.sample_dpmpp_2m_sde, ["k_dpmpp_2m_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu"],
              "Exponential", {**_ANCESTRAL, "solver_type": "midpoint"}, uses_brownian_noise=True, stochastic=True),
-    _sampler("DPM++ 2M SDE Heun", dpmpp.sample_dpmpp_2m_sde,
+    _sampler("DPM++ 2M SDE Heun", dpmpp.sample_dpmpp_2m_sde_heun,
              ["k_dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu"],
              "Exponential", {**_ANCESTRAL, "solver_type": "heun"}, uses_brownian_noise=True, stochastic=True),
     _sampler("DPM++ 2S a", dpmpp.sample_dpmpp_2s_ancestral, ["k_dpmpp_2s_a", "dpmpp_2s_ancestral"], "Karras",
@@ -102,7 +103,7 @@ SAMPLERS: list[Sampler] = [
     _sampler("PLMS", multistep.sample_plms, ["plms"], "DDIM"),
     _sampler("UniPC", multistep.sample_unipc, ["unipc", "uni_pc"], "DDIM",
              {"order": 3, "variant": "bh1", "use_corrector": True}, discard_penultimate_sigma=True),
-    _sampler("UniPC bh2", multistep.sample_unipc, ["uni_pc_bh2"], "DDIM",
+    _sampler("UniPC bh2", multistep.sample_unipc_bh2, ["uni_pc_bh2"], "DDIM",
              {"order": 3, "variant": "bh2", "use_corrector": True}, discard_penultimate_sigma=True),
     _sampler("LCM", lcm.sample_lcm, ["k_lcm", "lcm"], options={"s_noise": 1.0}, stochastic=True),
 ]
