@@ -94,3 +94,17 @@ def test_sampler_exceptions_are_not_swallowed(mixture):
     for sampler in list_samplers():
         with pytest.raises(RuntimeError, match="model exploded"):
             sampler(broken, _x(), karras_sigmas(4, 0.03, 14.6))
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "field"),
+    [("DPM adaptive", {"order": 4}, "order"), ("DPM adaptive", {"h_init": 0.0}, "h_init"),
+     ("DPM++ SDE", {"r": 1.5}, "r"), ("DPM++ 2M SDE", {"solver_type": "rk4"}, "solver_type"),
+     ("LMS", {"order": 0}, "order"), ("UniPC", {"variant": "bh3"}, "variant"), ("UniPC", {"order": 1.5}, "order"),
+     ("Euler", {"s_churn": -1.0}, "s_churn")],
+)
+def test_bad_options_name_the_option(name, options, field, mixture):
+    sampler = next(s for s in list_samplers() if s.name == name)
+    with pytest.raises(ParamError) as info:
+        sampler(mixture, _x(), karras_sigmas(4, 0.03, 14.6), **options)
+    assert info.value.field == field

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from difusi.errors import ParamError
 from difusi.samplers.common import (
     add_churn,
     check_nonnegative,
@@ -222,10 +223,10 @@ def sample_dpm_adaptive(model, x, sigmas, extra_args=None, callback=None, disabl
     values the step choice depends far less on any one value, so the effect is expected to be much smaller.
     """
     if order not in (2, 3):
-        raise ValueError("order: DPM adaptive supports order 2 or 3")
+        raise ParamError("order", f"DPM adaptive supports order 2 or 3, got {order!r}")
     check_nonnegative(eta=eta, s_noise=s_noise, rtol=rtol, atol=atol, h_init=h_init)
     if h_init == 0 or (rtol == 0 and atol == 0):
-        raise ValueError("h_init and one of rtol/atol must be > 0")
+        raise ParamError("h_init" if h_init == 0 else "rtol", "h_init and one of rtol/atol must be > 0")
     sigma_max, sigma_min, _ = _solver_range(sigmas)
     noise_sampler = noise_sampler or default_noise_sampler(x)
     solver = _DPMSolver(model, x, extra_args or {})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from difusi.errors import ParamError
 from difusi.samplers.common import (
     check_nonnegative,
     check_sigmas,
@@ -68,7 +69,7 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
     check_sigmas(sigmas)
     check_nonnegative(eta=eta, s_noise=s_noise)
     if not 0 < r <= 1:
-        raise ValueError(f"r: must be in (0, 1], got {r}")
+        raise ParamError("r", f"must be in (0, 1], got {r}")
     extra_args = extra_args or {}
     noise_sampler = noise_sampler or default_noise_sampler(x)
     for i in range(len(sigmas) - 1):
@@ -125,7 +126,7 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     check_sigmas(sigmas)
     check_nonnegative(eta=eta, s_noise=s_noise)
     if solver_type not in ("midpoint", "heun"):
-        raise ValueError(f"solver_type: must be 'midpoint' or 'heun', got {solver_type!r}")
+        raise ParamError("solver_type", f"must be 'midpoint' or 'heun', got {solver_type!r}")
     extra_args = extra_args or {}
     noise_sampler = noise_sampler or default_noise_sampler(x)
     old_denoised, h_last = None, None

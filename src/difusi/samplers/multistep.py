@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from difusi.errors import ParamError
 from difusi.samplers.common import check_sigmas, report, sigma_batch, t_fn, to_d
 
 
@@ -28,7 +29,7 @@ def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, n
     Starts at order 1 and gains one order per step."""
     check_sigmas(sigmas)
     if int(order) != order or order < 1:
-        raise ValueError(f"order: must be a positive integer, got {order!r}")
+        raise ParamError("order", f"must be a positive integer, got {order!r}")
     extra_args = extra_args or {}
     grid = sigmas.detach().cpu().double().tolist()
     ds = []
@@ -126,9 +127,9 @@ def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None,
     end (lower-order final, as diffusers and A1111); the step to sigma = 0 returns the denoised value."""
     check_sigmas(sigmas)
     if variant not in ("bh1", "bh2"):
-        raise ValueError(f"variant: must be 'bh1' or 'bh2', got {variant!r}")
+        raise ParamError("variant", f"must be 'bh1' or 'bh2', got {variant!r}")
     if int(order) != order or order < 1:
-        raise ValueError(f"order: must be a positive integer, got {order!r}")
+        raise ParamError("order", f"must be a positive integer, got {order!r}")
     extra_args = extra_args or {}
     steps = len(sigmas) - 1
     lambdas, history = [], []

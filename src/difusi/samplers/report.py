@@ -106,25 +106,31 @@ def _plot(results, adaptive, rows, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_ode, ax_dist) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax_ode, ax_dist) = plt.subplots(1, 2, figsize=(16, 7), gridspec_kw={"width_ratios": [3, 2]})
+    colors = plt.get_cmap("tab20")
     markers = "os^vD<>phH*XP"
     for k, r in enumerate(results):
-        ax_ode.loglog(r["nfe"], r["errors"], marker=markers[k % len(markers)], ms=4,
+        ax_ode.loglog(r["nfe"], r["errors"], marker=markers[k % len(markers)], ms=4, color=colors(k % 20),
                       label=f"{r['case'].label} ({r['order']:.1f})")
     ax_ode.loglog(adaptive["nfe"], adaptive["errors"], "k--", marker="x", label="DPM adaptive (rtol sweep)")
     ax_ode.set_xlabel("model evaluations")
     ax_ode.set_ylabel("RMS error at sigma_min vs exact ODE")
-    ax_ode.set_title("Deterministic samplers (measured order)")
+    ax_ode.set_title("Deterministic samplers (fitted order in brackets)")
     ax_ode.grid(True, which="both", alpha=0.3)
-    ax_ode.legend(fontsize=7, ncol=2)
+    ax_ode.legend(fontsize=7, loc="lower left", ncol=2, framealpha=0.9)
     labels = [case.label for case, _ in rows]
-    ax_dist.barh(labels, [stats["max_z"] for _, stats in rows], color="tab:blue")
+    limit = 10.0
+    values = [min(stats["max_z"], limit) for _, stats in rows]
+    ax_dist.barh(labels, values, color=["tab:gray" if v >= limit else "tab:blue" for v in values])
+    for i, (_, stats) in enumerate(rows):
+        if stats["max_z"] >= limit:
+            ax_dist.text(limit * 0.97, i, f"{stats['max_z']:.0f} (off scale)", va="center", ha="right", color="white")
     ax_dist.axvline(5, color="tab:red", ls="--", label="test limit (5 standard errors)")
-    ax_dist.set_xscale("log")
-    ax_dist.set_xlabel("largest statistic error / standard error")
+    ax_dist.set_xlim(0, limit)
+    ax_dist.set_xlabel("largest statistic error / its standard error")
     ax_dist.set_title("Stochastic samplers vs exact distribution")
     ax_dist.invert_yaxis()
-    ax_dist.legend(fontsize=8)
+    ax_dist.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
