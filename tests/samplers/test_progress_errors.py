@@ -108,3 +108,17 @@ def test_bad_options_name_the_option(name, options, field, mixture):
     with pytest.raises(ParamError) as info:
         sampler(mixture, _x(), karras_sigmas(4, 0.03, 14.6), **options)
     assert info.value.field == field
+
+
+@pytest.mark.parametrize("name", ["Euler", "Heun", "DPM2"])
+def test_churn_only_inside_its_sigma_window(name, mixture):
+    """EDM churn applies only for s_tmin <= sigma <= s_tmax; outside it the sampler is the plain ODE solver."""
+    sampler = next(s for s in list_samplers() if s.name == name)
+    sigmas = karras_sigmas(8, 0.03, 14.6)
+    plain = sampler(mixture, _x(), sigmas)
+    outside = sampler(mixture, _x(), sigmas, s_churn=20.0, s_tmin=100.0, s_tmax=200.0,
+                      noise_sampler=lambda s, sn: torch.ones(3, 2, dtype=torch.float64))
+    inside = sampler(mixture, _x(), sigmas, s_churn=20.0, s_tmin=0.5, s_tmax=5.0,
+                     noise_sampler=lambda s, sn: torch.ones(3, 2, dtype=torch.float64))
+    assert torch.equal(plain, outside)
+    assert not torch.allclose(plain, inside)
