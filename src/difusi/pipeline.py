@@ -197,7 +197,7 @@ def _sample_batch(model, params, sampler, sigmas, denoiser, cond_schedule, uncon
         noise_sampler = ImageNoiseSampler(drawn.generators, x)
     batch = len(seeds)
     guided = _ScheduledCFG(denoiser, cond_schedule, uncond_schedule, params.cfg_scale, batch, tracker, model, params)
-    return sampler.function(
+    return sampler(
         guided, x, sigmas, extra_args={}, callback=tracker, disable=True, noise_sampler=noise_sampler,
         **_sampler_options(sampler, params),
     )
