@@ -201,7 +201,7 @@ def test_blocking_txt2img_returns_finished_images_when_interrupted(client):
 
 
 def test_skip_abandons_only_the_current_batch(client):
-    job = client.post("/difusi/v1/jobs", json={**FAST, "steps": 30, "n_iter": 2, "seed": 40, "save_images": False}).json()
+    job = client.post("/difusi/v1/jobs", json={**FAST, "steps": 100, "n_iter": 2, "seed": 40, "save_images": False}).json()
     wait_for(lambda: client.get(f"/difusi/v1/jobs/{job['id']}").json()["step"] >= 2)
     assert client.post("/sdapi/v1/skip").status_code == 200
     status = wait_for(lambda: (s := client.get(f"/difusi/v1/jobs/{job['id']}").json())["status"] not in ("queued", "running") and s)

@@ -82,24 +82,40 @@ def test_preview_image_scales_to_pixel_size():
     assert image.size == (64, 64)
 
 
-def test_difusi_mini_preview_approximates_its_vae():
-    """The shipped model's preview factors reproduce its VAE's colours on a real image (encode -> project)."""
+def _disc_pictures(count: int, size: int, seed: int) -> torch.Tensor:
+    """Random-coloured discs on random-coloured backgrounds, pixels in [-1, 1] (like difusi-mini's data)."""
+    generator = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    pictures = []
+    for _ in range(count):
+        background, foreground = torch.rand(2, 3, generator=generator) * 2 - 1
+        picture = background.view(3, 1, 1).repeat(1, size, size)
+        cy, cx = torch.randint(size // 4, 3 * size // 4, (2,), generator=generator).tolist()
+        radius = int(torch.randint(size // 10, size // 3, (1,), generator=generator))
+        picture[:, (yy - cy) ** 2 + (xx - cx) ** 2 < radius**2] = foreground.view(3, 1)
+        pictures.append(picture)
+    return torch.stack(pictures)
+
+
+def test_difusi_mini_preview_is_informative_about_its_vae():
+    """Encode real pictures with difusi-mini's VAE and project: the shipped factors must beat a constant grey
+    preview clearly and beat SD1's published factors (which belong to another VAE).
+
+    The bar is modest on purpose: measured mean abs errors (colour in [0, 1]) are about 0.18 for the shipped
+    factors, 0.20 for a fresh least-squares fit (held out), 0.23 for constant grey, 0.25 for SD1's factors:
+    difusi-mini's small VAE is far from linear in colour, so no linear preview can do much better.
+    """
     from difusi.models import default_model_path, load_model
+    from difusi.models.latent_preview import SD1_FACTORS
 
     if not default_model_path().exists():
         pytest.skip("difusi-mini weights are not in the package yet")
     model = load_model(default_model_path())
-    size = model.native_size
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    picture = torch.empty(1, 3, size, size)
-    picture[0, 0], picture[0, 1], picture[0, 2] = -0.8, -0.6, 0.8  # blue background, pixels in [-1, 1]
-    inside = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2
-    picture[0, 0][inside], picture[0, 1][inside], picture[0, 2][inside] = 0.9, -0.9, -0.9  # red disc
+    pictures = _disc_pictures(16, model.native_size, seed=1)
     with torch.inference_mode():
-        latents = model.vae.encode(picture).latent_dist.mean * model.scaling_factor
-    preview = project(latents, *projection_for(model, latents.shape[1]))
-    target = ((torch.nn.functional.avg_pool2d(picture, model.vae_scale_factor) + 1) / 2).clamp(0, 1)
-    assert preview.shape == target.shape
-    assert (preview - target).abs().mean() < 0.12
-    centre, corner = preview[0, :, latents.shape[2] // 2, latents.shape[3] // 2], preview[0, :, 0, 0]
-    assert centre[0] > centre[2] and corner[2] > corner[0]  # red in the middle, blue in the corner
+        latents = model.vae.encode(pictures).latent_dist.mean * model.scaling_factor
+    target = ((torch.nn.functional.avg_pool2d(pictures, model.vae_scale_factor) + 1) / 2).clamp(0, 1)
+    shipped = (project(latents, *projection_for(model, latents.shape[1])) - target).abs().mean()
+    grey = (0.5 - target).abs().mean()
+    sd1 = (project(latents, torch.tensor(SD1_FACTORS), torch.zeros(3)) - target).abs().mean()
+    assert shipped < 0.85 * grey and shipped < sd1
