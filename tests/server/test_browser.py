@@ -172,3 +172,15 @@ def test_api_docs_render_without_a_cdn(browser, server):
     shot(page, "docs")
     context.close()
     assert outside == []
+
+
+def test_model_select_switches_the_server_model(page, client, models):
+    other = next(t for t in page.eval_on_selector_all("#model option", "os => os.map(o => o.value)")
+                 if t.startswith(models.other.stem))
+    before = client.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
+    try:
+        page.select_option("#model", other)
+        page.wait_for_function(f"document.querySelector('#server-status').textContent === {json.dumps('Model: ' + other)}")
+        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == other
+    finally:
+        client.post("/sdapi/v1/options", json={"sd_model_checkpoint": before})
