@@ -39,10 +39,11 @@ class Running:
         return httpx.Client(base_url=self.url, timeout=120, **kwargs)
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(autouse=True)
 def one_torch_thread() -> Iterator[None]:
     """The tests share 2 CPU cores with other work; one intra-op thread avoids OpenMP spin contention
-    (measured: a tiny-model step went from ~1 s to ~0.2 s under load)."""
+    (measured: a tiny-model step went from ~1 s to ~0.2 s under load). Restored after each test so other
+    test folders run with their usual thread count."""
     import torch
 
     before = torch.get_num_threads()
