@@ -11,6 +11,7 @@ the original `--batch-size 2`; everything else comes from the PNG.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
@@ -151,6 +152,33 @@ def test_from_image_regenerates_identical_pixels(root, batch):
     assert read_infotext(first) == read_infotext(original)
 
 
+def test_seed_override_gives_the_images_of_that_seed(root, batch, monkeypatch, capsys):
+    """--from image 0 with image 2's seed must reproduce images 2 and 3 exactly: only the seed changed."""
+    (first, _), (third, third_seed), (fourth, fourth_seed) = batch[0], batch[2], batch[3]
+    done = in_process(root, monkeypatch, capsys, "generate", "--from", str(first), "--seed", str(third_seed),
+                      "--batch-size", "2")
+    assert done.returncode == 0, done.stderr
+    (a, a_seed), (b, b_seed) = results(done)
+    assert (a_seed, b_seed) == (third_seed, fourth_seed)
+    assert np.array_equal(pixels(a), pixels(third)) and np.array_equal(pixels(b), pixels(fourth))
+    assert read_infotext(a) == read_infotext(third)
+
+
+def test_single_image_reproduces_without_any_flag(root, monkeypatch, capsys):
+    made = in_process(root, monkeypatch, capsys, "generate", "a green triangle, small", "--steps", "3",
+                      "--sampler", "DPM++ 2M SDE", "--subseed-strength", "0.3", "--cfg-scale", "5.5")
+    assert made.returncode == 0, made.stderr
+    ((original, seed),) = results(made)
+    again = in_process(root, monkeypatch, capsys, "generate", "--from", str(original))
+    assert again.returncode == 0, again.stderr
+    ((path, new_seed),) = results(again)
+    assert new_seed == seed
+    assert np.array_equal(pixels(path), pixels(original))
+    fields, _ = parse_infotext(read_infotext(path))
+    assert fields["Variation seed strength"] == "0.3" and fields["Sampler"] == "DPM++ 2M SDE"
+    assert read_infotext(path) == read_infotext(original)
+
+
 def test_overrides_change_only_what_they_name(root, batch, monkeypatch, capsys):
     original, _ = batch[0]
     done = in_process(root, monkeypatch, capsys, "generate", "--from", str(original), "--sampler", "Euler", "--steps", "4", "--seed", "99")
@@ -200,10 +228,14 @@ def test_history_command_lists_and_searches(root, batch):
     assert done.returncode == 0
     lines = done.stdout.splitlines()
     assert len(lines) == 2
-    newest = history_rows(root / "outputs")[-2:][::-1]
+    newest = [row for row in history_rows(root / "outputs") if "red circle" in row["prompt"].lower()][-2:][::-1]
     for line, row in zip(lines, newest, strict=True):
         assert f"seed={row['seed']}" in line and str(root / "outputs" / row["path"]) in line
     assert difusi(root, "history", "--search", "no such prompt").stdout == ""
+    (as_json,) = difusi(root, "history", "--json", "--limit", "1").stdout.splitlines()
+    row, latest = json.loads(as_json), history_rows(root / "outputs")[-1]
+    assert (row["path"], row["seed"]) == (str(root / "outputs" / latest["path"]), latest["seed"])
+    assert row["params"]["seed"] == latest["seed"] and row["infotext"] == latest["infotext"]
 
 
 def test_sigint_mid_batch_keeps_finished_images_only(root):

@@ -61,3 +61,41 @@ def test_infotext_with_unknown_model_hash_is_one_line_error(folders, capsys):
         f"difusi: error: --infotext: model with hash 0000000000 (lost) not found in {folders / 'models'}; "
         "pass --model to choose one"
     ]
+
+
+def test_samplers_report_forwards_dir_and_quick(monkeypatch, capsys, tmp_path):
+    import difusi.samplers.report as report
+
+    calls = []
+
+    def fake_write_report(out_dir, quick=False):
+        calls.append((out_dir, quick))
+        return out_dir / "samplers-report.md"
+
+    monkeypatch.setattr(report, "write_report", fake_write_report)
+    assert cli.main(["samplers", "--report", str(tmp_path / "r"), "--quick"]) == 0
+    assert calls == [(tmp_path / "r", True)]
+    assert capsys.readouterr().out == f"report written to {tmp_path / 'r' / 'samplers-report.md'}\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "module", "forwarded"),
+    [
+        (["serve", "--port", "7999", "--listen"], "difusi.server", ["--port", "7999", "--listen"]),
+        (["mini", "train", "--out", "x", "--steps", "3"], "difusi.mini.train", ["--out", "x", "--steps", "3"]),
+        (["mini", "evaluate", "--quick"], "difusi.mini.evaluate", ["--quick"]),
+    ],
+)
+def test_serve_and_mini_forward_their_arguments(argv, module, forwarded, monkeypatch):
+    imported = pytest.importorskip(module)
+    seen = []
+    monkeypatch.setattr(imported, "main", lambda args: seen.append(list(args)) or 0)
+    assert cli.main(argv) == 0
+    assert seen == [forwarded]
+
+
+def test_mini_without_subcommand_is_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["mini"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "difusi: error: mini: expected `train` or `evaluate`, e.g. `difusi mini train --help`\n"
