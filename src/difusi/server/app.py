@@ -26,7 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from difusi import __version__
-from difusi.errors import CheckpointError, DifusiError, ParamError
+from difusi.errors import CheckpointError, ParamError
 from difusi.server import a1111
 from difusi.server.preview import png_base64, preview_image
 from difusi.server.queue import CANCELLED, FAILED, RUNNING, Job, JobQueue, QueueFull
@@ -196,7 +196,7 @@ def _submit(queue: JobQueue, kind: str, payload: Any) -> Job:
 
 
 # -- /sdapi/v1 ----------------------------------------------------------------------------------------------------
-def _add_a1111_routes(app: FastAPI, engine: Any, queue: JobQueue) -> None:  # noqa: C901 - a flat list of routes
+def _add_a1111_routes(app: FastAPI, engine: Any, queue: JobQueue) -> None:
     @app.post("/sdapi/v1/txt2img", response_model=a1111.Txt2ImgResponse, tags=["sdapi"], responses=a1111.ERROR_RESPONSES)
     async def txt2img(body: a1111.Txt2ImgRequest) -> dict[str, Any]:
         """Generate images and wait for them (A1111). Seeds of a job with seed s are s, s+1, ... over batch_size x n_iter."""
@@ -505,4 +505,4 @@ def _add_ui_routes(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
 
-__all__ = ["create_app", "parse_auth", "ApiError", "DifusiError"]
+__all__ = ["create_app", "parse_auth", "ApiError"]
