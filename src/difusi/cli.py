@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +31,7 @@ from difusi.errors import CheckpointError, DifusiError, Interrupted, ParamError
 from difusi.infotext import KEY_TO_FIELD, parse_infotext, read_infotext, recipe_from_infotext
 from difusi.params import LIMITS, GenerationParams
 
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -186,7 +190,8 @@ def _add_generate(commands: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the `difusi` command; returns the exit code (0 ok, 2 usage/parameter/model error, 130 interrupted)."""
+    """Run the `difusi` command; returns the exit code (0 ok, 1 I/O failure, 2 usage/parameter/model error,
+    130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("serve", "mini"):
         return _forward(argv[0], argv[1:])
@@ -210,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(_describe_param_error(error, getattr(args, "_origins", {})))
     except DifusiError as error:  # UsageError, CheckpointError, ConfigError, ...
         _fail(str(error))
+    except OSError as error:  # e.g. outputs folder not writable, disk full: the run failed, not the usage
+        _fail(f"{error.filename or ''}: {error.strerror or error}".lstrip(": "), code=EXIT_FAILURE)
 
 
 def _forward(command: str, rest: list[str]) -> int:
@@ -244,6 +251,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     output_paths = _output_paths(args.output, params.total_images)
     model_path = _choose_model(args, recipe)
     store_dir = settings.outputs_dir(args.outputs_dir)
+    store_dir.mkdir(parents=True, exist_ok=True)  # an unusable outputs folder fails now, not after generating
     from difusi.models import load_model
 
     model = load_model(model_path, device=args.device)
@@ -429,10 +437,6 @@ def _announce_stop(stop: threading.Event, bar: Any) -> Callable[[], bool]:
 
 def _write_copy(source: Path, target: Path) -> None:
     """Copy a finished image to --output atomically and without overwriting (temp + link)."""
-    import os
-    import shutil
-    import tempfile
-
     fd, temp = tempfile.mkstemp(prefix=".difusi-tmp-", suffix=".png", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle, open(source, "rb") as original:

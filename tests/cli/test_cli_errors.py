@@ -153,3 +153,12 @@ def test_real_process_exit_2_and_no_traceback(argv, message, tmp_path):
     if message:
         assert lines[0] == message
     assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_unusable_outputs_folder_fails_before_generating(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, err_lines, out = _run_main(["generate", "a cat", "--outputs-dir", str(blocker / "out")], capsys)
+    assert code == 1
+    assert err_lines == [f"difusi: error: {blocker / 'out'}: Not a directory"]
+    assert out == ""
