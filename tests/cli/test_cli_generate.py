@@ -42,6 +42,8 @@ def _env(root: Path) -> dict[str, str]:
         "DIFUSI_CONFIG": str(root / "no-config.json"),
         "DIFUSI_CACHE_DIR": str(root / "cache"),
         "PYTHONUNBUFFERED": "1",
+        # The mini's 64x64 work is tiny; one thread avoids OpenMP spin-waits on a shared, busy CPU.
+        "OMP_NUM_THREADS": "1",
     }
 
 
@@ -53,14 +55,20 @@ def difusi(root: Path, *args: str, timeout: float = 300) -> subprocess.Completed
 
 def in_process(root: Path, monkeypatch, capsys, *args: str) -> subprocess.CompletedProcess:
     """`cli.main` in this process (torch already imported: saves a process start); same shape as `difusi`."""
+    import torch
+
     from difusi import cli
 
     for name, value in _env(root).items():
         monkeypatch.setenv(name, value)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         code = cli.main(list(args))
     except SystemExit as exit_info:
         code = exit_info.code
+    finally:
+        torch.set_num_threads(threads)
     captured = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
