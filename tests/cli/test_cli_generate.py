@@ -141,6 +141,24 @@ def test_infotext_of_hard_prompt_round_trips(batch):
     assert unknown == []
 
 
+def test_independent_a1111_reader_gets_the_same_values(batch):
+    """sd-parsers (a third-party reader of A1111 PNGs) must read our file as an AUTOMATIC1111 image."""
+    sd_parsers = pytest.importorskip("sd_parsers")
+    path, seed = batch[1]
+    with Image.open(path) as image:
+        info = sd_parsers.ParserManager().parse(image)
+        width, height = image.size
+    assert info.generator.value == "AUTOMATIC1111"
+    (sampler,) = info.samplers
+    assert sampler.name == "Euler a"
+    assert (sampler.parameters["steps"], sampler.parameters["seed"], sampler.parameters["cfg_scale"]) == (
+        str(STEPS), str(seed), "7")
+    assert [prompt.value for prompt in sampler.prompts] == [HARD_PROMPT] and sampler.negative_prompts == []
+    sha = hashlib.sha256(default_model_path().read_bytes()).hexdigest()
+    assert (sampler.model.name, sampler.model.hash) == ("difusi-mini", sha[:10])
+    assert info.metadata["Size"] == f"{width}x{height}"
+
+
 def test_info_prints_the_parameters(root, batch):
     path, _ = batch[1]
     done = difusi(root, "info", str(path))
