@@ -67,6 +67,12 @@ class GeneratedImage:
     infotext: str
     params: GenerationParams
 
+    def save(self, path) -> None:
+        """Write a PNG carrying the infotext in A1111's `parameters` chunk (what `difusi info` reads)."""
+        from difusi.infotext import write_png
+
+        write_png(self.image, path, self.infotext)
+
 
 @dataclass
 class GenerationResult:
