@@ -13,6 +13,7 @@ seconds on a CPU, so it is trained on demand instead of shipped.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,15 +142,17 @@ def _single_shape_silhouettes(seed: int, count: int, size: int) -> tuple[torch.T
     return torch.stack(inputs), torch.tensor(labels)
 
 
+@functools.lru_cache(maxsize=2)
 def train_shape_classifier(seed: int = 1234, count: int = 3000, epochs: int = 8, size: int = 64) -> ShapeClassifier:
     """Train the silhouette classifier on procedural single-shape images (deterministic, a few seconds).
 
-    Silhouettes get random morphological noise (a pixel flipped at the edge) so that the slightly
-    ragged outlines of generated images look like training data.
+    Cached per process (same arguments, same weights). Gaussian noise is added to the silhouettes so that
+    the slightly ragged outlines of generated images look like training data.
     """
-    torch.manual_seed(seed)
     inputs, labels = _single_shape_silhouettes(seed, count, size)
-    model = ShapeClassifier()
+    with torch.random.fork_rng():  # seeded initialisation without disturbing the caller's global RNG
+        torch.manual_seed(seed)
+        model = ShapeClassifier()
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):

@@ -62,6 +62,11 @@ class TrainConfig:
     ema_decay: float = 0.999
     checkpoint_every: int = 500
     calibration_images: int = 512
+    # 0: SD's plain epsilon MSE. >0: weight each sample by min(1 + 1/SNR, cap), i.e. the v-prediction loss
+    # (Salimans & Ho 2022) capped as in Min-SNR (Hang et al. 2023). High-noise steps decide the layout
+    # (position, size), which the plain epsilon loss barely rewards there (its x0 weight is SNR).
+    loss_weight_cap: float = 0.0
+    init: str | None = None  # warm start: an exported difusi-mini checkpoint (skips the VAE phase)
 
 
 def _step_generator(seed: int, phase: str, step: int) -> torch.Generator:
@@ -244,7 +249,7 @@ class Trainer:
             token_ids = token_ids.to(self.device, non_blocking=True)
             context = mini_model.encode_text(self.text_encoder, token_ids)
             prediction = self.unet(noisy, t, encoder_hidden_states=context).sample
-            loss = F.mse_loss(prediction, noise)
+            loss = self._weighted_loss(prediction, noise, abar.view(-1))
             self.unet_opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -261,11 +266,36 @@ class Trainer:
         self.phase = "done"
         self.save()
 
+    def _weighted_loss(self, prediction: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+        per_sample = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
+        if self.config.loss_weight_cap > 0:
+            per_sample = per_sample * (1 + (1 - abar) / abar).clamp(max=self.config.loss_weight_cap)
+        return per_sample.mean()
+
     @torch.no_grad()
     def _update_ema(self, params: list, ema_params: list) -> None:
         # Warm-up of the decay (as in diffusers' EMAModel) so early weights don't dominate a short run.
         decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
         torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+
+    def warm_start(self, checkpoint: Path) -> None:
+        """Start the UNet phase from an exported difusi-mini (its VAE, calibration, UNet and text encoder)."""
+        from safetensors.torch import load_file
+
+        from difusi.mini.export import sidecar_path
+        from difusi.models.convert import split_ldm_checkpoint
+        from difusi.models.detect import detect
+
+        state = load_file(str(checkpoint))
+        meta = json.loads(sidecar_path(checkpoint).read_text())
+        spec = detect({k: tuple(v.shape) for k, v in state.items()}, meta)
+        unet_sd, vae_sd, (text_sd,) = split_ldm_checkpoint(state, "sd1", spec.unet_config, spec.vae_config)
+        for module, weights in ((self.vae, vae_sd), (self.unet, unet_sd), (self.ema_unet, unet_sd)):
+            module.load_state_dict({k: v.float() for k, v in weights.items()})
+        for module in (self.text_encoder, self.ema_text):
+            module.load_state_dict({k: v.float() for k, v in text_sd.items()}, strict=False)  # no position_ids
+        self.calibration = {k: meta[k] for k in ("scaling_factor", "latent_rgb_factors", "latent_rgb_bias")}
+        self.phase, self.step = "unet", 0
 
     def run(self) -> None:
         """Run the remaining phases in order, saving after each."""
@@ -327,17 +357,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vae-steps", type=int, default=None, help=f"VAE steps (default {TrainConfig.vae_steps})")
     parser.add_argument("--seed", type=int, default=None, help="seed of data, noise and initialisation (default 0)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--init", type=Path, default=None, help="warm start from an exported difusi-mini .safetensors")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"UNet batch (default {TrainConfig.batch})")
+    parser.add_argument(
+        "--loss-weight-cap", type=float, default=None, help="weight samples by min(1+1/SNR, CAP); 0 = plain eps MSE"
+    )
+    parser.add_argument("--lr", type=float, default=None, help=f"UNet peak learning rate (default {TrainConfig.lr})")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return parser.parse_args(argv)
 
 
 def _config_from_args(args: argparse.Namespace, saved: dict | None) -> TrainConfig:
     config = TrainConfig(**saved) if saved else TrainConfig()
-    for field_name, value in (("unet_steps", args.steps), ("vae_steps", args.vae_steps), ("seed", args.seed)):
+    overrides = (("unet_steps", args.steps), ("vae_steps", args.vae_steps), ("seed", args.seed), ("batch", args.batch_size))
+    for field_name, value in overrides:
         if value is not None:
-            if value < 0 or (field_name == "unet_steps" and value == 0):
+            if value < 0 or (field_name in ("unet_steps", "batch") and value == 0):
                 raise ParamError(field_name, f"must be a positive integer, got {value}")
             setattr(config, field_name, value)
+    if args.lr is not None:
+        if not 0 < args.lr < 1:
+            raise ParamError("lr", f"must be in (0, 1), got {args.lr}")
+        config.lr = args.lr
+    if args.loss_weight_cap is not None:
+        if args.loss_weight_cap < 0:
+            raise ParamError("loss_weight_cap", f"must be >= 0, got {args.loss_weight_cap}")
+        config.loss_weight_cap = args.loss_weight_cap
+    if args.init is not None:
+        if not args.init.is_file():
+            raise ParamError("init", f"no such checkpoint: {args.init}")
+        config.init = str(args.init)
     return config
 
 
@@ -364,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(args.out, config, args.device)
     if saved is not None:
         trainer.load()
+    elif config.init:
+        trainer.warm_start(Path(config.init))
         if trainer.phase == "done" and trainer.step < config.unet_steps:
             trainer.phase = "unet"  # --steps raised on a finished run: keep training
     started = time.time()

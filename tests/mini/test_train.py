@@ -1,0 +1,87 @@
+"""Training recipe: SD's schedule, determinism, exact resume, CLI errors, the latent->RGB fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from difusi.errors import ParamError
+from difusi.mini import model as mini_model
+from difusi.mini import train
+
+TINY = dict(vae_steps=2, vae_batch=2, unet_steps=4, batch=2, calibration_images=8, checkpoint_every=2)
+
+
+def test_noise_schedule_is_sds_scaled_linear_table():
+    from diffusers import DDPMScheduler
+
+    reference = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    ours = mini_model.train_alphas_cumprod()
+    assert torch.allclose(ours.float(), reference.alphas_cumprod, atol=1e-6)
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    assert train._cosine_lr(0, 100, 10) == pytest.approx(0.1)
+    assert train._cosine_lr(9, 100, 10) == pytest.approx(1.0)
+    assert train._cosine_lr(100, 100, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_latent_rgb_fit_recovers_a_known_linear_map():
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(6, 4, 8, 8, generator=generator)
+    factors = torch.randn(4, 3, generator=generator)
+    bias = torch.tensor([0.1, -0.2, 0.3])
+    small = torch.einsum("bchw,cr->brhw", latents, factors) + bias.view(1, 3, 1, 1)
+    pixels = small.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)  # 4x upsampled: avg-pool recovers it
+    fit = train.fit_latent_rgb(latents, pixels)
+    assert torch.allclose(torch.tensor(fit["latent_rgb_factors"]), factors, atol=1e-4)
+    assert torch.allclose(torch.tensor(fit["latent_rgb_bias"]), bias, atol=1e-4)
+
+
+def _run(out, unet_steps, resume_to=None) -> dict:
+    config = train.TrainConfig(**{**TINY, "unet_steps": unet_steps})
+    trainer = train.Trainer(out, config, "cpu")
+    trainer.run()
+    if resume_to is not None:
+        trainer = train.Trainer(out, train.TrainConfig(**{**TINY, "unet_steps": resume_to}), "cpu")
+        trainer.load()
+        trainer.phase = "unet"
+        trainer.run()
+    return {k: v.clone() for k, v in trainer.ema_unet.state_dict().items()}
+
+
+def test_training_is_deterministic_and_resume_is_exact(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the shared CPU: one thread avoids OpenMP thrashing in this short run
+    try:
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        straight = _run(tmp_path / "a", 4)
+        resumed = _run(tmp_path / "b", 2, resume_to=4)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    fresh = mini_model.build_unet().state_dict()
+    assert any(not torch.equal(straight[k], fresh[k]) for k in straight)  # it did train
+
+
+def test_existing_run_needs_resume(tmp_path):
+    (tmp_path / train.CHECKPOINT_NAME).write_bytes(b"")
+    with pytest.raises(ParamError) as error:
+        train.main(["--out", str(tmp_path)])
+    assert error.value.field == "resume"
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["--device", "tpu"], "device"),
+        (["--steps", "0"], "unet_steps"),
+        (["--lr", "2"], "lr"),
+        (["--init", "/nonexistent.safetensors"], "init"),
+    ],
+)
+def test_bad_arguments_name_their_field(tmp_path, argv, field):
+    with pytest.raises(ParamError) as error:
+        train.main(["--out", str(tmp_path / "run"), *argv])
+    assert error.value.field == field
