@@ -59,3 +59,31 @@ def test_empty_picture_has_no_shape():
 @pytest.mark.parametrize("name", data.COLOUR_NAMES)
 def test_nearest_colour_of_each_palette_entry_is_itself(name):
     assert classifier.nearest_colour(np.array(data.COLOURS[name], dtype=np.float32)) == name
+
+
+def _degrade(image: np.ndarray, seed: int) -> np.ndarray:
+    """What generated images look like: blurred edges, a faint halo around the shape, a stray speck, noise."""
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    blurred = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(1.2))).astype(np.float32)
+    halo = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(4))).astype(np.float32)
+    out = 0.8 * blurred + 0.2 * halo + rng.normal(0, 4, image.shape)
+    y, x = rng.integers(8, 56, size=2)
+    out[y : y + 2, x : x + 2] = rng.uniform(0, 255, 3)  # a speck of random colour
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def test_scorer_survives_blur_halo_and_specks(shape_model):
+    samples = _held_out(120)
+    hits = dict.fromkeys(("background", "colour", "position", "shape"), 0)
+    for k, sample in enumerate(samples):
+        seen = classifier.observe(_degrade(sample.image, k), shape_model)
+        truth = sample.scene.shapes[0]
+        hits["background"] += seen.background == sample.scene.background
+        hits["colour"] += seen.colour == truth.colour
+        hits["position"] += seen.position == truth.position
+        hits["shape"] += seen.shape == truth.shape
+    rates = {k: v / len(samples) for k, v in hits.items()}
+    assert min(rates["background"], rates["colour"], rates["position"]) >= 0.97, rates
+    assert rates["shape"] >= 0.9, rates

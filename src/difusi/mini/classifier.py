@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from difusi.mini import data
 
@@ -134,7 +135,7 @@ def _single_shape_silhouettes(seed: int, count: int, size: int) -> tuple[torch.T
         if len(sample.scene.shapes) != 1:
             continue
         _, bg_rgb = background_colour(sample.image)
-        mask = foreground_mask(sample.image, bg_rgb)
+        mask = shape_pixels(sample.image, bg_rgb)
         if mask.sum() < MIN_FOREGROUND_PIXELS:
             continue
         inputs.append(silhouette(mask))
@@ -174,10 +175,34 @@ def classify_shape(model: ShapeClassifier, mask: np.ndarray) -> str:
     return data.SHAPES[int(logits.argmax())]
 
 
+def shape_pixels(image: np.ndarray, background_rgb: np.ndarray) -> np.ndarray:
+    """Boolean mask of the main shape: far from the background, nearer the shape's colour than the
+    background's, and the largest connected piece.
+
+    The two-colour test drops the faint halos and colour fringes that generated images have around shapes
+    (they are near the background colour); keeping the largest piece drops stray specks.
+    """
+    far = foreground_mask(image, background_rgb)
+    if far.sum() < MIN_FOREGROUND_PIXELS:
+        return far
+    pixels = image.astype(np.float32)
+    distance = np.sqrt(((pixels - background_rgb) ** 2).sum(axis=-1))
+    # The shape's colour: median of the far pixels most unlike the background (the shape's interior).
+    strongest = far & (distance >= np.quantile(distance[far], 0.5))
+    shape_rgb = np.median(pixels[strongest], axis=0)
+    nearer_shape = ((pixels - shape_rgb) ** 2).sum(axis=-1) < ((pixels - background_rgb) ** 2).sum(axis=-1)
+    mask = far & nearer_shape
+    labels, count = ndimage.label(mask)
+    if count > 1:
+        sizes = ndimage.sum(mask, labels, index=range(1, count + 1))
+        mask = labels == (1 + int(np.argmax(sizes)))
+    return mask
+
+
 def observe(image: np.ndarray, shape_model: ShapeClassifier | None) -> Observation:
     """Everything the scorer reads from an (H, W, 3) uint8 image."""
     background, background_rgb = background_colour(image)
-    mask = foreground_mask(image, background_rgb)
+    mask = shape_pixels(image, background_rgb)
     fraction = float(mask.mean())
     if mask.sum() < MIN_FOREGROUND_PIXELS:
         return Observation(background, None, None, None, None, fraction)
