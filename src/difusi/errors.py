@@ -28,4 +28,9 @@ class UnsupportedModelError(CheckpointError):
 
 
 class Interrupted(DifusiError):
-    """Generation was stopped between steps by a cancel request; finished images are kept."""
+    """Generation was stopped between steps by a cancel request; finished images are kept.
+
+    `result` (set by `difusi.pipeline.txt2img`) is the GenerationResult with every image finished before the stop.
+    """
+
+    result = None
