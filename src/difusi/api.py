@@ -2,7 +2,7 @@
 
     from difusi import generate
     result = generate("a red circle on a blue background", seed=1, steps=20)
-    result.images[0].image.save("circle.png")
+    result.images[0].save("circle.png")   # PNG with its infotext chunk
 
 Models are kept in one process-wide cache, so repeated calls do not re-read the file; naming another
 model frees the previous one.

@@ -156,9 +156,8 @@ def _check_seed(name: str, value: Any) -> None:
 def _check_sampler_and_schedule(params: GenerationParams) -> None:
     from difusi.samplers import get_sampler, get_schedule
 
-    sampler = get_sampler(params.sampler_name)  # raises ParamError("sampler_name", ...) listing valid names
-    if sampler.schedule_override is None or params.scheduler.lower() != "automatic":
-        get_schedule(params.scheduler)  # raises ParamError("scheduler", ...)
+    get_sampler(params.sampler_name)  # raises ParamError("sampler_name", ...) listing valid names
+    get_schedule(params.scheduler)  # raises ParamError("scheduler", ...); "Automatic" is a schedule too
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:

@@ -156,7 +156,6 @@ def txt2img(
                 infotext=_infotext(model, image_params),
                 params=image_params,
             )
-            generated.image.info["parameters"] = generated.infotext
             result.images.append(generated)
             if on_image is not None:
                 on_image(generated)
