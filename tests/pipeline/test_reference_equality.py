@@ -68,6 +68,41 @@ def _reference_text_encoder(encoder):
     return truncated
 
 
+def _sd_reference(model):
+    encoder = model.text_encoders[0]
+    reference = StableDiffusionPipeline(
+        vae=model.vae, text_encoder=_reference_text_encoder(encoder), tokenizer=encoder.tokenizer, unet=model.unet,
+        scheduler=_euler_scheduler(model), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    reference.vae.register_to_config(scaling_factor=model.scaling_factor)
+    return reference
+
+
+def _sdxl_reference(model, force_zeros_for_empty_prompt):
+    clip_l, clip_g = model.text_encoders
+    reference = StableDiffusionXLPipeline(
+        vae=model.vae, text_encoder=clip_l.model, text_encoder_2=clip_g.model, tokenizer=clip_l.tokenizer,
+        tokenizer_2=clip_g.tokenizer, unet=model.unet, scheduler=_euler_scheduler(model),
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+    )
+    reference.vae.register_to_config(scaling_factor=model.scaling_factor, force_upcast=False)
+    return reference
+
+
+def _reference_image(reference, model, params, **extra):
+    """diffusers' float pixels for the same prompt, Euler sigmas and initial noise as `params`."""
+    with torch.inference_mode():
+        return reference(
+            params.prompt, negative_prompt=params.negative_prompt or None, height=params.height, width=params.width,
+            guidance_scale=params.cfg_scale, sigmas=_sigmas(params.steps).tolist(), latents=_noise(model, params),
+            output_type="np", **extra,
+        ).images
+
+
+def _sdxl_size(params):
+    return {"original_size": (params.height, params.width), "target_size": (params.height, params.width)}
+
+
 @pytest.mark.parametrize("family", ["sd1", "sd2-v"])
 def test_sd_pipeline_matches_diffusers(tiny_models, family):
     model = tiny_models(family)
@@ -76,19 +111,7 @@ def test_sd_pipeline_matches_diffusers(tiny_models, family):
         steps=6, cfg_scale=6.5, width=64, height=64,
     )
     ours = _difusi_image(model, params)
-
-    encoder = model.text_encoders[0]
-    reference = StableDiffusionPipeline(
-        vae=model.vae, text_encoder=_reference_text_encoder(encoder), tokenizer=encoder.tokenizer, unet=model.unet,
-        scheduler=_euler_scheduler(model), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    reference.vae.register_to_config(scaling_factor=model.scaling_factor)
-    sigmas = _sigmas(params.steps)
-    with torch.inference_mode():
-        theirs = reference(
-            PROMPT, negative_prompt=NEGATIVE, height=64, width=64, guidance_scale=params.cfg_scale,
-            sigmas=sigmas.tolist(), latents=_noise(model, params), output_type="np",
-        ).images
+    theirs = _reference_image(_sd_reference(model), model, params)
     assert ours.shape == theirs.shape
     assert np.abs(ours - theirs).max() <= 1e-3
 
@@ -100,21 +123,7 @@ def test_sdxl_pipeline_matches_diffusers(tiny_models):
         steps=5, cfg_scale=5.0, width=64, height=64,
     )
     ours = _difusi_image(model, params)
-
-    clip_l, clip_g = model.text_encoders
-    reference = StableDiffusionXLPipeline(
-        vae=model.vae, text_encoder=clip_l.model, text_encoder_2=clip_g.model, tokenizer=clip_l.tokenizer,
-        tokenizer_2=clip_g.tokenizer, unet=model.unet, scheduler=_euler_scheduler(model),
-        force_zeros_for_empty_prompt=False,
-    )
-    reference.vae.register_to_config(scaling_factor=model.scaling_factor, force_upcast=False)
-    sigmas = _sigmas(params.steps)
-    with torch.inference_mode():
-        theirs = reference(
-            PROMPT, negative_prompt=NEGATIVE, height=64, width=64, guidance_scale=params.cfg_scale,
-            sigmas=sigmas.tolist(), latents=_noise(model, params), output_type="np",
-            original_size=(64, 64), target_size=(64, 64),
-        ).images
+    theirs = _reference_image(_sdxl_reference(model, False), model, params, **_sdxl_size(params))
     assert np.abs(ours - theirs).max() <= 1e-3
 
 
@@ -130,18 +139,7 @@ def test_full_size_sd15_architecture_matches_diffusers(tmp_path):
     params = GenerationParams(prompt=PROMPT, negative_prompt=NEGATIVE, seed=3, sampler_name="Euler",
                               scheduler="Karras", steps=2, cfg_scale=7.0, width=64, height=64)
     ours = _difusi_image(model, params)
-    encoder = model.text_encoders[0]
-    reference = StableDiffusionPipeline(
-        vae=model.vae, text_encoder=encoder.model, tokenizer=encoder.tokenizer, unet=model.unet,
-        scheduler=_euler_scheduler(model), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    reference.vae.register_to_config(scaling_factor=model.scaling_factor)
-    sigmas = _sigmas(params.steps)
-    with torch.inference_mode():
-        theirs = reference(
-            PROMPT, negative_prompt=NEGATIVE, height=64, width=64, guidance_scale=params.cfg_scale,
-            sigmas=sigmas.tolist(), latents=_noise(model, params), output_type="np",
-        ).images
+    theirs = _reference_image(_sd_reference(model), model, params)
     assert np.abs(ours - theirs).max() <= 1e-3
 
 
@@ -151,17 +149,5 @@ def test_sdxl_empty_negative_prompt_is_zeros_like_diffusers(tiny_models):
     params = GenerationParams(prompt=PROMPT, seed=5, sampler_name="Euler", scheduler="Karras", steps=3,
                               cfg_scale=4.0, width=64, height=64)
     ours = _difusi_image(model, params)
-    clip_l, clip_g = model.text_encoders
-    reference = StableDiffusionXLPipeline(
-        vae=model.vae, text_encoder=clip_l.model, text_encoder_2=clip_g.model, tokenizer=clip_l.tokenizer,
-        tokenizer_2=clip_g.tokenizer, unet=model.unet, scheduler=_euler_scheduler(model),
-        force_zeros_for_empty_prompt=True,
-    )
-    reference.vae.register_to_config(scaling_factor=model.scaling_factor, force_upcast=False)
-    sigmas = _sigmas(params.steps)
-    with torch.inference_mode():
-        theirs = reference(
-            PROMPT, height=64, width=64, guidance_scale=params.cfg_scale, sigmas=sigmas.tolist(),
-            latents=_noise(model, params), output_type="np", original_size=(64, 64), target_size=(64, 64),
-        ).images
+    theirs = _reference_image(_sdxl_reference(model, True), model, params, **_sdxl_size(params))
     assert np.abs(ours - theirs).max() <= 1e-3
