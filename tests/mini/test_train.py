@@ -65,6 +65,17 @@ def test_training_is_deterministic_and_resume_is_exact(tmp_path):
     assert any(not torch.equal(straight[k], fresh[k]) for k in straight)  # it did train
 
 
+def test_high_noise_fraction_draws_that_share_of_the_batch_from_the_noisy_end(tmp_path):
+    config = train.TrainConfig(**{**TINY, "high_noise_fraction": 0.25, "high_noise_from": 900})
+    trainer = train.Trainer(tmp_path, config, "cpu")
+    t = trainer._timesteps(4000, torch.Generator().manual_seed(0))
+    assert bool((t[:1000] >= 900).all()) and int(t.max()) <= 999
+    uniform = t[1000:]
+    assert int(uniform.min()) < 50 and abs((uniform >= 900).float().mean().item() - 0.1) < 0.02
+    plain = train.Trainer(tmp_path, train.TrainConfig(**TINY), "cpu")._timesteps(4000, torch.Generator().manual_seed(0))
+    assert abs((plain >= 900).float().mean().item() - 0.1) < 0.02  # default: uniform, as in SD
+
+
 def test_existing_run_needs_resume(tmp_path):
     (tmp_path / train.CHECKPOINT_NAME).write_bytes(b"")
     with pytest.raises(ParamError) as error:
@@ -79,6 +90,8 @@ def test_existing_run_needs_resume(tmp_path):
         (["--steps", "0"], "unet_steps"),
         (["--lr", "2"], "lr"),
         (["--init", "/nonexistent.safetensors"], "init"),
+        (["--high-noise-fraction", "1.5"], "high_noise_fraction"),
+        (["--high-noise-from", "1000"], "high_noise_from"),
     ],
 )
 def test_bad_arguments_name_their_field(tmp_path, argv, field):

@@ -66,6 +66,11 @@ class TrainConfig:
     # (Salimans & Ho 2022) capped as in Min-SNR (Hang et al. 2023). High-noise steps decide the layout
     # (position, size), which the plain epsilon loss barely rewards there (its x0 weight is SNR).
     loss_weight_cap: float = 0.0
+    # Fraction of each UNet batch whose timesteps are drawn from [high_noise_from, 999] instead of [0, 999].
+    # Layout words ("left", "top") only carry information where the noisy latent no longer shows the shape,
+    # so they are learnt from these steps alone; 0 = uniform timesteps as in SD.
+    high_noise_fraction: float = 0.0
+    high_noise_from: int = 700
     init: str | None = None  # warm start: an exported difusi-mini checkpoint (skips the VAE phase)
 
 
@@ -243,7 +248,7 @@ class Trainer:
                 z0_noise = torch.randn(posterior.mean.shape, generator=gen).to(self.device)
                 latents = (posterior.mean + posterior.std * z0_noise) * scaling_factor
             noise = torch.randn(latents.shape, generator=gen).to(self.device)
-            t = torch.randint(0, mini_model.NUM_TRAIN_TIMESTEPS, (latents.shape[0],), generator=gen).to(self.device)
+            t = self._timesteps(latents.shape[0], gen).to(self.device)
             abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
             noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
             token_ids = token_ids.to(self.device, non_blocking=True)
@@ -265,6 +270,14 @@ class Trainer:
         bar.close()
         self.phase = "done"
         self.save()
+
+    def _timesteps(self, batch: int, gen: torch.Generator) -> torch.Tensor:
+        """Uniform training timesteps, with the first ``high_noise_fraction`` of the batch from the noisy end."""
+        t = torch.randint(0, mini_model.NUM_TRAIN_TIMESTEPS, (batch,), generator=gen)
+        high = round(batch * self.config.high_noise_fraction)
+        if high:
+            t[:high] = torch.randint(self.config.high_noise_from, mini_model.NUM_TRAIN_TIMESTEPS, (high,), generator=gen)
+        return t
 
     def _weighted_loss(self, prediction: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
         per_sample = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
@@ -362,6 +375,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--loss-weight-cap", type=float, default=None, help="weight samples by min(1+1/SNR, CAP); 0 = plain eps MSE"
     )
+    parser.add_argument(
+        "--high-noise-fraction", type=float, default=None, help="share of each batch trained at t >= --high-noise-from"
+    )
+    parser.add_argument("--high-noise-from", type=int, default=None, help="first 'high noise' timestep (default 700)")
     parser.add_argument("--lr", type=float, default=None, help=f"UNet peak learning rate (default {TrainConfig.lr})")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return parser.parse_args(argv)
@@ -383,6 +400,14 @@ def _config_from_args(args: argparse.Namespace, saved: dict | None) -> TrainConf
         if args.loss_weight_cap < 0:
             raise ParamError("loss_weight_cap", f"must be >= 0, got {args.loss_weight_cap}")
         config.loss_weight_cap = args.loss_weight_cap
+    if args.high_noise_fraction is not None:
+        if not 0 <= args.high_noise_fraction <= 1:
+            raise ParamError("high_noise_fraction", f"must be in [0, 1], got {args.high_noise_fraction}")
+        config.high_noise_fraction = args.high_noise_fraction
+    if args.high_noise_from is not None:
+        if not 0 <= args.high_noise_from < mini_model.NUM_TRAIN_TIMESTEPS:
+            raise ParamError("high_noise_from", f"must be in [0, {mini_model.NUM_TRAIN_TIMESTEPS - 1}], got {args.high_noise_from}")
+        config.high_noise_from = args.high_noise_from
     if args.init is not None:
         if not args.init.is_file():
             raise ParamError("init", f"no such checkpoint: {args.init}")
