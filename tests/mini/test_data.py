@@ -128,3 +128,28 @@ def test_captions_use_synonyms_partial_descriptions_and_both_word_orders(samples
     assert any(" shape" in c for c in captions)  # generic noun, what "a shape" prompts rely on
     assert any(c in data.COLOURS for c in captions)  # bare colour words, what negative prompts rely on
     assert any(" and " in c for c in captions)  # two-shape scenes
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0])
+def test_position_rate_controls_how_often_captions_name_the_position(rate):
+    single, pairs = [], []
+    for i in range(300):
+        sample = data.make_sample(11, i, position_rate=rate)
+        if not sample.caption:
+            continue  # the unconditional share
+        for spec, keep in zip(sample.scene.shapes, sample.mentioned["shapes"], strict=True):
+            if keep["position"]:
+                assert any(phrase in sample.caption for phrase in data.POSITION_PHRASES[spec.position])
+            if len(sample.scene.shapes) == 2:
+                pairs.append(keep["position"])
+            elif sample.caption.split()[0] != spec.colour:  # bare-colour captions ("red circle") name no position
+                single.append(keep["position"])
+    assert len(single) > 150 and len(pairs) > 80
+    if rate == 0.0:
+        assert not any(single) and not any(pairs)
+    else:
+        assert all(single) and 0.6 < sum(pairs) / len(pairs) < 0.85  # pairs: 5/7 of the rate each
+
+
+def test_default_position_rate_is_unchanged_by_the_option():
+    assert data.make_sample(11, 5).caption == data.make_sample(11, 5, position_rate=data.POSITION_RATE).caption

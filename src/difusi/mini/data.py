@@ -182,10 +182,15 @@ def _background_prefix(background: str, rng: random.Random) -> str:
     return rng.choice((f"{background} background,", f"a {background} background with"))
 
 
-def caption_scene(scene: Scene, rng: random.Random) -> tuple[str, dict]:
+POSITION_RATE = 0.7  # how often a single shape's caption names its position (two shapes: 0.5 each)
+
+
+def caption_scene(scene: Scene, rng: random.Random, position_rate: float = POSITION_RATE) -> tuple[str, dict]:
     """A templated caption telling the truth about a random subset of the scene's attributes.
 
-    Returns the caption and which attributes it mentions (``{"background": bool, "shapes": [keep dicts]}``).
+    ``position_rate`` is how often a single shape's position is named (two shapes: 5/7 of it each), so a
+    training phase can emphasise layout words. Returns the caption and which attributes it mentions
+    (``{"background": bool, "shapes": [keep dicts]}``).
     """
     if rng.random() < EMPTY_CAPTION_RATE:
         return "", {"background": False, "shapes": []}
@@ -197,7 +202,7 @@ def caption_scene(scene: Scene, rng: random.Random) -> tuple[str, dict]:
                 "colour": rng.random() < 0.85,
                 "shape": rng.random() >= GENERIC_SHAPE_RATE,
                 "size": single and rng.random() < 0.6,
-                "position": rng.random() < (0.7 if single else 0.5),
+                "position": rng.random() < (position_rate if single else position_rate * 5 / 7),
             }
         )
     with_background = rng.random() < 0.75
@@ -218,18 +223,20 @@ def caption_scene(scene: Scene, rng: random.Random) -> tuple[str, dict]:
     return caption, {"background": with_background, "shapes": keeps}
 
 
-def make_sample(seed: int, index: int, size: int = 64) -> Sample:
+def make_sample(seed: int, index: int, size: int = 64, position_rate: float = POSITION_RATE) -> Sample:
     """Sample ``index`` of data set ``seed`` at ``size`` x ``size`` pixels (deterministic)."""
     rng = sample_rng(seed, index)
     scene = random_scene(rng)
     image = render_scene(scene, size, rng)
-    caption, mentioned = caption_scene(scene, rng)
+    caption, mentioned = caption_scene(scene, rng, position_rate)
     return Sample(image, scene, caption, mentioned)
 
 
-def make_batch(seed: int, start: int, count: int, size: int = 64) -> tuple[np.ndarray, list[str]]:
+def make_batch(
+    seed: int, start: int, count: int, size: int = 64, position_rate: float = POSITION_RATE
+) -> tuple[np.ndarray, list[str]]:
     """Samples ``start .. start+count-1``: images as (count, size, size, 3) uint8 and their captions."""
-    samples = [make_sample(seed, start + i, size) for i in range(count)]
+    samples = [make_sample(seed, start + i, size, position_rate) for i in range(count)]
     return np.stack([s.image for s in samples]), [s.caption for s in samples]
 
 

@@ -71,6 +71,7 @@ class TrainConfig:
     # so they are learnt from these steps alone; 0 = uniform timesteps as in SD.
     high_noise_fraction: float = 0.0
     high_noise_from: int = 700
+    position_caption_rate: float = data.POSITION_RATE  # how often a caption names the shape's position
     init: str | None = None  # warm start: an exported difusi-mini checkpoint (skips the VAE phase)
 
 
@@ -96,23 +97,24 @@ def _cosine_lr(step: int, total: int, warmup: int) -> float:
 class _BatchDataset(torch.utils.data.Dataset):
     """Item k is batch k of a phase: (images float (B,3,H,W) in [-1, 1], token ids (B, 77))."""
 
-    def __init__(self, seed: int, batch: int, size: int):
-        self.seed, self.batch, self.size = seed, batch, size
+    def __init__(self, seed: int, batch: int, size: int, position_rate: float = data.POSITION_RATE):
+        self.seed, self.batch, self.size, self.position_rate = seed, batch, size, position_rate
         self.tokenizer = mini_model.load_tokenizer()
 
     def __len__(self) -> int:
         return 2**31 - 1
 
     def __getitem__(self, k: int):
-        images, captions = data.make_batch(self.seed, k * self.batch, self.batch, self.size)
+        images, captions = data.make_batch(self.seed, k * self.batch, self.batch, self.size, self.position_rate)
         tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         # Tokenising here runs in the loader's worker processes, off the training loop's critical path.
         return tensor, mini_model.tokenize(self.tokenizer, captions)
 
 
-def _batches(seed: int, batch: int, size: int, start: int, stop: int, device: str):
+def _batches(seed: int, batch: int, size: int, start: int, stop: int, device: str,
+             position_rate: float = data.POSITION_RATE):
     workers = min(8, (os.cpu_count() or 1) - 1) if device != "cpu" else 0
-    dataset = _BatchDataset(seed, batch, size)
+    dataset = _BatchDataset(seed, batch, size, position_rate)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=None,
@@ -238,7 +240,10 @@ class Trainer:
         ema_params = list(self.ema_unet.parameters()) + list(self.ema_text.parameters())
         bar = _progress(cfg.unet_steps, self.step, "unet")
         smoothed = None
-        for images, token_ids in _batches(cfg.seed, cfg.batch, cfg.size, self.step, cfg.unet_steps, self.device):
+        batches = _batches(
+            cfg.seed, cfg.batch, cfg.size, self.step, cfg.unet_steps, self.device, cfg.position_caption_rate
+        )
+        for images, token_ids in batches:
             images = images.to(self.device, non_blocking=True)
             for group in self.unet_opt.param_groups:
                 group["lr"] = cfg.lr * _cosine_lr(self.step, cfg.unet_steps, cfg.warmup)
@@ -378,6 +383,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--high-noise-fraction", type=float, default=None, help="share of each batch trained at t >= --high-noise-from"
     )
+    parser.add_argument(
+        "--position-caption-rate", type=float, default=None, help="how often captions name positions (default 0.7)"
+    )
     parser.add_argument("--high-noise-from", type=int, default=None, help="first 'high noise' timestep (default 700)")
     parser.add_argument("--lr", type=float, default=None, help=f"UNet peak learning rate (default {TrainConfig.lr})")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -404,6 +412,10 @@ def _config_from_args(args: argparse.Namespace, saved: dict | None) -> TrainConf
         if not 0 <= args.high_noise_fraction <= 1:
             raise ParamError("high_noise_fraction", f"must be in [0, 1], got {args.high_noise_fraction}")
         config.high_noise_fraction = args.high_noise_fraction
+    if args.position_caption_rate is not None:
+        if not 0 <= args.position_caption_rate <= 1:
+            raise ParamError("position_caption_rate", f"must be in [0, 1], got {args.position_caption_rate}")
+        config.position_caption_rate = args.position_caption_rate
     if args.high_noise_from is not None:
         if not 0 <= args.high_noise_from < mini_model.NUM_TRAIN_TIMESTEPS:
             raise ParamError("high_noise_from", f"must be in [0, {mini_model.NUM_TRAIN_TIMESTEPS - 1}], got {args.high_noise_from}")
