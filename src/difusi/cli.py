@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 
 import difusi  # noqa: F401  (sets the offline hub environment before any Hugging Face import)
 from difusi import settings
-from difusi.errors import CheckpointError, DifusiError, Interrupted, ParamError
+from difusi.errors import CheckpointError, DifusiError, Interrupted, NumericalError, ParamError, StorageError
 from difusi.infotext import KEY_TO_FIELD, parse_infotext, read_infotext, recipe_from_infotext
 from difusi.params import LIMITS, GenerationParams
 
@@ -213,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except ParamError as error:
         _fail(_describe_param_error(error, getattr(args, "_origins", {})))
+    except (StorageError, NumericalError) as error:  # the run failed (disk, model), the command line was fine
+        _fail(str(error), code=EXIT_FAILURE)
     except DifusiError as error:  # UsageError, CheckpointError, ConfigError, ...
         _fail(str(error))
     except OSError as error:  # e.g. outputs folder not writable, disk full: the run failed, not the usage

@@ -34,3 +34,27 @@ class Interrupted(DifusiError):
     """
 
     result = None
+
+
+class NumericalError(DifusiError):
+    """The model produced NaN or infinite values, so the image would be black or noise; nothing is saved.
+
+    `phase` is "text encoding", "sampling" or "decoding"; `step` the 1-based sampling step (None outside
+    sampling). Usual causes: a broken or half-precision-unsafe checkpoint, or extreme settings (CFG, eta).
+    """
+
+    def __init__(self, phase: str, message: str, step: int | None = None):
+        super().__init__(message)
+        self.phase = phase
+        self.step = step
+
+
+class StorageError(DifusiError):
+    """A finished image could not be written to the outputs folder (disk full, file too large, read-only).
+
+    Nothing half-written is left behind and images saved before it are kept. `errno` is the OS error number.
+    """
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno

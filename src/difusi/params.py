@@ -37,6 +37,10 @@ LIMITS: dict[str, tuple[float, float]] = {
 
 SIZE_MULTIPLE = 8
 
+MAX_PROMPT_CHARS = 10_000
+"""Longest prompt / negative prompt accepted: about 40 CLIP chunks; longer text costs memory and time in every
+cross-attention layer at every step, and no real prompt needs it."""
+
 
 @dataclass
 class GenerationParams:
@@ -104,8 +108,7 @@ class GenerationParams:
         schedule names are checked against the sampler registry.
         """
         for name in ("prompt", "negative_prompt"):
-            if not isinstance(getattr(self, name), str):
-                raise ParamError(name, "must be a string")
+            _check_text(name, getattr(self, name))
         for name in ("sampler_name", "scheduler"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ParamError(name, "must be a non-empty string")
@@ -131,6 +134,7 @@ class GenerationParams:
                 raise ParamError(name, f"must be a multiple of {SIZE_MULTIPLE}, got {getattr(checked, name)}")
         if checked.s_tmax < checked.s_tmin:
             raise ParamError("s_tmax", f"must be >= s_tmin ({_fmt(checked.s_tmin)}), got {_fmt(checked.s_tmax)}")
+        _check_budget(checked)
         _check_sampler_and_schedule(checked)
         return checked
 
@@ -151,6 +155,25 @@ def _check_seed(name: str, value: Any) -> None:
         raise ParamError(name, f"must be an integer (-1 for random), got {value!r}")
     if not (value == -1 or 0 <= value <= SEED_MAX):
         raise ParamError(name, f"must be -1 (random) or in [0, {SEED_MAX}], got {value}")
+
+
+def _check_text(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise ParamError(name, "must be a string")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise ParamError(name, f"must be at most {MAX_PROMPT_CHARS} characters, got {len(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        # Lone surrogates (undecodable command-line bytes, JSON "\ud800") cannot go into a tokenizer, PNG or database.
+        raise ParamError(name, f"must be valid Unicode text; character {error.start} is an unpaired surrogate "
+                               f"{value[error.start]!r}") from None
+
+
+def _check_budget(params: GenerationParams) -> None:
+    from difusi.budget import check_budget
+
+    check_budget(params.width, params.height, params.batch_size)  # memory budget, before anything is allocated
 
 
 def _check_sampler_and_schedule(params: GenerationParams) -> None:

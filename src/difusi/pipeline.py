@@ -20,6 +20,7 @@ from PIL import Image
 
 from difusi import __version__
 from difusi.errors import Interrupted
+from difusi.finite import ensure_finite
 from difusi.params import GenerationParams, resolve_seed
 from difusi.prompts.conditioning import (
     Conditioning,
@@ -128,6 +129,7 @@ def txt2img(
     denoiser = _denoiser(model, table)
 
     for iteration in range(params.n_iter):
+        _stop_between_phases(should_stop, result, started)
         first = iteration * params.batch_size
         batch_seeds = seeds[first : first + params.batch_size]
         batch_subseeds = subseeds[first : first + params.batch_size]
@@ -139,6 +141,8 @@ def txt2img(
                     batch_seeds, batch_subseeds, tracker,
                 )
                 decoded = decode_latents(model.vae, latents, model.scaling_factor)
+                ensure_finite(decoded, "decoding")
+            _drop_late_skip(should_skip)
         except _Skipped:
             continue
         except Interrupted as stop:
@@ -177,6 +181,7 @@ class _StepTracker:
 
     def __call__(self, info: dict) -> None:
         self.step = int(info["i"]) + 1
+        ensure_finite(info.get("denoised"), "sampling", self.step)
         if self.progress is not None:
             self.progress(
                 Progress(self.step, self.steps, self.iteration, self.n_iter, self.image_index, info.get("denoised"))
@@ -185,6 +190,22 @@ class _StepTracker:
             raise Interrupted("generation interrupted")
         if self.should_skip is not None and self.should_skip():
             raise _Skipped()
+
+
+def _stop_between_phases(should_stop: StopFn | None, result: GenerationResult, started: float) -> None:
+    """A stop asked for while the text was encoded or a batch decoded ends the job before the next batch samples."""
+    if should_stop is not None and should_stop():
+        result.seconds = time.perf_counter() - started
+        stop = Interrupted("generation interrupted")
+        stop.result = result
+        raise stop
+
+
+def _drop_late_skip(should_skip: StopFn | None) -> None:
+    """A skip that arrives after a batch's last step (while decoding) is dropped, as A1111 clears it at the next
+    batch: the batch is finished and kept, and the next one must not be skipped in its place."""
+    if should_skip is not None:
+        should_skip()
 
 
 def _sample_batch(model, params, sampler, sigmas, denoiser, cond_schedule, uncond_schedule, seeds, subseeds, tracker):
@@ -249,6 +270,8 @@ def _encode(model, params: GenerationParams):
     if model.family == "sdxl" and not params.negative_prompt:
         # SDXL's empty negative prompt is all zeros in A1111 and diffusers alike.
         uncond = [(end_step, conditioning.zeros_like()) for end_step, conditioning in uncond]
+    for _, conditioning in cond + uncond:
+        ensure_finite(conditioning.context, "text encoding")
     return cond, uncond
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from difusi.errors import StorageError
 from difusi.infotext import parse_infotext, write_png
 from difusi.params import GenerationParams
 
@@ -120,7 +122,20 @@ class OutputStore:
     # -- saving ----------------------------------------------------------------------------------------
 
     def save(self, generated: SavableImage, *, now: dt.datetime | None = None) -> Path:
-        """Write one finished image (PNG with infotext) and then its history row; return the final path."""
+        """Write one finished image (PNG with infotext) and then its history row; return the final path.
+
+        Raises StorageError (disk full, file too large, read-only folder, database failure); then no partial
+        file is left, the database is unchanged (one transaction) and images saved earlier stay as they are.
+        """
+        try:
+            return self._save(generated, now)
+        except OSError as error:
+            raise StorageError(_storage_message(self.outputs_dir, error.strerror or str(error), error.errno),
+                               error.errno) from error
+        except sqlite3.Error as error:
+            raise StorageError(_storage_message(self.outputs_dir / DB_NAME, f"history database: {error}", None)) from error
+
+    def _save(self, generated: SavableImage, now: dt.datetime | None) -> Path:
         now = now or dt.datetime.now().astimezone()
         folder = self.outputs_dir / now.strftime("%Y-%m-%d")
         folder.mkdir(parents=True, exist_ok=True)
@@ -246,6 +261,14 @@ class OutputStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def _storage_message(where: Path, what: str, code: int | None) -> str:
+    hint = "; free some space or choose another --outputs-dir" if code in _FULL or "full" in what else ""
+    return f"outputs folder {where}: cannot save the image: {what}{hint} (images saved before this one are kept)"
 
 
 def next_number(folder: Path) -> int:

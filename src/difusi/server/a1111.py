@@ -249,7 +249,9 @@ def decode_image(data: str, field: str = "image") -> Image.Image:
     try:
         image = Image.open(io.BytesIO(raw))
         image.load()
-    except (UnidentifiedImageError, OSError, ValueError):
+    except Image.DecompressionBombError as error:  # a small file that would decode to gigabytes
+        raise ParamError(field, f"is too large to decode: {error}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
         raise ParamError(field, "is not a readable image (PNG, JPEG or WebP expected)") from None
     return image
 

@@ -26,7 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from difusi import __version__
-from difusi.errors import CheckpointError, ParamError
+from difusi.errors import CheckpointError, NumericalError, ParamError, StorageError
 from difusi.server import a1111
 from difusi.server.preview import png_base64, preview_image
 from difusi.server.queue import CANCELLED, FAILED, RUNNING, Job, JobQueue, QueueFull
@@ -138,6 +138,10 @@ def _job_error(job: Job) -> ApiError:
         return ApiError(422, "ParamError", str(error), error.field)
     if isinstance(error, CheckpointError):
         return ApiError(422, type(error).__name__, str(error), "sd_model_checkpoint")
+    if isinstance(error, StorageError):  # 507 Insufficient Storage: the request was fine, the disk is not
+        return ApiError(507, "StorageError", str(error))
+    if isinstance(error, NumericalError):
+        return ApiError(500, "NumericalError", str(error), "sd_model_checkpoint")
     if job.status == CANCELLED:
         return ApiError(503, "Cancelled", "the job was cancelled before it started (server shutting down?)")
     return ApiError(500, type(error).__name__ if error else "Error", str(error) or "generation failed")

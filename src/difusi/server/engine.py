@@ -58,7 +58,8 @@ class Engine:
             "live_previews_enable": True,
             "show_progress_every_n_steps": 1,
         }
-        self._current = self._checkpoint_by_name(checkpoint) if checkpoint else self._default_checkpoint()
+        # The operator's --model may be a path anywhere; requests may only name listed checkpoints.
+        self._current = self._checkpoint_by_name(checkpoint, allow_path=True) if checkpoint else self._default_checkpoint()
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def checkpoints(self) -> list[Any]:
@@ -71,7 +72,7 @@ class Engine:
     def _scan(self) -> list[Any]:
         from difusi.models import default_model_path, list_checkpoints
 
-        found = list(list_checkpoints(self.models_dir))
+        found = [info for info in list_checkpoints(self.models_dir) if _inside(Path(info.path), self.models_dir)]
         default = Path(default_model_path())
         outside = ([_describe(default)] if default.exists() else []) + self._extra
         for info in outside:
@@ -94,16 +95,20 @@ class Engine:
                 return info
         return found[0] if found else None
 
-    def _checkpoint_by_name(self, name: str, field: str = "sd_model_checkpoint") -> Any:
-        """Find a checkpoint by title "name [hash]", name, file name, short hash or path."""
+    def _checkpoint_by_name(self, name: str, field: str = "sd_model_checkpoint", allow_path: bool = False) -> Any:
+        """Find a listed checkpoint by title "name [hash]", name, file name, short hash or listed path.
+
+        Only `allow_path` (the operator's `--model`, never a request) adds a file from outside the models folder:
+        a client must not make the server read, hash or load arbitrary files ("../", absolute paths).
+        """
         wanted = name.strip()
         bare = wanted.rsplit(" [", 1)[0] if wanted.endswith("]") else wanted
         for info in self.checkpoints():
             candidates = {title(info), info.name, Path(info.path).name, Path(info.path).stem, str(info.path)}
             if wanted in candidates or bare in candidates or wanted.lower() in (info.short_hash or "", info.sha256 or ""):
                 return info
-        path = Path(wanted).expanduser()
-        if path.exists():
+        path = Path(wanted).expanduser() if allow_path else None
+        if path is not None and path.exists():
             info = _describe(path)
             with self._lock:
                 self._extra.append(info)
@@ -150,7 +155,12 @@ class Engine:
             clip = values["CLIP_stop_at_last_layers"]
             if isinstance(clip, bool) or not isinstance(clip, int) or not 1 <= clip <= 12:
                 raise ParamError("CLIP_stop_at_last_layers", f"must be an integer in [1, 12], got {clip!r}")
-        self._options.update(values)
+        if "samples_save" in values and not isinstance(values["samples_save"], bool):
+            raise ParamError("samples_save", f"must be true or false, got {values['samples_save']!r}")
+        # Folders are the operator's choice (--outputs-dir): a client may not point writes elsewhere. A1111 clients
+        # post the whole options object back, so these keys are ignored rather than refused.
+        self._options.update({key: value for key, value in values.items()
+                              if not key.startswith("outdir") and key not in ("sd_checkpoint_hash",)})
 
     def param_defaults(self) -> dict[str, Any]:
         return {"clip_skip": self._options.get("CLIP_stop_at_last_layers", 1)}
@@ -235,6 +245,14 @@ class Engine:
             image_seeds=[image.seed for image in outcome.images],
             files=list(outcome.files),
         )
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """True when `path`, symlinks resolved, is in `folder`: a link out of the models folder is not served."""
+    try:
+        return path.resolve().is_relative_to(Path(folder).resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
 
 
 def title(info: Any) -> str:
