@@ -35,4 +35,5 @@ def generate(prompt: str, *, model: str | Path | None = None, models_dir: str | 
     a missing or unusable model.
     """
     params = GenerationParams(prompt=prompt, model=None if model is None else str(model), **fields)
+    params.validated(native_size=512)  # bad values fail before a model is read (512 stands in for a missing size)
     return txt2img(get_model(model, models_dir), params)

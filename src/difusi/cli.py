@@ -184,6 +184,29 @@ def _add_generate(commands: Any) -> None:
     gen.add_argument("--models-dir", default=None, help="folder of checkpoints (default: see settings)")
     gen.add_argument("--outputs-dir", default=None, help="folder for images and history (default: see settings)")
     gen.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_budget_flags(gen)
+
+
+def add_budget_flags(parser: argparse.ArgumentParser) -> None:
+    """--max-pixels / --max-batch-pixels (shared with `difusi serve`); see `difusi.budget`."""
+    from difusi.budget import DEFAULT_MAX_BATCH_PIXELS, DEFAULT_MAX_PIXELS
+
+    parser.add_argument("--max-pixels", type=_positive_int_type, default=None, metavar="N",
+                        help=f"refuse images over N pixels (width x height; default {DEFAULT_MAX_PIXELS})")
+    parser.add_argument("--max-batch-pixels", type=_positive_int_type, default=None, metavar="N",
+                        help=f"refuse batches over N pixels (width x height x batch size; default {DEFAULT_MAX_BATCH_PIXELS})")
+
+
+def apply_budget_flags(args: argparse.Namespace) -> None:
+    """Make the flags given the process's budget (flags > DIFUSI_MAX_* > config file > defaults)."""
+    import dataclasses
+
+    from difusi.budget import FLAGS, current_budget, parse_pixels, set_budget
+
+    given = {name: getattr(args, name, None) for name in FLAGS}
+    given = {name: parse_pixels(value, FLAGS[name]) for name, value in given.items() if value is not None}
+    if given:
+        set_budget(dataclasses.replace(current_budget(), **given))
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -248,6 +271,7 @@ def _describe_param_error(error: ParamError, origins: dict[str, str]) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    apply_budget_flags(args)
     params, recipe = _generation_params(args)
     params.validated(native_size=512)  # fail fast, before loading a model (512 only stands in for a missing size)
     output_paths = _output_paths(args.output, params.total_images)

@@ -135,6 +135,7 @@ class GenerationParams:
         if checked.s_tmax < checked.s_tmin:
             raise ParamError("s_tmax", f"must be >= s_tmin ({_fmt(checked.s_tmin)}), got {_fmt(checked.s_tmax)}")
         _check_budget(checked)
+        _check_prompt_syntax(checked)
         _check_sampler_and_schedule(checked)
         return checked
 
@@ -174,6 +175,15 @@ def _check_budget(params: GenerationParams) -> None:
     from difusi.budget import check_budget
 
     check_budget(params.width, params.height, params.batch_size)  # memory budget, before anything is allocated
+
+
+def _check_prompt_syntax(params: GenerationParams) -> None:
+    from difusi.prompts.parser import get_prompt_schedule, parse_prompt_attention
+
+    # Bad editing steps and emphasis weights fail here, before a model is loaded, not after.
+    for text in (params.prompt, params.negative_prompt):
+        for _, scheduled in get_prompt_schedule(text, params.steps):
+            parse_prompt_attention(scheduled)
 
 
 def _check_sampler_and_schedule(params: GenerationParams) -> None:

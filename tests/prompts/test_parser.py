@@ -190,7 +190,10 @@ def test_bad_steps_is_a_param_error(steps):
 def test_deep_nesting_does_not_recurse_forever():
     prompt = "(" * 5000 + "x [a:b:2]"
     assert get_prompt_schedule(prompt, 4) == [(4, prompt)]
-    assert parse_prompt_attention("(" * 5000 + "x")[0][0] == "x"
+    assert parse_prompt_attention("(" * 72 + "x")[0][0] == "x"  # 1.1**72 = 957: still a usable weight
+    with pytest.raises(ParamError, match=r"emphasis weight of 'x' is .* after nesting; at most 1000") as error:
+        parse_prompt_attention("(" * 5000 + "x")  # 1.1**5000 would overflow the embedding to NaN
+    assert error.value.field == "prompt"
 
 
 PROMPT_CHARS = st.sampled_from(list("ab ,()[]:|\\\n") + ["0.5", "2", "-1", "BREAK", "1e3", "é"])

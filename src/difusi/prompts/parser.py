@@ -51,6 +51,9 @@ BREAK = "BREAK"
 
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
+MAX_WEIGHT = 1000.0
+"""Largest emphasis weight (after nesting) accepted. Beyond it the weighted text embedding overflows float32 in
+the emphasis normalisation and the image is NaN; ~73 nested '(' already reach it. A1111 has no limit."""
 
 # --------------------------------------------------------------------------------------------
 # Emphasis: (x) [x] (x:w) and escapes.
@@ -84,7 +87,8 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     [('an ', 1.0), ('important', 1.1), (' word', 1.0)]
 
     Raises:
-        ParamError: field ``"prompt"``, when a ``(x:w)`` weight is not a finite number.
+        ParamError: field ``"prompt"``, when a ``(x:w)`` weight is not a finite number, or a weight after
+        nesting is over ``MAX_WEIGHT`` in size.
     """
     fragments: list[list] = []  # [text, weight] pairs; weights are multiplied in place
     open_round: list[int] = []  # index into `fragments` where each open group starts
@@ -117,6 +121,12 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     for start in open_square:
         multiply_from(start, SQUARE_MULTIPLIER)
 
+    for fragment, weight in fragments:
+        if abs(weight) > MAX_WEIGHT:
+            raise ParamError(
+                "prompt", f"emphasis weight of {fragment[:40]!r} is {weight:.3g} after nesting; at most {MAX_WEIGHT:g} "
+                "is allowed (too many nested '(' or a huge ':weight')",
+            )
     return _merge_equal_neighbours(fragments or [["", 1.0]])
 
 

@@ -31,6 +31,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--model", default=None, help="checkpoint to start with (default: difusi-mini)")
     parser.add_argument("--queue-size", type=int, default=32, help="jobs allowed to wait before 503 (default 32)")
     parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu; e.g. cuda)")
+    parser.add_argument("--cors-allow-origins", default=None, metavar="ORIGIN[,ORIGIN2]",
+                        help="allow browser pages from these origins to call the API (default: no CORS headers)")
+    from difusi.cli import add_budget_flags
+
+    add_budget_flags(parser)
     return parser
 
 
@@ -59,9 +64,15 @@ def serve(args: argparse.Namespace) -> int:
         print(f"difusi serve: --queue-size must be at least 1, got {args.queue_size}", file=sys.stderr)
         return 2
     try:
+        from difusi.budget import current_budget
+        from difusi.cli import apply_budget_flags
+
+        apply_budget_flags(args)
+        current_budget()  # a broken DIFUSI_MAX_* or config value fails now, not at the first request
         auth = parse_auth(args.api_auth)
+        origins = [o.strip() for o in args.cors_allow_origins.split(",") if o.strip()] if args.cors_allow_origins else None
         app = create_app(models_dir=args.models_dir, outputs_dir=args.outputs_dir, checkpoint=args.model,
-                         queue_size=args.queue_size, auth=auth, device=args.device)
+                         queue_size=args.queue_size, auth=auth, device=args.device, cors_origins=origins)
     except (ValueError, DifusiError) as error:
         print(f"difusi serve: {error}", file=sys.stderr)
         return 2

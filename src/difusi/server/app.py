@@ -51,9 +51,11 @@ def create_app(
     queue_size: int = 32,
     auth: dict[str, str] | None = None,
     device: str = "cpu",
+    cors_origins: list[str] | None = None,
 ) -> FastAPI:
     """Build the app. `engine` runs jobs (default: `difusi.server.engine.Engine` over the given folders);
-    `auth` maps user names to passwords for HTTP basic auth on every route (None = open)."""
+    `auth` maps user names to passwords for HTTP basic auth on every route (None = open); `cors_origins`
+    lists the browser origins allowed to call the API cross-site (None = no CORS headers at all)."""
     if engine is None:
         from difusi.server.engine import Engine
 
@@ -81,6 +83,13 @@ def create_app(
     _install_error_handlers(app)
     if auth:
         _install_basic_auth(app, auth)
+    if cors_origins:
+        # Added after auth so it wraps it: a browser's preflight (OPTIONS, never credentialed) gets its answer,
+        # and the real request still needs credentials.
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=True)
     _add_a1111_routes(app, engine, queue)
     _add_difusi_routes(app, engine, queue)
     _add_ui_routes(app)
