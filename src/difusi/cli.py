@@ -209,6 +209,22 @@ def apply_budget_flags(args: argparse.Namespace) -> None:
         set_budget(dataclasses.replace(current_budget(), **given))
 
 
+def _with_budget_flags(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run `command` under its --max-* flags, then restore the previous budget (main() may run in-process)."""
+
+    def run(args: argparse.Namespace) -> int:
+        from difusi import budget
+
+        previous = budget._override
+        try:
+            apply_budget_flags(args)
+            return command(args)
+        finally:
+            budget.set_budget(previous)
+
+    return run
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -220,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _forward(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
-        "generate": cmd_generate,
+        "generate": _with_budget_flags(cmd_generate),
         "info": cmd_info,
         "models": cmd_models,
         "samplers": cmd_samplers,
@@ -271,7 +287,6 @@ def _describe_param_error(error: ParamError, origins: dict[str, str]) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    apply_budget_flags(args)
     params, recipe = _generation_params(args)
     params.validated(native_size=512)  # fail fast, before loading a model (512 only stands in for a missing size)
     output_paths = _output_paths(args.output, params.total_images)

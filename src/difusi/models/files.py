@@ -127,9 +127,9 @@ def read_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(
                 f"{path}: refused to load: this pickle needs code to be run to load it (e.g. a custom class or "
                 f"function); it was NOT executed. Convert it to .safetensors with a tool you trust. Detail: "
-                f"{_first_line(text)}"
+                f"{_unpickler_detail(text)}"
             ) from exc
-        raise CheckpointError(f"{path}: not a checkpoint (not a safetensors file or a torch pickle): {_first_line(text)}") from exc
+        raise CheckpointError(f"{path}: not a checkpoint (not a safetensors file or a torch pickle): {_unpickler_detail(text)}") from exc
     except Exception as exc:  # the unpickler raises anything (IndexError, KeyError, ...) on bytes that are not a pickle
         raise CheckpointError(
             f"{path}: not a readable checkpoint (not a torch pickle, or truncated/corrupt): {type(exc).__name__}: "
@@ -153,6 +153,15 @@ def _unwrap_state_dict(path: Path, loaded: Any) -> dict[str, torch.Tensor]:
     if not tensors:
         raise CheckpointError(f"{path}: not a checkpoint: the pickle holds no tensors")
     return tensors
+
+
+def _unpickler_detail(text: str) -> str:
+    """torch's weights-only refusal starts with advice about `weights_only` that does not apply to a file that is
+    not a pickle at all; the useful part is the `WeightsUnpickler error: ...` line."""
+    for line in text.splitlines():
+        if "WeightsUnpickler error" in line:
+            return line.strip()[:300]
+    return _first_line(text)
 
 
 def _first_line(text: str) -> str:

@@ -103,10 +103,19 @@ class Engine:
         """
         wanted = name.strip()
         bare = wanted.rsplit(" [", 1)[0] if wanted.endswith("]") else wanted
-        for info in self.checkpoints():
-            candidates = {title(info), info.name, Path(info.path).name, Path(info.path).stem, str(info.path)}
-            if wanted in candidates or bare in candidates or wanted.lower() in (info.short_hash or "", info.sha256 or ""):
-                return info
+        listed = self.checkpoints()
+        # Most specific first, so "a.safetensors" or "a [hash]" never picks a.ckpt that merely shares the name "a".
+        passes = (
+            lambda info: wanted in (str(info.path), Path(info.path).name),
+            lambda info: wanted == title(info),
+            lambda info: wanted in (info.name, Path(info.path).stem),
+            lambda info: bare in (info.name, Path(info.path).stem),
+            lambda info: wanted.lower() in (info.short_hash or "", info.sha256 or ""),
+        )
+        for matches in passes:
+            hit = next((info for info in listed if matches(info)), None)
+            if hit is not None:
+                return hit
         path = Path(wanted).expanduser() if allow_path else None
         if path is not None and path.exists():
             info = _describe(path)
