@@ -9,6 +9,11 @@ Order of a save, so a crash or Ctrl-C never leaves a half image or a row without
    pick the next number and publish the temp file under its final name with `os.link`, which fails instead
    of overwriting when another writer took the name first (then we take the next number);
 3. remove the temp name, then insert the history row.
+
+A process killed (SIGKILL, power cut) inside that order can leave two things, and opening the history repairs
+both (`recover`): a temp file of a dead writer (its pid is in the name) is removed, and a published image whose
+row was not yet inserted gets its row from the infotext it carries. So after a crash every image on disk is
+complete and in the history, and every row has its file. SQLite runs in WAL mode, so a kill mid-insert rolls back.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ LOCK_NAME = ".difusi.lock"
 TEMP_PREFIX = ".difusi-tmp-"
 SLUG_MAX_CHARS = 60
 _NUMBERED = re.compile(r"^(\d{5,})-")
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -137,6 +143,8 @@ class OutputStore:
 
     def _save(self, generated: SavableImage, now: dt.datetime | None) -> Path:
         now = now or dt.datetime.now().astimezone()
+        with self._lock:
+            self._connection()  # opens (and repairs) the history before this image exists on disk
         folder = self.outputs_dir / now.strftime("%Y-%m-%d")
         folder.mkdir(parents=True, exist_ok=True)
         temp = self._write_temp(folder, generated)
@@ -149,7 +157,7 @@ class OutputStore:
         return path
 
     def _write_temp(self, folder: Path, generated: SavableImage) -> Path:
-        fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".png", dir=folder)
+        fd, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=".png", dir=folder)
         temp = Path(name)
         try:
             with os.fdopen(fd, "wb") as handle:
@@ -197,9 +205,40 @@ class OutputStore:
             db.create_function("casefold", 1, lambda s: s.casefold() if isinstance(s, str) else s, deterministic=True)
             db.row_factory = sqlite3.Row
             self._db = db
+            self._recover(db)
         return self._db
 
+    def _recover(self, db: sqlite3.Connection) -> None:
+        """Repair what a killed writer left (see the module docstring); runs once, when the history is opened."""
+        from difusi.infotext import read_infotext, recipe_from_infotext
+
+        known = {row[0] for row in db.execute("SELECT path FROM images")}
+        for folder in sorted(p for p in self.outputs_dir.iterdir() if p.is_dir() and _DAY.match(p.name)):
+            for entry in sorted(folder.iterdir()):
+                if entry.name.startswith(TEMP_PREFIX):
+                    if not _writer_alive(entry.name):
+                        entry.unlink(missing_ok=True)
+                    continue
+                relative = entry.relative_to(self.outputs_dir).as_posix()
+                if relative in known or not _NUMBERED.match(entry.name) or entry.suffix != ".png":
+                    continue
+                try:
+                    text = read_infotext(entry)
+                    params, _ = GenerationParams.from_mapping(recipe_from_infotext(text).values) if text else (None, None)
+                except Exception:  # noqa: BLE001 - not one of ours (or unreadable): leave it alone, never delete
+                    continue
+                if params is None:
+                    continue
+                made = dt.datetime.fromtimestamp(entry.stat().st_mtime).astimezone()
+                image = _Recovered(params=params, seed=params.seed, subseed=params.subseed, infotext=text)
+                _write_row(db, self._row(entry, image, made), recovered=True)
+
     def _insert(self, path: Path, generated: SavableImage, now: dt.datetime) -> None:
+        row = self._row(path, generated, now)
+        with self._lock:
+            _write_row(self._connection(), row)
+
+    def _row(self, path: Path, generated: SavableImage, now: dt.datetime) -> dict[str, Any]:
         params = generated.params
         fields, _ = parse_infotext(generated.infotext)
         values = dataclasses.asdict(params)
@@ -222,12 +261,7 @@ class OutputStore:
             "infotext": generated.infotext,
             "params_json": json.dumps(values, ensure_ascii=False, default=str),
         }
-        columns = ", ".join(row)
-        marks = ", ".join(f":{name}" for name in row)
-        with self._lock:
-            db = self._connection()
-            with db:
-                db.execute(f"INSERT INTO images ({columns}) VALUES ({marks})", row)
+        return row
 
     def history(self, limit: int = 20, query: str | None = None) -> list[HistoryEntry]:
         """Newest first; `query` keeps rows whose prompt contains it (case-insensitive, any script)."""
@@ -261,6 +295,44 @@ class OutputStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _write_row(db: sqlite3.Connection, row: dict[str, Any], *, recovered: bool = False) -> None:
+    """Insert one row in one transaction (a kill or a full disk mid-insert leaves the database as it was).
+
+    A `recover` in another process may rebuild a row from a file whose writer is still about to insert it: the
+    writer's row (it knows everything) replaces the rebuilt one, and a rebuilt row never replaces a real one.
+    """
+    columns = ", ".join(row)
+    marks = ", ".join(f":{name}" for name in row)
+    updates = ", ".join(f"{name} = excluded.{name}" for name in row if name != "path")
+    conflict = "DO NOTHING" if recovered else f"DO UPDATE SET {updates}"
+    with db:
+        db.execute(f"INSERT INTO images ({columns}) VALUES ({marks}) ON CONFLICT(path) {conflict}", row)
+
+
+@dataclass
+class _Recovered:
+    """A published image found without its history row, rebuilt from its own infotext."""
+
+    params: GenerationParams
+    seed: int
+    subseed: int
+    infotext: str
+
+
+def _writer_alive(temp_name: str) -> bool:
+    """Whether the process that named this temp file (".difusi-tmp-<pid>-...") still runs; unknown -> alive."""
+    match = re.match(re.escape(TEMP_PREFIX) + r"(\d+)-", temp_name)
+    if not match:
+        return True
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 _FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
