@@ -208,6 +208,12 @@ class OutputStore:
             self._recover(db)
         return self._db
 
+    def recover(self) -> None:
+        """Open the history now, repairing what a killed writer left (otherwise done on first use)."""
+        if (self.outputs_dir / DB_NAME).exists():
+            with self._lock:
+                self._connection()
+
     def _recover(self, db: sqlite3.Connection) -> None:
         """Repair what a killed writer left (see the module docstring); runs once, when the history is opened."""
         from difusi.infotext import read_infotext, recipe_from_infotext

@@ -44,6 +44,7 @@ class Engine:
         self.models_dir = settings.models_dir(models_dir)
         self.outputs_dir = settings.outputs_dir(outputs_dir)
         self.store = OutputStore(self.outputs_dir)
+        self.store.recover()  # after a crash: every image on disk back in the history, dead temp files gone
         self._cache = ModelCache()
         self.device = device
         self._lock = threading.Lock()
