@@ -14,6 +14,7 @@ import asyncio
 import base64
 import binascii
 import secrets
+from http import HTTPStatus
 from collections.abc import Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from difusi import __version__
 from difusi.errors import CheckpointError, NumericalError, ParamError, StorageError
@@ -32,6 +34,7 @@ from difusi.server.preview import png_base64, preview_image
 from difusi.server.queue import CANCELLED, FAILED, RUNNING, Job, JobQueue, QueueFull
 
 STATIC_DIR = Path(__file__).with_name("static")
+MAX_OFFSET = 10**9
 
 
 class ApiError(Exception):
@@ -115,6 +118,14 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(QueueFull)
     async def queue_full(_: Request, exc: QueueFull) -> JSONResponse:
         return JSONResponse(_error_body("QueueFull", str(exc)), status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own errors (unknown route 404, wrong method 405, unparsable body 400) get difusi's body too.
+        field = "body" if exc.status_code == 400 else None
+        name = HTTPStatus(exc.status_code).phrase.replace(" ", "") if exc.status_code in HTTPStatus._value2member_map_ else "HTTPError"
+        return JSONResponse(_error_body(name, str(exc.detail), field), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -407,8 +418,8 @@ def _add_difusi_routes(app: FastAPI, engine: Any, queue: JobQueue) -> None:
         """Saved images, newest first, each with its infotext and an `url` under /difusi/v1/outputs/."""
         if not 1 <= limit <= 1000:
             raise ApiError(422, "ParamError", f"limit: must be in [1, 1000], got {limit}", "limit")
-        if offset < 0:
-            raise ApiError(422, "ParamError", f"offset: must be >= 0, got {offset}", "offset")
+        if not 0 <= offset <= MAX_OFFSET:  # SQLite integers are 64-bit: a huge offset must be a 422, not a 500
+            raise ApiError(422, "ParamError", f"offset: must be in [0, {MAX_OFFSET}], got {offset}", "offset")
         return {"items": engine.history(limit=limit, offset=offset, query=query)}
 
     @app.get("/difusi/v1/outputs/{path:path}", tags=["difusi"])
