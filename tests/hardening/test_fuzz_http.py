@@ -114,7 +114,10 @@ def test_fuzz_every_operation(fuzz_server, capsys):
 
 
 @pytest.mark.slow
-def test_fuzz_every_operation_long(fuzz_server):
+def test_fuzz_every_operation_long(fuzz_server, capsys):
     counts = fuzz(fuzz_server, 100)
+    with capsys.disabled():
+        print(f"\nschemathesis (slow tier): {counts['cases']} requests over {counts['operations']} operations "
+              f"({counts['503']} answered 503 QueueFull)")
     assert counts["cases"] >= 1000
     _still_serves(fuzz_server)
