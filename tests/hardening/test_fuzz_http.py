@@ -59,34 +59,37 @@ def fuzz(url: str, examples: int) -> dict[str, int]:
     for operation in operations(url):
         counts["operations"] += 1
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-
-            @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
-                      suppress_health_check=list(HealthCheck))
-            @given(case=operation.as_strategy(generation_mode=mode))
-            def check(case):
-                if isinstance(case.body, dict):
-                    case.body = cheap(case.body)
-                response = case.call(base_url=url, timeout=120)
-                counts["cases"] += 1
-                status = response.status_code
-                label = f"{case.method} {case.formatted_path} {mode.value} body={str(case.body)[:300]!r}"
-                if status >= 500:
-                    body = _json(response)
-                    if status == 503 and isinstance(body, dict) and body.get("error") == "QueueFull":
-                        counts["503"] += 1
-                        return
-                    failures.append(f"{label} -> {status} {response.text[:300]}")
-                elif status >= 400:
-                    body = _json(response)
-                    if not (isinstance(body, dict) and {"error", "field", "detail"} <= set(body)):
-                        failures.append(f"{label} -> {status} without difusi's error body: {response.text[:200]}")
-
             try:
-                check()
+                _fuzz_one(operation, mode, url, examples, counts, failures)
             except Unsatisfiable:  # nothing in this operation can be made invalid (no parameters, no body)
                 assert mode == GenerationMode.NEGATIVE, operation.label
     assert failures == [], "\n".join(failures[:20])
     return counts
+
+
+def _fuzz_one(operation, mode, url: str, examples: int, counts: dict[str, int], failures: list[str]) -> None:
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def check(case):
+        if isinstance(case.body, dict):
+            case.body = cheap(case.body)
+        response = case.call(base_url=url, timeout=120)
+        counts["cases"] += 1
+        status = response.status_code
+        label = f"{case.method} {case.formatted_path} {mode.value} body={str(case.body)[:300]!r}"
+        if status >= 500:
+            body = _json(response)
+            if status == 503 and isinstance(body, dict) and body.get("error") == "QueueFull":
+                counts["503"] += 1
+                return
+            failures.append(f"{label} -> {status} {response.text[:300]}")
+        elif status >= 400:
+            body = _json(response)
+            if not (isinstance(body, dict) and {"error", "field", "detail"} <= set(body)):
+                failures.append(f"{label} -> {status} without difusi's error body: {response.text[:200]}")
+
+    check()
 
 
 def _json(response):

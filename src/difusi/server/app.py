@@ -14,9 +14,9 @@ import asyncio
 import base64
 import binascii
 import secrets
-from http import HTTPStatus
 from collections.abc import Iterable
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
