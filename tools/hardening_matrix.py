@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                 expected = f"{case.expect.outcome}" + (f" `{case.expect.field}`" if case.expect.field else "")
                 expected += f": …{case.expect.text}…"
                 shown = observed.outcome + (f" `{observed.field}`" if observed.field else "")
+                observed.message = observed.message.replace(str(files.root), "$TMP")  # same text on every machine
                 rows.append(f"| {case.id} | {case.surface} | {_cell(case.what, 90)} | {_cell(expected)} | "
                             f"{_cell(shown)}: {_cell(observed.message)} | {'ok' if not problems else '; '.join(problems)} |")
                 print(f"{case.id:32} {'ok' if not problems else 'FAIL ' + '; '.join(problems)}", flush=True)
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         "`tests/hardening/test_matrix.py`. *Observed* is the real message of this run: `difusi.cli.main` (one line on "
         "stderr; the exit code), `difusi.generate` / `difusi.models.load_model` (the exception), and a uvicorn server "
         "on loopback (status, JSON `field` and `detail`). After every case the server is asked for "
-        "`/sdapi/v1/progress` and must still answer.",
+        "`/sdapi/v1/progress` and must still answer. `{models}` / `$TMP` stand for the run's temporary folders "
+        "(models: only the bad files; difusi-mini is the server's model).",
         "",
         f"Pickle sentinel file created: **{'YES' if sentinel else 'no'}** (the `.ckpt` payloads would run "
         f"`touch SENTINEL` if unpickled unsafely). Cases failing their expectation: **{failures}**.",

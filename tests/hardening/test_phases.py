@@ -186,3 +186,27 @@ def test_without_faults_the_same_job_makes_both_images(mini):
     images, result, interrupted = run(mini, Flags())
     assert not interrupted and [image.index for image in images] == [0, 1]
     assert all(image_not_blank(image.image) for image in images)
+
+
+def test_cli_reports_nan_in_one_line_and_saves_nothing(monkeypatch, capsys, tmp_path):
+    """Through `difusi generate`: exit 1 (the command line was fine, the run failed), one line, no image."""
+    import difusi.models
+    from difusi import cli
+
+    real_load = difusi.models.load_model
+
+    def load_broken(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        nan_output(model.unet.conv_out, from_call=2)  # steps 1 and 2 (one CFG call each) fine, step 3 NaN
+        return model
+
+    monkeypatch.setattr(difusi.models, "load_model", load_broken)
+    outputs = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "a cat", "--steps", "4", "--sampler", "Euler", "--outputs-dir", str(outputs)])
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if not line.startswith("difusi: step ")]
+    assert exit_info.value.code == 1 and captured.out == ""
+    assert errors == [errors[0]] and errors[0].startswith(
+        "difusi: error: the model produced NaN during sampling (step 3), so the image would be blank")
+    assert list(outputs.glob("*/*.png")) == []
