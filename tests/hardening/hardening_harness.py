@@ -126,6 +126,7 @@ def build_files(root: Path) -> Files:
     (models / "link-out.safetensors").symlink_to(good)
     (outside / "secret.txt").write_text(SECRET_TEXT)
     (outputs / "leak.png").symlink_to(outside / "secret.txt")
+    (root / "link.png").symlink_to(outside / "secret.txt")
     (root / "binary.png").write_bytes(os.urandom(2048))
     return Files(root, models, outside, outputs, sentinel)
 

@@ -85,6 +85,8 @@ CASES: list[Case] = [
         ["a cat", "--model", "{models}/evil.ckpt"], None, "it was NOT executed"),
     cli("cli-output-missing-dir", "--output /no/such/dir/x.png", ["a cat", "--output", "/no/such/dir/x.png"],
         "--output", "folder /no/such/dir does not exist"),
+    cli("cli-output-symlink", "--output {root}/link.png (an existing symlink to a file outside)",
+        ["a cat", "--output", "{root}/link.png"], "--output", "exists (difusi never overwrites files)"),
     cli("cli-from-binary", "--from a file of random bytes named .png", ["--from", "{root}/binary.png"], "--from",
         "cannot read"),
     # -- Python API: typed exceptions naming the field ---------------------------------------------------------
@@ -111,6 +113,9 @@ CASES: list[Case] = [
         "CheckpointError", None, "'nosuch' not found"),
     api("api-model-not-checkpoint", "model='{outside}/secret.txt' (a text file)", {"model": "{outside}/secret.txt"},
         "CheckpointError", None, "secret.txt: not a checkpoint"),
+    api("api-model-dotdot", "model='../../../../../../etc/hostname' (relative path out of the folder)",
+        {"model": "../../../../../../etc/hostname", "models_dir": "{models}"}, "CheckpointError", None,
+        "etc/hostname"),  # read and refused as "not a checkpoint" (the library takes paths), never loaded
     load("api-ckpt-zero-byte", "load_model(zero.ckpt) (0 bytes)", "{models}/zero.ckpt", "CheckpointError",
          "zero.ckpt: not a readable checkpoint"),
     load("api-safetensors-truncated", "load_model(truncated.safetensors) (half a file)",
