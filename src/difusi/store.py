@@ -226,8 +226,8 @@ class OutputStore:
                         entry.unlink(missing_ok=True)
                     continue
                 relative = entry.relative_to(self.outputs_dir).as_posix()
-                if relative in known or not _NUMBERED.match(entry.name) or entry.suffix != ".png":
-                    continue
+                if relative in known or not _NUMBERED.match(entry.name) or entry.suffix != ".png" or entry.is_symlink():
+                    continue  # difusi never publishes links: one is not ours, and is not followed out of the folder
                 try:
                     text = read_infotext(entry)
                     params, _ = GenerationParams.from_mapping(recipe_from_infotext(text).values) if text else (None, None)
@@ -328,7 +328,10 @@ class _Recovered:
 
 
 def _writer_alive(temp_name: str) -> bool:
-    """Whether the process that named this temp file (".difusi-tmp-<pid>-...") still runs; unknown -> alive."""
+    """Whether the process that named this temp file (".difusi-tmp-<pid>-...") still runs; unknown -> alive.
+
+    Pids are those of this machine: two machines writing one shared outputs folder is not supported.
+    """
     match = re.match(re.escape(TEMP_PREFIX) + r"(\d+)-", temp_name)
     if not match:
         return True

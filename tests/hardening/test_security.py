@@ -152,3 +152,12 @@ def test_models_listing_never_leaves_the_models_folder(http, bad_files):
     for item in listed:
         path = Path(item["filename"]).resolve()
         assert path.is_relative_to(models_root) or path.name == "difusi-mini.safetensors", item
+
+
+def test_every_error_is_difusis_json_even_from_the_framework(http):
+    unknown = http.get("/no/such/route")
+    assert unknown.status_code == 404 and unknown.json() == {"error": "NotFound", "field": None, "detail": "Not Found"}
+    wrong = http.delete("/sdapi/v1/txt2img")
+    assert wrong.status_code == 405 and wrong.json()["error"] == "MethodNotAllowed"
+    unparsable = http.post("/sdapi/v1/options", content=b"\xff\xfe", headers={"Content-Type": "application/json"})
+    assert unparsable.status_code in (400, 422) and unparsable.json()["field"] == "body"

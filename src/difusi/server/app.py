@@ -123,7 +123,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         # Starlette's own errors (unknown route 404, wrong method 405, unparsable body 400) get difusi's body too.
         field = "body" if exc.status_code == 400 else None
-        name = HTTPStatus(exc.status_code).phrase.replace(" ", "") if exc.status_code in HTTPStatus._value2member_map_ else "HTTPError"
+        try:
+            name = HTTPStatus(exc.status_code).phrase.replace(" ", "")  # e.g. "NotFound", "MethodNotAllowed"
+        except ValueError:
+            name = "HTTPError"
         return JSONResponse(_error_body(name, str(exc.detail), field), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
