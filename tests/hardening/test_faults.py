@@ -152,10 +152,10 @@ def start_server(tmp_path: Path, models: Path, outputs: Path) -> tuple[subproces
 
 
 @pytest.mark.parametrize(
-    "delay", [0.037, *(pytest.param(d, marks=pytest.mark.slow) for d in (0.0, 0.005, 0.013, 0.021, 0.029, 0.055))])
+    "delay", [0.004, *(pytest.param(d, marks=pytest.mark.slow) for d in (0.0, 0.002, 0.008, 0.012, 0.02, 0.05))])
 def test_sigkill_during_a_batch_loses_and_corrupts_nothing(tmp_path, capsys, delay):
-    """Killed at `delay` seconds after the third image was reported: somewhere in sampling, decoding or saving
-    the next one (the slow tier tries several moments)."""
+    """Killed `delay` seconds after the fourth image's last sampling step: while it is decoded, written, published
+    or recorded, or soon after (the slow tier tries several moments)."""
     models, outputs = tmp_path / "models", tmp_path / "out"
     models.mkdir()
     process, url = start_server(tmp_path, models, outputs)
@@ -164,9 +164,11 @@ def test_sigkill_during_a_batch_loses_and_corrupts_nothing(tmp_path, capsys, del
         body = {"prompt": "a blue square", "steps": 3, "sampler_name": "Euler", "seed": seeds[0], "n_iter": len(seeds)}
         job = httpx.post(url + "/difusi/v1/jobs", json=body, timeout=30).json()
         deadline = time.time() + 120
-        while httpx.get(f"{url}/difusi/v1/jobs/{job['id']}", timeout=10).json()["images_done"] < 3:
-            assert time.time() < deadline, "no images were made"
-            time.sleep(0.01)
+        with httpx.Client(base_url=url, timeout=10) as http:
+            # Wait until 3 images are done and the 4th has taken its last step: it is being decoded and saved now.
+            while not ((s := http.get(f"/difusi/v1/jobs/{job['id']}").json())["images_done"] >= 3
+                       and s["step"] >= s["steps"] and s["iteration"] >= s["images_done"]):
+                assert time.time() < deadline, "no images were made"
         time.sleep(delay)
     finally:
         process.send_signal(signal.SIGKILL)
@@ -221,4 +223,54 @@ def test_opening_the_history_repairs_what_a_killed_writer_left(tmp_path):
     live.unlink()
     rows = check_files_match_history(outputs)
     assert sorted(rows) == sorted(original)  # same paths, infotexts and seeds as the rows the writer made
+    check_database(outputs)
+
+
+KILLED_WRITER = """
+import sys, time
+import difusi.store as store
+from difusi import generate
+where = sys.argv[2]
+real_write, real_row = store.write_png, store._write_row
+def slow_write(image, handle, infotext):
+    if where == "writing":
+        handle.write(b"\\x89PNG\\r\\n\\x1a\\n")
+        handle.flush()
+        print("inside", flush=True)
+        time.sleep(60)
+    return real_write(image, handle, infotext)
+def slow_row(db, row, **kw):
+    if where == "recording" and not kw.get("recovered"):
+        print("inside", flush=True)
+        time.sleep(60)
+    return real_row(db, row, **kw)
+store.write_png, store._write_row = slow_write, slow_row
+image = generate("a killed writer", steps=1, sampler_name="Euler", seed=31).images[0]
+store.OutputStore(sys.argv[1]).save(image)
+"""
+
+
+@pytest.mark.parametrize("where", ["writing", "recording"])
+def test_sigkill_inside_a_save(tmp_path, where):
+    """A real SIGKILL while a writer is inside OutputStore.save (held there on purpose): while the PNG is being
+    written (a temp file remains) or after it was published but before its row (an image without a row). Opening
+    the history afterwards leaves every image complete and recorded, and no temp file."""
+    outputs = tmp_path / "out"
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(outputs), where], env=child_env(tmp_path),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "inside", writer.stderr.read()
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(30)
+    if where == "writing":
+        assert len(temps(outputs)) == 1 and pngs(outputs) == []
+    else:
+        assert temps(outputs) == [] and len(pngs(outputs)) == 1 and history_rows(outputs) == []
+
+    from difusi.store import OutputStore
+
+    OutputStore(outputs).recover()
+    rows = check_files_match_history(outputs)
+    assert [seed for _, _, seed in rows] == ([] if where == "writing" else [31])
     check_database(outputs)

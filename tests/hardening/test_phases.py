@@ -210,3 +210,23 @@ def test_cli_reports_nan_in_one_line_and_saves_nothing(monkeypatch, capsys, tmp_
     assert errors == [errors[0]] and errors[0].startswith(
         "difusi: error: the model produced NaN during sampling (step 3), so the image would be blank")
     assert list(outputs.glob("*/*.png")) == []
+
+
+def test_http_reports_nan_as_json_and_saves_nothing(http, bad_files, monkeypatch):
+    import difusi.pipeline as pipeline
+
+    real_decode = pipeline.decode_latents
+
+    def broken_decode(*args, **kwargs):
+        return torch.full_like(real_decode(*args, **kwargs), float("nan"))
+
+    before = sorted(bad_files.outputs.glob("*/*.png"))
+    monkeypatch.setattr(pipeline, "decode_latents", broken_decode)
+    response = http.post("/sdapi/v1/txt2img", json={"prompt": "nan over http", "steps": 2, "seed": 3})
+    assert response.status_code == 500
+    body = response.json()
+    assert body["error"] == "NumericalError" and body["field"] == "sd_model_checkpoint"
+    assert body["detail"].startswith("the model produced NaN during decoding")
+    assert sorted(bad_files.outputs.glob("*/*.png")) == before
+    monkeypatch.setattr(pipeline, "decode_latents", real_decode)
+    assert http.post("/sdapi/v1/txt2img", json={"prompt": "fine again", "steps": 2, "seed": 3}).status_code == 200
