@@ -57,6 +57,9 @@ FIELD_FLAGS: dict[str, str] = {
     "s_tmin": "--s-tmin",
     "s_tmax": "--s-tmax",
     "clip_skip": "--clip-skip",
+    "s_min_uncond": "--s-min-uncond",
+    "token_merging_ratio": "--token-merging-ratio",
+    "deepcache_interval": "--deepcache-interval",
 }
 
 
@@ -174,6 +177,13 @@ def _add_generate(commands: Any) -> None:
     gen.add_argument("--s-tmax", type=_float_type, default=None, help="churn upper sigma bound (default inf)")
     gen.add_argument("--clip-skip", type=_int_type, default=None,
                      help=f"stop CLIP this many layers from the end {_range_help('clip_skip')}, default 1")
+    fast = gen.add_argument_group("opt-in speed modes (approximate: they change the image; recorded in its infotext)")
+    fast.add_argument("--s-min-uncond", type=_float_type, default=None, metavar="SIGMA",
+                      help=f"NGMS: below SIGMA, every other step skips the uncond pass {_range_help('s_min_uncond')}, default 0 (off)")
+    fast.add_argument("--token-merging-ratio", type=_float_type, default=None, metavar="RATIO",
+                      help=f"ToMe: merge this fraction of tokens before self-attention {_range_help('token_merging_ratio')}, default 0 (off)")
+    fast.add_argument("--deepcache-interval", type=_int_type, default=None, metavar="N",
+                      help=f"DeepCache: recompute the UNet's deep blocks every N-th step {_range_help('deepcache_interval')}, default 1 (off)")
     source = gen.add_mutually_exclusive_group()
     source.add_argument("--from", dest="from_image", default=None, metavar="IMAGE",
                         help="start from the parameters (and model) stored in IMAGE; flags override them")

@@ -56,6 +56,9 @@ KEY_TO_FIELD: dict[str, str] = {
     "Sigma tmin": "s_tmin",
     "Sigma tmax": "s_tmax",
     "Sigma noise": "s_noise",
+    "NGMS": "s_min_uncond",
+    "Token merging ratio": "token_merging_ratio",
+    "DeepCache interval": "deepcache_interval",
 }
 MODEL_KEYS = ("Model hash", "Model")
 """Keys naming the checkpoint; they select the model rather than set a GenerationParams field."""
@@ -130,6 +133,10 @@ def format_infotext(
         "Sigma tmin": format_number(params.s_tmin) if params.s_tmin != 0 else None,
         "Sigma tmax": format_number(params.s_tmax) if not math.isinf(params.s_tmax) else None,
         "Sigma noise": format_number(params.s_noise) if params.s_noise != 1 else None,
+        # Opt-in approximate speed modes (difusi.speed): written whenever enabled, so an image says how it was made.
+        "NGMS": format_number(params.s_min_uncond) if params.s_min_uncond > 0 else None,
+        "Token merging ratio": format_number(params.token_merging_ratio) if params.token_merging_ratio > 0 else None,
+        "DeepCache interval": params.deepcache_interval if params.deepcache_interval > 1 else None,
         **dict(extra or {}),
         "Version": _version_text(version),
     }

@@ -32,6 +32,9 @@ LIMITS: dict[str, tuple[float, float]] = {
     "s_tmin": (0.0, math.inf),
     "s_tmax": (0.0, math.inf),
     "clip_skip": (1, 12),
+    "s_min_uncond": (0.0, 100.0),
+    "token_merging_ratio": (0.0, 0.75),
+    "deepcache_interval": (1, 50),
 }
 """Allowed closed ranges per numeric field; front ends show these in their help and errors."""
 
@@ -70,6 +73,12 @@ class GenerationParams:
     s_tmin: float = 0.0
     s_tmax: float = math.inf
     clip_skip: int = 1
+    s_min_uncond: float = 0.0
+    """Opt-in speed-up (A1111 "NGMS"): below this sigma every other step skips the uncond pass. 0 = off."""
+    token_merging_ratio: float = 0.0
+    """Opt-in speed-up (A1111's ToMe ratio): fraction of tokens merged before self-attention. 0 = off."""
+    deepcache_interval: int = 1
+    """Opt-in speed-up (DeepCache): recompute the UNet's deep blocks every N-th call. 1 = off."""
     model: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     """Values a front end wants echoed but difusi does not interpret (never used for generation)."""

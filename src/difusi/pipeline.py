@@ -33,6 +33,10 @@ from difusi.rng import image_noise
 from difusi.samplers import build_sigmas, get_sampler
 from difusi.samplers.denoiser import CFGDenoiser, DiscreteNoiseTable, EpsDenoiser, VDenoiser
 from difusi.samplers.noise import BrownianNoiseSampler, ImageNoiseSampler
+from difusi.speed import prepare_model
+from difusi.speed.cfg_cutoff import skip_uncond
+from difusi.speed.deepcache import deepcache
+from difusi.speed.tome import token_merging
 from difusi.vae import decode_latents, latents_to_pil
 
 
@@ -111,6 +115,7 @@ def txt2img(
     """
     started = time.perf_counter()
     params = params.validated(native_size=model.native_size)
+    prepare_model(model)  # exact CPU fast path, once per loaded model (difusi.speed.exact)
     sampler = get_sampler(params.sampler_name)
     scheduler = params.scheduler
     if sampler.schedule_override is not None and scheduler.lower() == "automatic":
@@ -135,7 +140,8 @@ def txt2img(
         batch_subseeds = subseeds[first : first + params.batch_size]
         tracker = _StepTracker(progress, should_stop, should_skip, len(sigmas) - 1, iteration, params.n_iter, first)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), token_merging(model.unet, params.token_merging_ratio), \
+                    deepcache(model.unet, params.deepcache_interval):
                 latents = _sample_batch(
                     model, resolved, sampler, sigmas, denoiser, cond_schedule, uncond_schedule,
                     batch_seeds, batch_subseeds, tracker,
@@ -238,15 +244,18 @@ class _ScheduledCFG:
         self.cond_schedule, self.uncond_schedule = cond_schedule, uncond_schedule
         self.cfg_scale, self.batch, self.tracker = cfg_scale, batch, tracker
         self.time_ids = _sdxl_time_ids(model, params)
+        self.s_min_uncond = params.s_min_uncond
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **_: Any) -> torch.Tensor:
         cond = conditioning_at(self.cond_schedule, self.tracker.step)
         uncond = conditioning_at(self.uncond_schedule, self.tracker.step)
         cond, uncond = pad_to_same_length(cond, uncond)
+        # NGMS (opt-in, difusi.speed.cfg_cutoff): cond_scale 1 makes the CFG denoiser skip the uncond pass.
+        skip = skip_uncond(self.s_min_uncond, float(sigma[0]), self.tracker.step, self.cfg_scale)
         return self.cfg(
             x, sigma,
             cond=self._network_kwargs(cond, x), uncond=self._network_kwargs(uncond, x),
-            cond_scale=self.cfg_scale,
+            cond_scale=1.0 if skip else self.cfg_scale,
         )
 
     def _network_kwargs(self, conditioning: Conditioning, x: torch.Tensor) -> dict[str, torch.Tensor]:
