@@ -10,6 +10,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# OpenMP threads that wait by sleeping instead of spinning. Measured on the shared 2-core host
+# (bench/cpu_speed.py, section "threads"): with another process busy on one core, spinning workers
+# steal that core's time and a UNet step takes ~1.9x longer. Read when torch loads libgomp, so it
+# only applies when difusi is imported before torch (the CLI and the server always are).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 

@@ -7,14 +7,13 @@ stays within 1e-3 (max abs, float pixels in [0, 1]) of diffusers' eager pipeline
 import numpy as np
 import pytest
 import torch
+from speed_helpers import diffusers_pixels, difusi_pixels, euler_params
 
 from difusi.models import load_model
 from difusi.params import GenerationParams
 from difusi.pipeline import txt2img
 from difusi.speed import exact, prepare_model, restore_model
 from difusi.speed.exact import OneDNNLinear
-
-from speed_helpers import diffusers_pixels, difusi_pixels, euler_params
 
 pytestmark = pytest.mark.skipif(not exact.onednn_linear_available(), reason="torch built without oneDNN")
 

@@ -142,6 +142,30 @@ def sd15_configs() -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]
     return unet, vae, [_text_config(768, 12, "quick_gelu", heads=12)]
 
 
+def sdxl_configs() -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """The real SDXL 1.0 base architecture: 2.57B UNet, the SD VAE, CLIP ViT-L + OpenCLIP ViT-bigG text encoders."""
+    unet = {
+        "sample_size": 128,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": [320, 640, 1280],
+        "layers_per_block": 2,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "transformer_layers_per_block": [1, 2, 10],
+        "cross_attention_dim": 2048,
+        "attention_head_dim": [5, 10, 20],
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,
+        "norm_num_groups": 32,
+    }
+    vae = {**sd15_configs()[1], "scaling_factor": 0.13025, "sample_size": 1024}
+    texts = [_text_config(768, 12, "quick_gelu", heads=12), _text_config(1280, 32, "gelu", projection=1280, heads=20)]
+    return unet, vae, texts
+
+
 # ----------------------------------------------------------------------------- modules
 
 
@@ -280,26 +304,52 @@ def _save_pretrained(module: Any, folder: Path, dtype: torch.dtype) -> None:
 
 
 def write_random_ldm_file(path: str | Path, size: str = "sd15", dtype: torch.dtype = torch.float16, seed: int = 0) -> Path:
-    """A single-file SD1 safetensors of random weights at `size`, without building real modules.
+    """A single-file safetensors of random weights at `size`, without building real modules.
 
-    The key set and shapes come from modules constructed on the meta device (no memory), so a
-    full-size 2 GB fp16 file costs ~2 GB of RAM to write. For benches; no reference modules returned.
+    `size`: "sd15" (SD 1.5 architecture, ~2.1 GB fp16), "sdxl" (SDXL base architecture, ~6.9 GB fp16) or
+    "tiny" (tiny SD1). The key set and shapes come from modules constructed on the meta device (no
+    memory), so a file costs about its own size in RAM to write. For benches; no reference modules returned.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    unet_cfg, vae_cfg, text_cfgs = sd15_configs() if size == "sd15" else tiny_configs("sd1")
+    family = "sdxl" if size == "sdxl" else "sd1"
+    unet_cfg, vae_cfg, text_cfgs = {"sd15": sd15_configs, "sdxl": sdxl_configs}.get(size, lambda: tiny_configs("sd1"))()
     with torch.device("meta"):
         unet, vae = UNet2DConditionModel.from_config(unet_cfg), AutoencoderKL.from_config(vae_cfg)
-        text = CLIPTextModel(CLIPTextConfig(**text_cfgs[0]))
-    shapes = {k: v.shape for k, v in convert.ldm_checkpoint_from_modules("sd1", unet, vae, [text]).items()}
+        texts = [(CLIPTextModelWithProjection if i == 1 else CLIPTextModel)(CLIPTextConfig(**cfg))
+                 for i, cfg in enumerate(text_cfgs)]
+    shapes = {k: v.shape for k, v in convert.ldm_checkpoint_from_modules(family, unet, vae, texts).items()}
     generator = torch.Generator().manual_seed(seed)
-    state = {k: (torch.randn(shape, generator=generator) * 0.02).to(dtype) for k, shape in shapes.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={"format": "pt"})
+    _stream_safetensors(path, shapes, dtype, lambda shape: (torch.randn(shape, generator=generator) * 0.02).to(dtype))
     return path
+
+
+_SAFETENSORS_NAMES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16"}
+
+
+def _stream_safetensors(path: Path, shapes: dict[str, Any], dtype: torch.dtype, make: Any) -> None:
+    """Write a safetensors file one tensor at a time (`make(shape)` builds each), so RAM stays at one tensor.
+
+    Layout per the safetensors spec: 8-byte little-endian header length, JSON header (space-padded to a
+    multiple of 8) with dtype, shape and data_offsets of each tensor, then the raw little-endian data.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, shape in shapes.items():
+        size = int(torch.Size(shape).numel()) * itemsize
+        header[key] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with path.open("wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for shape in shapes.values():
+            handle.write(make(shape).contiguous().view(torch.uint8).numpy().tobytes())
 
 
 # ----------------------------------------------------------------------------- reference

@@ -1,0 +1,683 @@
+"""Bench (issue 7): difusi vs diffusers' StableDiffusionPipeline on the CPU, side by side in one run.
+
+    python bench/cpu_speed.py [--checkpoint PATH] [--quick] [--sections a,b,...] [--out docs/bench]
+
+This host's speed drifts by up to 3x over minutes (shared machine), so every number that is compared is
+measured in the same run, variants interleaved repeat by repeat, and medians reported; only the ratios
+are meaningful across runs. Sections (all by default):
+
+- `peak`: the CPU's achievable FLOP rate measured now: a 3x3 convolution (320 ch, 64x64, batch 2,
+  oneDNN, NCHW and channels_last), sgemm 4096 through `torch.mm` (MKL) and through oneDNN.
+- `load`: `load_model` of the random SD 1.5-architecture fp16 safetensors file (~2.1 GB, page-cached)
+  in a fresh process vs plain `safetensors.load_file` + float32 cast; peak RSS of each process.
+- `unet`: seconds per UNet CFG call (batch 2) at 256 px (32x32 latents) and 512 px (64x64): diffusers'
+  eager modules under `no_grad` (what `StableDiffusionPipeline` runs) vs difusi's exact fast path, plus
+  ablations at 256 px (each switch alone, inference_mode, 1 thread); achieved GFLOPS from
+  `torch.utils.flop_counter` plus attention FLOPs counted at the SDPA call (the counter misses the CPU
+  SDPA kernel), against the measured peak; max abs difference of the UNet outputs.
+- `vae`: VAE decode of a 64x64 latent (512 px), eager vs fast path.
+- `e2e`: one CFG 7 image at 512 px, DPM++ 2M Karras with `--e2e-steps` steps: diffusers pipeline vs
+  difusi txt2img; also scaled to 20 steps (measured overhead + 20 x the measured per-step time).
+- `modes`: 20-step images at 256 px: diffusers, difusi exact, and each opt-in mode (NGMS, DeepCache,
+  ToMe, all three): seconds per image, speed-up over diffusers, deviation from difusi's exact image
+  (max / mean abs difference of 8-bit pixels, PSNR).
+- `mini`: the same on the default model difusi-mini (native size, 20 steps).
+- `compile`: torch.compile (inductor) of the fast-path UNet at 256 px in a fresh process: cold compile,
+  warm start from inductor's on-disk cache in a second process, and seconds per step vs the fast path.
+- `sdxl`: an SDXL-architecture random checkpoint (fp16 file, float32 run) in a fresh process: load time,
+  one 512 px CFG image (2 steps), peak RSS.
+
+Random weights make the images noise-like: the deviation numbers bound how far a mode moves the output,
+not how good it looks. Writes `cpu-speed.json` and `cpu-speed.md` to `--out`.
+"""
+
+from __future__ import annotations
+
+import difusi  # noqa: F401, I001  (first: offline env and OpenMP wait policy, read when torch loads libgomp)
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".bench-cache"
+SECTIONS = ["peak", "threads", "load", "unet", "vae", "e2e", "modes", "mini", "compile", "sdxl"]
+PROMPT = "a photo of an astronaut riding a horse on mars, highly detailed"
+NEGATIVE = "blurry, low quality"
+MODES = {
+    "NGMS 5": {"s_min_uncond": 5.0},
+    "DeepCache 3": {"deepcache_interval": 3},
+    "ToMe 0.5": {"token_merging_ratio": 0.5},
+    "NGMS 5 + DeepCache 3 + ToMe 0.5": {"s_min_uncond": 5.0, "deepcache_interval": 3, "token_merging_ratio": 0.5},
+}
+
+
+def log(*parts) -> None:
+    print(f"[{datetime.now(UTC):%H:%M:%S}]", *parts, flush=True)
+
+
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def interleaved(cases: dict, repeats: int, setup=None) -> dict[str, list[float]]:
+    """Run every case once per repeat, cases in turn, so drift hits all alike. `setup(name)` runs untimed."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for repeat in range(repeats):
+        for name, fn in cases.items():
+            if setup is not None:
+                setup(name)
+            times[name].append(timed(fn))
+            log(f"  {name} repeat {repeat + 1}/{repeats}: {times[name][-1]:.3f} s")
+    return times
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# ----------------------------------------------------------------------------- peak
+
+
+def measure_peak(repeats: int) -> dict:
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 320, 64, 64)
+    w = torch.randn(320, 320, 3, 3) * 0.02
+    x_cl, w_cl = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    bt = b.t().contiguous()
+    conv_flop = 2 * 2 * 320 * 320 * 9 * 64 * 64
+    gemm_flop = 2 * 4096**3
+    with torch.inference_mode():
+        cases = {
+            "conv3x3 NCHW": lambda: F.conv2d(x, w, padding=1),
+            "conv3x3 channels_last": lambda: F.conv2d(x_cl, w_cl, padding=1),
+            "sgemm 4096 torch.mm (MKL)": lambda: torch.mm(a, b),
+            "sgemm 4096 oneDNN": lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], ""),
+        }
+        for fn in cases.values():
+            fn()
+        times = interleaved(cases, repeats)
+    flops = {name: (conv_flop if name.startswith("conv") else gemm_flop) for name in cases}
+    result = {name: {"seconds": med(t), "gflops": flops[name] / med(t) / 1e9} for name, t in times.items()}
+    result["peak_gflops"] = max(v["gflops"] for v in result.values())
+    return result
+
+
+# ----------------------------------------------------------------------------- checkpoint + model
+
+
+def ensure_sd15(path: Path | None) -> Path:
+    path = path or CACHE / "sd15-random-fp16.safetensors"
+    if not path.exists():
+        from difusi.models.synthetic import write_random_ldm_file
+
+        log(f"writing random SD 1.5-architecture checkpoint to {path}")
+        write_random_ldm_file(path)
+    return path
+
+
+def page_cache(path: Path) -> None:
+    with path.open("rb") as handle:
+        while handle.read(1 << 24):
+            pass
+
+
+LOAD_CHILD = textwrap.dedent("""
+    import json, resource, sys, time
+    import difusi, torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+    from safetensors.torch import load_file
+    from difusi.models import load_model
+    case, path = sys.argv[1], sys.argv[2]
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    if case == "safetensors load_file + float32":
+        state = {k: v.float() for k, v in load_file(path).items()}
+    else:
+        model = load_model(path)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak / 1024, "imports_rss_mb": base / 1024}))
+""")
+
+
+def measure_load(path: Path, repeats: int) -> dict:
+    page_cache(path)
+    cases = ["difusi load_model (float32)", "safetensors load_file + float32"]
+    runs: dict[str, list[dict]] = {case: [] for case in cases}
+    for _ in range(repeats):
+        for case in cases:
+            out = subprocess.run([sys.executable, "-c", LOAD_CHILD, case, str(path)], capture_output=True, text=True,
+                                 check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+            runs[case].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            log(f"  load {case}: {runs[case][-1]['seconds']:.2f} s")
+    size = path.stat().st_size
+    return {
+        "file_gb": size / 1e9,
+        **{case: {"seconds": med([r["seconds"] for r in rs]), "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+                  "imports_rss_mb": rs[0]["imports_rss_mb"]} for case, rs in runs.items()},
+    }
+
+
+def set_path(model, variant: str) -> None:
+    """Switch one loaded model between diffusers' eager modules and (parts of) difusi's fast path."""
+    from difusi.speed import exact
+
+    exact.restore_model(model)
+    convs = [model.unet, model.vae]
+    texts = [encoder.model for encoder in model.text_encoders]
+    if variant == "exact":
+        exact.prepare_model(model, force=True)
+    elif variant == "oneDNN linear only":
+        exact.prepare_modules(convs + texts, linear=True, channels_last=False)
+    elif variant == "channels_last only":
+        exact.prepare_modules(convs, linear=False, channels_last=True)
+
+
+# ----------------------------------------------------------------------------- UNet step
+
+
+def unet_flops(unet, x, t, context) -> float:
+    """FLOPs of one call: torch's counter plus attention at the SDPA call (4 * B * H * N * M * D)."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    attention = [0.0]
+    original = F.scaled_dot_product_attention
+
+    def counting(q, k, v, *args, **kwargs):
+        attention[0] += 4.0 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
+        return original(q, k, v, *args, **kwargs)
+
+    F.scaled_dot_product_attention = counting
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            unet(x, t, encoder_hidden_states=context)
+    finally:
+        F.scaled_dot_product_attention = original
+    return counter.get_total_flops() + attention[0]
+
+
+def measure_unet(model, latent: int, repeats: int, ablations: bool, peak: float | None) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, latent, latent)
+    t = torch.tensor([500.0, 500.0])
+    context = torch.randn(2, 77, 768)
+    threads = torch.get_num_threads()
+    set_path(model, "eager")
+    flops = unet_flops(model.unet, x, t, context)
+    variants = {"diffusers eager (no_grad)": ("eager", torch.no_grad, threads), "difusi exact": ("exact", torch.inference_mode, threads)}
+    if ablations:
+        variants.update({
+            "eager + inference_mode": ("eager", torch.inference_mode, threads),
+            "oneDNN linear only": ("oneDNN linear only", torch.inference_mode, threads),
+            "channels_last only": ("channels_last only", torch.inference_mode, threads),
+        })
+        if threads > 1:
+            variants["difusi exact, 1 thread"] = ("exact", torch.inference_mode, 1)
+    outputs = {}
+
+    def call(name):
+        path, context_manager, n = variants[name]
+        torch.set_num_threads(n)
+        try:
+            with context_manager():
+                outputs[name] = model.unet(x, t, encoder_hidden_states=context).sample
+        finally:
+            torch.set_num_threads(threads)
+
+    current = {"path": None}
+
+    def setup(name):
+        if current["path"] != variants[name][0]:
+            set_path(model, variants[name][0])
+            current["path"] = variants[name][0]
+
+    for name in variants:  # warm-up, untimed
+        setup(name)
+        call(name)
+    times = interleaved({name: (lambda name=name: call(name)) for name in variants}, repeats, setup)
+    base = med(times["diffusers eager (no_grad)"])
+    reference = outputs["diffusers eager (no_grad)"]
+    rows = {}
+    for name, values in times.items():
+        seconds = med(values)
+        rows[name] = {
+            "seconds": seconds, "speedup": base / seconds, "gflops": flops / seconds / 1e9,
+            "fraction_of_peak": (flops / seconds / 1e9 / peak) if peak else None,
+            "max_abs_diff": float((outputs[name] - reference).abs().max()), "runs": values,
+        }
+    return {"latent": latent, "pixels": latent * 8, "gflop_per_call": flops / 1e9, "variants": rows}
+
+
+def measure_vae(model, repeats: int) -> dict:
+    from difusi.vae import decode_latents
+
+    torch.manual_seed(0)
+    latents = torch.randn(1, 4, 64, 64)
+    outputs = {}
+    variants = {"diffusers eager (no_grad)": ("eager", torch.no_grad), "difusi exact": ("exact", torch.inference_mode)}
+
+    def call(name):
+        with variants[name][1]():
+            outputs[name] = decode_latents(model.vae, latents, model.scaling_factor, tiled=False)
+
+    times = interleaved({name: (lambda name=name: call(name)) for name in variants}, repeats,
+                        lambda name: set_path(model, variants[name][0]))
+    base = med(times["diffusers eager (no_grad)"])
+    ref = outputs["diffusers eager (no_grad)"]
+    return {name: {"seconds": med(v), "speedup": base / med(v), "runs": v,
+                   "max_abs_diff": float((outputs[name] - ref).abs().max())} for name, v in times.items()}
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def diffusers_pipeline(model):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    encoder = model.text_encoders[0]
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                            use_karras_sigmas=True, prediction_type=model.prediction_type)
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=encoder.model, tokenizer=encoder.tokenizer,
+                                   unet=model.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def image_cases(model, size: int, steps: int, modes: dict) -> tuple[dict, dict]:
+    from difusi.params import GenerationParams
+    from difusi.pipeline import txt2img
+
+    params = GenerationParams(prompt=PROMPT, negative_prompt=NEGATIVE, seed=1, steps=steps, cfg_scale=7.0,
+                              sampler_name="DPM++ 2M", scheduler="Karras", width=size, height=size)
+    pipe = diffusers_pipeline(model)
+    images: dict[str, np.ndarray] = {}
+
+    def run_diffusers():
+        # diffusers' pipeline __call__ runs under no_grad; CFG batch 2, same prompt, sampler and schedule.
+        out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.0, height=size,
+                   width=size, generator=torch.Generator("cpu").manual_seed(1), output_type="pil")
+        images["diffusers"] = np.asarray(out.images[0], dtype=np.float64)
+
+    def difusi_case(name, changes):
+        def run():
+            result = txt2img(model, params.replace(**changes))
+            images[name] = np.asarray(result.images[0].image, dtype=np.float64)
+        return run
+
+    cases = {"diffusers eager": run_diffusers, "difusi exact": difusi_case("difusi exact", {})}
+    cases.update({f"difusi {name}": difusi_case(f"difusi {name}", changes) for name, changes in modes.items()})
+    paths = {name: ("eager" if name == "diffusers eager" else "exact") for name in cases}
+    return cases, {"images": images, "paths": paths}
+
+
+def deviation(image: np.ndarray, exact: np.ndarray) -> dict:
+    diff = np.abs(image - exact)
+    mse = float((diff**2).mean())
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
+            "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse))}
+
+
+def measure_images(model, size: int, steps: int, modes: dict, repeats: int) -> dict:
+    cases, state = image_cases(model, size, steps, modes)
+    current = {"path": None}
+
+    def setup(name):
+        if current["path"] != state["paths"][name]:
+            set_path(model, state["paths"][name])
+            current["path"] = state["paths"][name]
+
+    times = interleaved(cases, repeats, setup)
+    base = med(times["diffusers eager"])
+    images = state["images"]
+    exact = images["difusi exact"].copy()
+    rows = {}
+    for name, values in times.items():
+        key = "diffusers" if name == "diffusers eager" else name
+        rows[name] = {"seconds": med(values), "speedup_vs_diffusers": base / med(values), "runs": values,
+                      "deviation_from_difusi_exact": deviation(images[key], exact)}
+    return {"size": size, "steps": steps, "cases": rows}
+
+
+def scaled_e2e(model, steps: int, unet_512: dict) -> dict:
+    """One 512 px image per pipeline at `steps` steps, plus the 20-step estimate from the measured s/step."""
+    e2e = measure_images(model, 512, steps, {}, 1)
+    for name, key in (("diffusers eager", "diffusers eager (no_grad)"), ("difusi exact", "difusi exact")):
+        if key in unet_512:
+            e2e["cases"][name]["scaled_20_steps"] = e2e["cases"][name]["seconds"] + (20 - steps) * unet_512[key]["seconds"]
+    return e2e
+
+
+def measure_mini(repeats: int) -> dict:
+    from difusi.api import get_model
+
+    model = get_model(None)
+    result = measure_images(model, model.native_size, 20, MODES, repeats)
+    result["model"] = model.name
+    return result
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+THREADS_CHILD = textwrap.dedent("""
+    import json, os, sys, time, torch
+    import difusi
+    from difusi.models import load_model
+    from difusi.speed import prepare_model
+    model = load_model(sys.argv[1])
+    prepare_model(model)
+    torch.manual_seed(0)
+    x, t, c = torch.randn(2, 4, 32, 32), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768)
+    runs = {}
+    with torch.inference_mode():
+        model.unet(x, t, encoder_hidden_states=c)
+        for n in (torch.get_num_threads(), 1):
+            torch.set_num_threads(n)
+            s = time.perf_counter(); model.unet(x, t, encoder_hidden_states=c); runs[n] = time.perf_counter() - s
+    print(json.dumps({"policy": os.environ["OMP_WAIT_POLICY"], "runs": runs}))
+""")
+
+
+def measure_threads(path: Path, repeats: int) -> dict:
+    """OpenMP wait policy and thread count, fast-path UNet at 256 px, alternating fresh processes
+    (the policy is read when libgomp loads). ACTIVE is libgomp's (and so diffusers') default."""
+    results: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for policy in ("ACTIVE", "PASSIVE"):
+            out = subprocess.run([sys.executable, "-c", THREADS_CHILD, str(path)], capture_output=True, text=True,
+                                 check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_WAIT_POLICY": policy})
+            data = json.loads(out.stdout.strip().splitlines()[-1])
+            for threads, seconds in data["runs"].items():
+                results.setdefault(f"{policy}, {threads} threads", []).append(seconds)
+            log(f"  {policy}: {data['runs']}")
+    return {name: {"seconds": med(v), "runs": v} for name, v in results.items()}
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+COMPILE_CHILD = textwrap.dedent("""
+    import json, sys, time, torch
+    import difusi
+    from difusi.models import load_model
+    from difusi.speed import prepare_model
+    path, repeats = sys.argv[1], int(sys.argv[2])
+    model = load_model(path)
+    prepare_model(model)
+    torch.manual_seed(0)
+    x, t, c = torch.randn(2, 4, 32, 32), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768)
+    compiled = torch.compile(model.unet)
+    out = {}
+    with torch.inference_mode():
+        s = time.perf_counter(); compiled(x, t, encoder_hidden_states=c); out["first_call_s"] = time.perf_counter() - s
+        eager, comp = [], []
+        for _ in range(repeats):
+            s = time.perf_counter(); model.unet(x, t, encoder_hidden_states=c); eager.append(time.perf_counter() - s)
+            s = time.perf_counter(); compiled(x, t, encoder_hidden_states=c); comp.append(time.perf_counter() - s)
+        a = model.unet(x, t, encoder_hidden_states=c).sample; b = compiled(x, t, encoder_hidden_states=c).sample
+    out.update(exact_runs=eager, compiled_runs=comp, max_abs_diff=float((a - b).abs().max()))
+    print(json.dumps(out))
+""")
+
+
+def measure_compile(path: Path, repeats: int) -> dict:
+    cache_dir = CACHE / "inductor-cache"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TORCHINDUCTOR_CACHE_DIR": str(cache_dir),
+           "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
+    if cache_dir.exists():
+        import shutil
+
+        shutil.rmtree(cache_dir)
+    result = {}
+    for label in ("cold", "warm"):
+        out = subprocess.run([sys.executable, "-c", COMPILE_CHILD, str(path), str(repeats)], capture_output=True,
+                             text=True, env=env)
+        if out.returncode != 0:
+            result[label] = {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+            log(f"  compile {label}: failed")
+            continue
+        data = json.loads(out.stdout.strip().splitlines()[-1])
+        data["exact_s"], data["compiled_s"] = med(data["exact_runs"]), med(data["compiled_runs"])
+        data["speedup_vs_exact"] = data["exact_s"] / data["compiled_s"]
+        result[label] = data
+        log(f"  compile {label}: first call {data['first_call_s']:.1f} s, step {data['compiled_s']:.2f} s "
+            f"vs exact {data['exact_s']:.2f} s")
+    return result
+
+
+# ----------------------------------------------------------------------------- SDXL
+
+
+SDXL_CHILD = textwrap.dedent("""
+    import json, resource, sys, time, torch
+    import difusi
+    from difusi.models import load_model
+    from difusi.params import GenerationParams
+    from difusi.pipeline import txt2img
+    path = sys.argv[1]
+    s = time.perf_counter(); model = load_model(path); load_s = time.perf_counter() - s
+    after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    params = GenerationParams(prompt="a photo of a cat", negative_prompt="blurry", seed=1, steps=2, cfg_scale=5.0,
+                              sampler_name="Euler", scheduler="Karras", width=512, height=512)
+    s = time.perf_counter(); result = txt2img(model, params); gen_s = time.perf_counter() - s
+    print(json.dumps({"family": model.family, "load_s": load_s, "generate_2_steps_s": gen_s,
+                      "peak_rss_after_load_mb": after_load,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "image_size": list(result.images[0].image.size),
+                      "unet_params": sum(p.numel() for p in model.unet.parameters())}))
+""")
+
+
+def measure_sdxl(path: Path | None) -> dict:
+    path = path or CACHE / "sdxl-random-fp16.safetensors"
+    if not path.exists():
+        log(f"writing random SDXL-architecture checkpoint to {path}")
+        code = ("import difusi, sys, torch; from difusi.models.synthetic import write_random_ldm_file; "
+                "write_random_ldm_file(sys.argv[1], size='sdxl')")
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    page_cache(path)
+    out = subprocess.run([sys.executable, "-c", SDXL_CHILD, str(path)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    if out.returncode != 0:
+        return {"error": out.stderr.strip()[-2000:]}
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    data["file_gb"] = path.stat().st_size / 1e9
+    return data
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# difusi CPU speed vs diffusers ({report['date']})", "",
+             f"`{report['command']}` — {report['machine']}; torch {report['torch']}, diffusers {report['diffusers']}, "
+             f"{report['threads']} threads. Same run, interleaved repeats, medians; only ratios compare across runs.", ""]
+    peak = report.get("peak")
+    if peak:
+        lines += ["## Measured peak (this run)", "", "| kernel | ms | GFLOPS |", "|---|---:|---:|"]
+        lines += [f"| {k} | {v['seconds'] * 1e3:.1f} | {v['gflops']:.0f} |" for k, v in peak.items() if isinstance(v, dict)]
+        lines += ["", f"Peak used for fractions: **{peak['peak_gflops']:.0f} GFLOPS**.", ""]
+    for key in ("unet_256", "unet_512"):
+        unet = report.get(key)
+        if not unet:
+            continue
+        lines += [f"## UNet CFG call at {unet['pixels']} px ({unet['latent']}x{unet['latent']} latents, batch 2, "
+                  f"{unet['gflop_per_call']:.0f} GFLOP)", "",
+                  "| variant | s/step | speed-up vs diffusers | GFLOPS | of peak | max abs diff |", "|---|---:|---:|---:|---:|---:|"]
+        for name, v in unet["variants"].items():
+            frac = f"{v['fraction_of_peak'] * 100:.0f} %" if v["fraction_of_peak"] else ""
+            lines.append(f"| {name} | {v['seconds']:.2f} | {v['speedup']:.2f}x | {v['gflops']:.0f} | {frac} | {v['max_abs_diff']:.1e} |")
+        lines.append("")
+    vae = report.get("vae")
+    if vae:
+        lines += ["## VAE decode, 512 px", "", "| variant | s | speed-up | max abs diff |", "|---|---:|---:|---:|"]
+        lines += [f"| {k} | {v['seconds']:.2f} | {v['speedup']:.2f}x | {v['max_abs_diff']:.1e} |" for k, v in vae.items()]
+        lines.append("")
+    e2e = report.get("e2e")
+    if e2e:
+        lines += [f"## One CFG image at {e2e['size']} px, {e2e['steps']} steps DPM++ 2M Karras (and scaled to 20 steps)", "",
+                  "| pipeline | s/image | scaled to 20 steps | speed-up |", "|---|---:|---:|---:|"]
+        for name, v in e2e["cases"].items():
+            lines.append(f"| {name} | {v['seconds']:.1f} | {v.get('scaled_20_steps', float('nan')):.0f} | "
+                         f"{v['speedup_vs_diffusers']:.2f}x |")
+        lines.append("")
+    for key, title in (("modes", "random SD 1.5 architecture"), ("mini", "default model difusi-mini")):
+        modes = report.get(key)
+        if not modes:
+            continue
+        lines += [f"## Fast modes, {title}: {modes['size']} px, {modes['steps']} steps DPM++ 2M Karras, CFG 7", "",
+                  "| pipeline | s/image | speed-up vs diffusers | max abs diff | mean abs diff | PSNR dB |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, v in modes["cases"].items():
+            d = v["deviation_from_difusi_exact"]
+            lines.append(f"| {name} | {v['seconds']:.2f} | {v['speedup_vs_diffusers']:.2f}x | {d['max_abs']:.0f} | "
+                         f"{d['mean_abs']:.2f} | {d['psnr_db']:.1f} |")
+        lines += ["", "Deviation: 8-bit pixels vs difusi's exact image of the same seed.", ""]
+    threads = report.get("threads_policy")
+    if threads:
+        base = threads.get("ACTIVE, 2 threads", next(iter(threads.values())))["seconds"]
+        lines += ["## OpenMP wait policy and threads: fast-path UNet at 256 px, fresh processes alternating", "",
+                  "| setting | s/step | speed-up vs ACTIVE (libgomp default) |", "|---|---:|---:|"]
+        lines += [f"| {k} | {v['seconds']:.2f} | {base / v['seconds']:.2f}x |" for k, v in threads.items()]
+        lines.append("")
+    load = report.get("load")
+    if load:
+        lines += [f"## Checkpoint load ({load['file_gb']:.2f} GB fp16 safetensors, page-cached, fresh process)", "",
+                  "| case | s | peak RSS MiB (imports alone) |", "|---|---:|---:|"]
+        lines += [f"| {k} | {v['seconds']:.2f} | {v['peak_rss_mb']:.0f} ({v['imports_rss_mb']:.0f}) |"
+                  for k, v in load.items() if isinstance(v, dict)]
+        lines.append("")
+    comp = report.get("compile")
+    if comp:
+        lines += ["## torch.compile (inductor) of the fast-path UNet, 256 px", "",
+                  "| process | first call s | compiled s/step | fast path s/step | speed-up | max abs diff |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for label, v in comp.items():
+            if "error" in v:
+                lines.append(f"| {label} | failed: {v['error'][:80]} | | | | |")
+            else:
+                lines.append(f"| {label} | {v['first_call_s']:.1f} | {v['compiled_s']:.2f} | {v['exact_s']:.2f} | "
+                             f"{v['speedup_vs_exact']:.2f}x | {v['max_abs_diff']:.1e} |")
+        lines.append("")
+    sdxl = report.get("sdxl")
+    if sdxl:
+        lines += ["## SDXL architecture (random weights), 512 px", ""]
+        if "error" in sdxl:
+            lines += [f"failed: `{sdxl['error'][-300:]}`", ""]
+        else:
+            lines += [f"{sdxl['file_gb']:.2f} GB fp16 file, {sdxl['unet_params'] / 1e9:.2f} B UNet parameters, run in float32: "
+                      f"load {sdxl['load_s']:.1f} s, one 512x512 CFG image with 2 Euler steps {sdxl['generate_2_steps_s']:.1f} s, "
+                      f"peak RSS {sdxl['peak_rss_mb'] / 1024:.1f} GiB (after load {sdxl['peak_rss_after_load_mb'] / 1024:.1f} GiB).", ""]
+    lines += [f"Peak RSS of the bench process: {report['peak_rss_mb'] / 1024:.1f} GiB.", ""]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    name = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+        flags = Path("/proc/cpuinfo").read_text()
+        isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
+    except OSError:
+        isa = "?"
+    return f"{name}, {os.cpu_count()} logical CPUs, {isa}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=None, help="SD 1.5-architecture file (default: random, cached)")
+    parser.add_argument("--sdxl-checkpoint", type=Path, default=None)
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (1 at 512 px)")
+    parser.add_argument("--e2e-steps", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
+    parser.add_argument("--merge", action="store_true", help="keep the other sections of an existing cpu-speed.json")
+    args = parser.parse_args()
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--sections: unknown {sorted(unknown)}; choose from {SECTIONS}")
+    r256, r512 = (2, 1) if args.quick else (3, 2)
+    from diffusers import __version__ as diffusers_version
+
+    report: dict = {"date": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC", "command": " ".join(["python bench/cpu_speed.py", *sys.argv[1:]]),
+                    "machine": machine(), "torch": torch.__version__, "diffusers": diffusers_version,
+                    "threads": torch.get_num_threads(), "sections": sections}
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge and (args.out / "cpu-speed.json").exists():
+        kept = json.loads((args.out / "cpu-speed.json").read_text())
+        report = {**kept, **report, "sections": sorted(set(kept.get("sections", [])) | set(sections))}
+
+    def save():
+        report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        (args.out / "cpu-speed.json").write_text(json.dumps(report, indent=2))
+        (args.out / "cpu-speed.md").write_text(markdown(report))
+
+    def section(key: str, fn) -> None:
+        log(key)
+        report[key] = fn()
+        save()
+
+    if "peak" in sections:
+        section("peak", lambda: measure_peak(5))
+    peak = report.get("peak", {}).get("peak_gflops")
+    needs_sd15 = set(sections) & {"threads", "load", "unet", "vae", "e2e", "modes", "compile"}
+    checkpoint = ensure_sd15(args.checkpoint) if needs_sd15 else None
+    if "threads" in sections:
+        section("threads_policy", lambda: measure_threads(checkpoint, 2 if args.quick else 3))
+    if "load" in sections:
+        section("load", lambda: measure_load(checkpoint, 2 if args.quick else 3))
+    model = None
+    if set(sections) & {"unet", "vae", "e2e", "modes"}:
+        from difusi.models import load_model
+
+        model = load_model(checkpoint)
+    if "unet" in sections:
+        section("unet_256", lambda: measure_unet(model, 32, r256, True, peak))
+        section("unet_512", lambda: measure_unet(model, 64, r512, False, peak))
+    if "vae" in sections:
+        section("vae", lambda: measure_vae(model, r512))
+    if "e2e" in sections:
+        section("e2e", lambda: scaled_e2e(model, args.e2e_steps, report.get("unet_512", {}).get("variants", {})))
+    if "modes" in sections:
+        section("modes", lambda: measure_images(model, 256, 20, MODES, 1))
+    if model is not None:
+        from difusi.models.loader import free_model
+
+        free_model(model)
+        model = None
+    if "mini" in sections:
+        section("mini", lambda: measure_mini(5))
+    if "compile" in sections:
+        section("compile", lambda: measure_compile(checkpoint, 3))
+    if "sdxl" in sections:
+        section("sdxl", lambda: measure_sdxl(args.sdxl_checkpoint))
+    save()
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
