@@ -1,3 +1,4 @@
+# ruff: noqa: I001  (difusi is imported first on purpose: see the import below)
 """Bench (issue 7): difusi vs diffusers' StableDiffusionPipeline on the CPU, side by side in one run.
 
     python bench/cpu_speed.py [--checkpoint PATH] [--quick] [--sections a,b,...] [--out docs/bench]
