@@ -228,7 +228,7 @@ def _brute_force_merge(x, height, width, r):
     for d in dst:
         group = [x[d]] + [x[s] for s, target in merged.items() if target == d]
         out_dst.append(torch.stack(group).mean(0))
-    return torch.cat([torch.stack([x[s] for s in kept]), torch.stack(out_dst)])
+    return torch.stack([x[s] for s in kept] + out_dst)
 
 
 @pytest.mark.parametrize(("height", "width", "r"), [(4, 4, 5), (5, 7, 9), (6, 4, 18)])
