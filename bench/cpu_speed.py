@@ -22,6 +22,8 @@ are meaningful across runs. Sections (all by default):
 - `modes`: 20-step images at 256 px: diffusers, difusi exact, and each opt-in mode (NGMS, DeepCache,
   ToMe, all three): seconds per image, speed-up over diffusers, deviation from difusi's exact image
   (max / mean abs difference of 8-bit pixels, PSNR).
+- `modes512`: the modes at 512 px, per UNet call over one DeepCache cycle (3 consecutive calls, batch 2),
+  and the 20-step image time estimated from it (20 calls + the VAE decode measured in `vae`).
 - `mini`: the same on the default model difusi-mini (native size, 20 steps).
 - `compile`: torch.compile (inductor) of the fast-path UNet at 256 px in a fresh process: cold compile,
   warm start from inductor's on-disk cache in a second process, and seconds per step vs the fast path.
@@ -53,7 +55,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".bench-cache"
-SECTIONS = ["peak", "threads", "load", "unet", "vae", "e2e", "modes", "mini", "compile", "sdxl"]
+SECTIONS = ["peak", "threads", "load", "unet", "vae", "e2e", "modes", "modes512", "mini", "compile", "sdxl"]
 PROMPT = "a photo of an astronaut riding a horse on mars, highly detailed"
 NEGATIVE = "blurry, low quality"
 MODES = {
@@ -359,6 +361,44 @@ def measure_images(model, size: int, steps: int, modes: dict, repeats: int) -> d
     return {"size": size, "steps": steps, "cases": rows}
 
 
+def measure_modes_512(model, vae: dict, repeats: int) -> dict:
+    """Seconds per UNet call at 64x64 latents, averaged over 3 consecutive calls (one DeepCache cycle)."""
+    from difusi.speed.deepcache import deepcache
+    from difusi.speed.tome import token_merging
+
+    torch.manual_seed(0)
+    xs = [torch.randn(2, 4, 64, 64) for _ in range(3)]
+    t = torch.tensor([500.0, 500.0])
+    context = torch.randn(2, 77, 768)
+    variants = {
+        "diffusers eager (no_grad)": ("eager", 0.0, 1),
+        "difusi exact": ("exact", 0.0, 1),
+        "difusi ToMe 0.5": ("exact", 0.5, 1),
+        "difusi DeepCache 3": ("exact", 0.0, 3),
+        "difusi DeepCache 3 + ToMe 0.5": ("exact", 0.5, 3),
+    }
+
+    def cycle(name):
+        path, ratio, interval = variants[name]
+        grad = torch.no_grad if path == "eager" else torch.inference_mode
+        with grad(), token_merging(model.unet, ratio), deepcache(model.unet, interval):
+            for x in xs:
+                model.unet(x, t, encoder_hidden_states=context)
+
+    times = interleaved({name: (lambda name=name: cycle(name)) for name in variants}, repeats,
+                        lambda name: set_path(model, variants[name][0]))
+    rows = {}
+    base_call = med(times["diffusers eager (no_grad)"]) / 3
+    for name, values in times.items():
+        per_call = med(values) / 3
+        decode = vae.get("diffusers eager (no_grad)" if name.startswith("diffusers") else "difusi exact", {}).get("seconds", 0.0)
+        rows[name] = {"seconds_per_call": per_call, "call_speedup": base_call / per_call, "image_20_steps_s": 20 * per_call + decode}
+    base_image = rows["diffusers eager (no_grad)"]["image_20_steps_s"]
+    for row in rows.values():
+        row["image_speedup"] = base_image / row["image_20_steps_s"]
+    return rows
+
+
 def scaled_e2e(model, steps: int, unet_512: dict) -> dict:
     """One 512 px image per pipeline at `steps` steps, plus the 20-step estimate from the measured s/step."""
     e2e = measure_images(model, 512, steps, {}, 1)
@@ -421,24 +461,30 @@ COMPILE_CHILD = textwrap.dedent("""
     import json, sys, time, torch
     import difusi
     from difusi.models import load_model
-    from difusi.speed import prepare_model
+    from difusi.speed import exact
     path, repeats = sys.argv[1], int(sys.argv[2])
-    model = load_model(path)
-    prepare_model(model)
+    fast = load_model(path)
+    exact.prepare_model(fast)
+    # Inductor cannot lower oneDNN's linear on a plain weight (it packs weights itself), so the compiled
+    # model keeps nn.Linear and only takes channels_last; inductor picks its own GEMM path.
+    other = load_model(path)
+    exact.prepare_modules([other.unet], linear=False, channels_last=True)
     torch.manual_seed(0)
     x, t, c = torch.randn(2, 4, 32, 32), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768)
-    compiled = torch.compile(model.unet)
+    compiled = torch.compile(other.unet)
     out = {}
     with torch.inference_mode():
         s = time.perf_counter(); compiled(x, t, encoder_hidden_states=c); out["first_call_s"] = time.perf_counter() - s
+        fast.unet(x, t, encoder_hidden_states=c)
         eager, comp = [], []
         for _ in range(repeats):
-            s = time.perf_counter(); model.unet(x, t, encoder_hidden_states=c); eager.append(time.perf_counter() - s)
+            s = time.perf_counter(); fast.unet(x, t, encoder_hidden_states=c); eager.append(time.perf_counter() - s)
             s = time.perf_counter(); compiled(x, t, encoder_hidden_states=c); comp.append(time.perf_counter() - s)
-        a = model.unet(x, t, encoder_hidden_states=c).sample; b = compiled(x, t, encoder_hidden_states=c).sample
+        a = fast.unet(x, t, encoder_hidden_states=c).sample; b = compiled(x, t, encoder_hidden_states=c).sample
     out.update(exact_runs=eager, compiled_runs=comp, max_abs_diff=float((a - b).abs().max()))
     print(json.dumps(out))
 """)
+
 
 
 def measure_compile(path: Path, repeats: int) -> dict:
@@ -454,7 +500,8 @@ def measure_compile(path: Path, repeats: int) -> dict:
         out = subprocess.run([sys.executable, "-c", COMPILE_CHILD, str(path), str(repeats)], capture_output=True,
                              text=True, env=env)
         if out.returncode != 0:
-            result[label] = {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+            errors = [line for line in out.stderr.splitlines() if "Error" in line or "Exception" in line]
+            result[label] = {"error": (errors[-1] if errors else f"exit {out.returncode}")[:300]}
             log(f"  compile {label}: failed")
             continue
         data = json.loads(out.stdout.strip().splitlines()[-1])
@@ -499,8 +546,8 @@ def measure_sdxl(path: Path | None) -> dict:
     page_cache(path)
     out = subprocess.run([sys.executable, "-c", SDXL_CHILD, str(path)], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    if out.returncode != 0:
-        return {"error": out.stderr.strip()[-2000:]}
+    if out.returncode != 0:  # -9: killed, e.g. by the kernel's OOM killer
+        return {"error": f"exit {out.returncode}: {out.stderr.strip()[-1500:]}"}
     data = json.loads(out.stdout.strip().splitlines()[-1])
     data["file_gb"] = path.stat().st_size / 1e9
     return data
@@ -513,6 +560,10 @@ def markdown(report: dict) -> str:
     lines = [f"# difusi CPU speed vs diffusers ({report['date']})", "",
              f"`{report['command']}` — {report['machine']}; torch {report['torch']}, diffusers {report['diffusers']}, "
              f"{report['threads']} threads. Same run, interleaved repeats, medians; only ratios compare across runs.", ""]
+    for note in report.get("notes", []):
+        lines += [f"- {note}"]
+    if report.get("notes"):
+        lines.append("")
     peak = report.get("peak")
     if peak:
         lines += ["## Measured peak (this run)", "", "| kernel | ms | GFLOPS |", "|---|---:|---:|"]
@@ -554,6 +605,14 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | {v['seconds']:.2f} | {v['speedup_vs_diffusers']:.2f}x | {d['max_abs']:.0f} | "
                          f"{d['mean_abs']:.2f} | {d['psnr_db']:.1f} |")
         lines += ["", "Deviation: 8-bit pixels vs difusi's exact image of the same seed.", ""]
+    m512 = report.get("modes512")
+    if m512:
+        lines += ["## Fast modes at 512 px: UNet calls over one DeepCache cycle (3 calls), 20-step image estimated", "",
+                  "| pipeline | s/UNet call | speed-up per call | est. s/image (20 steps + VAE) | speed-up per image |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {k} | {v['seconds_per_call']:.1f} | {v['call_speedup']:.2f}x | {v['image_20_steps_s']:.0f} | "
+                  f"{v['image_speedup']:.2f}x |" for k, v in m512.items()]
+        lines += ["", "NGMS is left out here: its saving depends on the sigma schedule (see the 256 px table).", ""]
     threads = report.get("threads_policy")
     if threads:
         base = threads.get("ACTIVE, 2 threads", next(iter(threads.values())))["seconds"]
@@ -645,14 +704,14 @@ def main() -> None:
     if "peak" in sections:
         section("peak", lambda: measure_peak(5))
     peak = report.get("peak", {}).get("peak_gflops")
-    needs_sd15 = set(sections) & {"threads", "load", "unet", "vae", "e2e", "modes", "compile"}
+    needs_sd15 = set(sections) & {"threads", "load", "unet", "vae", "e2e", "modes", "modes512", "compile"}
     checkpoint = ensure_sd15(args.checkpoint) if needs_sd15 else None
     if "threads" in sections:
         section("threads_policy", lambda: measure_threads(checkpoint, 2 if args.quick else 3))
     if "load" in sections:
         section("load", lambda: measure_load(checkpoint, 2 if args.quick else 3))
     model = None
-    if set(sections) & {"unet", "vae", "e2e", "modes"}:
+    if set(sections) & {"unet", "vae", "e2e", "modes", "modes512"}:
         from difusi.models import load_model
 
         model = load_model(checkpoint)
@@ -665,6 +724,8 @@ def main() -> None:
         section("e2e", lambda: scaled_e2e(model, args.e2e_steps, report.get("unet_512", {}).get("variants", {})))
     if "modes" in sections:
         section("modes", lambda: measure_images(model, 256, 20, MODES, 1))
+    if "modes512" in sections:
+        section("modes512", lambda: measure_modes_512(model, report.get("vae", {}), r512))
     if model is not None:
         from difusi.models.loader import free_model
 
