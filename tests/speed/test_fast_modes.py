@@ -73,6 +73,9 @@ def test_http_request_fields_map_to_the_modes():
                                                    "deepcache_interval": 3})
     params = a1111.to_txt2img_job(request).params
     assert (params.s_min_uncond, params.token_merging_ratio, params.deepcache_interval) == (2.5, 0.25, 3)
+    overridden = a1111.to_txt2img_job(a1111.Txt2ImgRequest.model_validate(
+        {"prompt": "x", "override_settings": {"s_min_uncond": 1.5, "token_merging_ratio": 0.2}})).params
+    assert (overridden.s_min_uncond, overridden.token_merging_ratio) == (1.5, 0.2)  # A1111 sends them as options too
     bad = a1111.to_txt2img_job(a1111.Txt2ImgRequest.model_validate({"prompt": "x", "token_merging_ratio": 2}))
     with pytest.raises(ParamError) as caught:
         bad.params.validated(native_size=64)

@@ -125,7 +125,8 @@ class Txt2ImgJob:
     """The request as sent, echoed back as `parameters` (A1111 does the same)."""
 
 
-_OPTION_TO_PARAM = {"CLIP_stop_at_last_layers": "clip_skip", "eta_ancestral": "eta", "s_noise": "s_noise"}
+_OPTION_TO_PARAM = {"CLIP_stop_at_last_layers": "clip_skip", "eta_ancestral": "eta", "s_noise": "s_noise",
+                    "s_min_uncond": "s_min_uncond", "token_merging_ratio": "token_merging_ratio"}
 """A1111 options that act as per-job parameters when sent in override_settings."""
 
 
