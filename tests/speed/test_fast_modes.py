@@ -274,3 +274,17 @@ def test_token_merging_only_touches_full_resolution_self_attention(model):
     assert torch.equal(off, plain) and torch.equal(after, plain)
     assert not torch.allclose(on, plain, atol=1e-5)
     assert (on - plain).abs().mean() < plain.abs().mean(), "merging approximates, it does not scramble"
+
+
+def test_token_merging_acts_on_sdxl_whose_full_resolution_has_no_attention(tiny_file):
+    sdxl = load_model(tiny_file("sdxl")).unet
+    assert not getattr(sdxl.down_blocks[0], "attentions", None)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn((1, 4, 16, 16), generator=generator)
+    context = torch.randn((1, 77, sdxl.config.cross_attention_dim), generator=generator)
+    added = {"text_embeds": torch.randn((1, 32), generator=generator), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    with torch.inference_mode():
+        plain = sdxl(x, torch.tensor([500.0]), encoder_hidden_states=context, added_cond_kwargs=added).sample
+        with token_merging(sdxl, 0.5):
+            merged = sdxl(x, torch.tensor([500.0]), encoder_hidden_states=context, added_cond_kwargs=added).sample
+    assert not torch.allclose(merged, plain, atol=1e-5)

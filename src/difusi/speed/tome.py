@@ -9,7 +9,9 @@ on the N - r remaining tokens; afterwards every merged source takes its destinat
 (unmerge). This is the paper's recommended setting (merge attention only, max_downsample 1, 2x2
 strides), like A1111's `token_merging_ratio` (infotext "Token merging ratio"), except that the
 destination is always a tile's top-left token instead of a random one: the image then depends only on
-the seed, as every other difusi image does.
+the seed, as every other difusi image does. "Highest resolution" means the highest that has
+attention: SDXL has none at full latent resolution, so there merging acts at half resolution
+(tomesd's max_downsample=1 would silently do nothing on SDXL).
 """
 
 from __future__ import annotations
@@ -75,6 +77,14 @@ def bipartite_merge(metric: torch.Tensor, height: int, width: int, r: int) -> tu
     return merge, unmerge
 
 
+def _first_attention_level(unet: Any) -> int:
+    """Index of the first down block with attention (0 for SD1/SD2, 1 for SDXL)."""
+    for level, block in enumerate(unet.down_blocks):
+        if getattr(block, "attentions", None):
+            return level
+    return 0
+
+
 def _self_attentions(unet: Any) -> list[Any]:
     from diffusers.models.attention import BasicTransformerBlock
 
@@ -93,8 +103,13 @@ def token_merging(unet: Any, ratio: float) -> Iterator[None]:
     original_unet_forward = unet.forward
     previous = vars(unet).get("forward")  # another mode's wrapper, put back on exit
 
+    halvings = _first_attention_level(unet)
+
     def unet_forward(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        grid["height"], grid["width"] = sample.shape[-2], sample.shape[-1]
+        height, width = sample.shape[-2], sample.shape[-1]
+        for _ in range(halvings):  # diffusers' stride-2, padding-1 downsamplers round up
+            height, width = (height + 1) // 2, (width + 1) // 2
+        grid["height"], grid["width"] = height, width
         return original_unet_forward(sample, *args, **kwargs)
 
     def merged(attention: Any) -> Callable:
