@@ -63,6 +63,7 @@ MODES = {
     "DeepCache 3": {"deepcache_interval": 3},
     "ToMe 0.5": {"token_merging_ratio": 0.5},
     "NGMS 5 + DeepCache 3 + ToMe 0.5": {"s_min_uncond": 5.0, "deepcache_interval": 3, "token_merging_ratio": 0.5},
+    "NGMS 15 + DeepCache 5 + ToMe 0.6": {"s_min_uncond": 15.0, "deepcache_interval": 5, "token_merging_ratio": 0.6},
 }
 
 
@@ -673,6 +674,7 @@ def main() -> None:
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (1 at 512 px)")
     parser.add_argument("--e2e-steps", type=int, default=4)
+    parser.add_argument("--modes-repeats", type=int, default=1, help="repeats of the 20-step 256 px images (default 1)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     parser.add_argument("--merge", action="store_true", help="keep the other sections of an existing cpu-speed.json")
     args = parser.parse_args()
@@ -689,7 +691,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.merge and (args.out / "cpu-speed.json").exists():
         kept = json.loads((args.out / "cpu-speed.json").read_text())
-        report = {**kept, **report, "sections": sorted(set(kept.get("sections", [])) | set(sections))}
+        note = f"{report['date']}: `{report['command']}` added {', '.join(sections)} to this run's report."
+        report = {**kept, "sections": sorted(set(kept.get("sections", [])) | set(sections)),
+                  "notes": [*kept.get("notes", []), note]}
 
     def save():
         report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -723,7 +727,7 @@ def main() -> None:
     if "e2e" in sections:
         section("e2e", lambda: scaled_e2e(model, args.e2e_steps, report.get("unet_512", {}).get("variants", {})))
     if "modes" in sections:
-        section("modes", lambda: measure_images(model, 256, 20, MODES, 1))
+        section("modes", lambda: measure_images(model, 256, 20, MODES, args.modes_repeats))
     if "modes512" in sections:
         section("modes512", lambda: measure_modes_512(model, report.get("vae", {}), r512))
     if model is not None:
