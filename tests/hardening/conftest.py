@@ -10,14 +10,8 @@ from hardening_harness import Files, build_files, serve
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: these tests share 2 busy cores (see tests/server/conftest.py)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread_per_test(one_torch_thread) -> None:
+    """These tests share 2 busy cores with a live server (see the root conftest)."""
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,6 @@ import io
 import json
 import os
 import shlex
-import socket
-import threading
-import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from loopback import LoopbackServer
 
 SECRET_TEXT = "outside secret: never served\n"
 
@@ -147,36 +146,18 @@ def bomb_png_base64() -> str:
 # -- a server on loopback ----------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve(files: Files, **options: Any) -> Iterator[str]:
     """A real uvicorn server for `files` (difusi-mini as the operator's --model); yields its base URL."""
-    import uvicorn
-
     from difusi.models import default_model_path
     from difusi.server.app import create_app
 
     settings = {"models_dir": files.models, "outputs_dir": files.outputs, "checkpoint": str(default_model_path())}
-    app = create_app(**{**settings, **options})
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        if time.time() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
+    server = LoopbackServer(create_app(**{**settings, **options}))
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield server.url
     finally:
-        server.should_exit = True
-        thread.join(15)
+        server.stop()
 
 
 # -- running one case ---------------------------------------------------------------------------------------------

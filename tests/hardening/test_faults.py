@@ -14,10 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hardening_harness import free_port
 
 from difusi.infotext import read_infotext
 from difusi.store import DB_NAME, TEMP_PREFIX
+from loopback import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hardening_harness import free_port, serve
+from hardening_harness import serve
+
+from loopback import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 USER, PASSWORD = "alice", "s3cret:with:colons"

@@ -76,6 +76,46 @@ def test_high_noise_fraction_draws_that_share_of_the_batch_from_the_noisy_end(tm
     assert abs((plain >= 900).float().mean().item() - 0.1) < 0.02  # default: uniform, as in SD
 
 
+def test_terminal_samples_hide_the_image_and_keep_the_forward_equation(tmp_path):
+    config = train.TrainConfig(**{**TINY, "terminal_fraction": 0.25})
+    trainer = train.Trainer(tmp_path, config, "cpu")
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(8, 4, 4, 4, generator=generator), torch.randn(8, 4, 4, 4, generator=generator)
+    t = torch.full((8,), 500)
+    abar = trainer.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+    new_t, new_noisy, target = trainer._terminal_samples(t, noisy, noise, latents)
+    assert new_t.tolist() == [500] * 6 + [999] * 2
+    assert torch.equal(new_noisy[:6], noisy[:6]) and torch.equal(target[:6], noise[:6])
+    assert torch.equal(new_noisy[6:], noise[6:])  # the input is the noise alone: no trace of the latents
+    last = trainer.alphas_cumprod[999]
+    rebuilt = last.sqrt() * latents[6:] + (1 - last).sqrt() * target[6:]
+    assert torch.allclose(rebuilt, new_noisy[6:], atol=1e-5)  # target epsilon implies exactly these latents
+
+
+def test_decoder_phase_trains_the_decoder_alone(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = train.Trainer(tmp_path, train.TrainConfig(**{**TINY, "decoder_steps": 0}), "cpu")
+        trainer.run()
+        before = {k: v.clone() for k, v in trainer.vae.state_dict().items()}
+        unet = {k: v.clone() for k, v in trainer.ema_unet.state_dict().items()}
+        assert trainer.phase == "done" and trainer.step == TINY["unet_steps"]  # no decoder phase: resumable as before
+        trainer.config.decoder_steps = 3
+        trainer.phase, trainer.step = "decoder", 0
+        trainer.run()
+    finally:
+        torch.set_num_threads(threads)
+    after = trainer.vae.state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
+    assert all(torch.equal(unet[k], v) for k, v in trainer.ema_unet.state_dict().items())
+    assert trainer.phase == "done" and trainer.step == 3
+
+
 def test_existing_run_needs_resume(tmp_path):
     (tmp_path / train.CHECKPOINT_NAME).write_bytes(b"")
     with pytest.raises(ParamError) as error:
@@ -87,7 +127,11 @@ def test_existing_run_needs_resume(tmp_path):
     ("argv", "field"),
     [
         (["--device", "tpu"], "device"),
-        (["--steps", "0"], "unet_steps"),
+        (["--steps", "-1"], "unet_steps"),
+        (["--batch-size", "0"], "batch"),
+        (["--terminal-fraction", "2"], "terminal_fraction"),
+        (["--decoder-lr", "0"], "decoder_lr"),
+        (["--checkpoint-every", "0"], "checkpoint_every"),
         (["--lr", "2"], "lr"),
         (["--init", "/nonexistent.safetensors"], "init"),
         (["--high-noise-fraction", "1.5"], "high_noise_fraction"),

@@ -7,19 +7,16 @@ in the models folder so model switching can be tested.
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from difusi.models import default_model_path
 from difusi.server.app import create_app
+from loopback import LoopbackServer
 
 
 @dataclass
@@ -40,16 +37,8 @@ class Running:
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """The tests share 2 CPU cores with other work; one intra-op thread avoids OpenMP spin contention
-    (measured: a tiny-model step went from ~1 s to ~0.2 s under load). Restored after each test so other
-    test folders run with their usual thread count."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread_per_test(one_torch_thread) -> None:
+    """See the root conftest: these tests share the CPU with a live server."""
 
 
 @pytest.fixture(scope="session")
@@ -68,39 +57,25 @@ def models(tmp_path_factory) -> Models:
     return Models(folder=folder, default=default, other=other)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def start_server(models, tmp_path_factory) -> Iterator[Callable[..., Running]]:
     """Factory: start_server(**create_app kwargs) -> Running; every server is stopped at the end."""
-    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+    servers: list[LoopbackServer] = []
 
     def start(**kwargs) -> Running:
         outputs = tmp_path_factory.mktemp("outputs")
         options = {"models_dir": models.folder, "outputs_dir": outputs, "checkpoint": str(models.default)}
         options.update(kwargs)
         app = create_app(**options)
-        port = _free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.time() + 30
-        while not server.started:
-            if time.time() > deadline or not thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        servers.append((server, thread))
-        return Running(url=f"http://127.0.0.1:{port}", outputs=outputs, app=app)
+        server = LoopbackServer(app, start_timeout=30)
+        servers.append(server)
+        return Running(url=server.url, outputs=outputs, app=app)
 
     yield start
-    for server, _ in servers:
-        server.should_exit = True
-    for _, thread in servers:
-        thread.join(15)
+    for server in servers:  # ask them all first so they wind down in parallel
+        server.ask_to_stop()
+    for server in servers:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 
 from difusi.server import DEFAULT_HOST, DEFAULT_PORT, bind_address, build_parser, main
 from difusi.server.app import parse_auth
+from loopback import free_port
 
 
 def test_defaults_and_listen():
@@ -38,14 +38,8 @@ def test_bad_options_exit_2_with_a_message(argv, capsys):
     assert "difusi serve:" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_difusi_serve_process_serves_api_and_ui(models, tmp_path):
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-c", "import sys; from difusi.cli import main; sys.exit(main())", "serve",
                "--port", str(port), "--models-dir", str(models.folder), "--outputs-dir", str(tmp_path / "out"),
                "--model", str(models.default), "--api-auth", "user:pass"]

@@ -42,7 +42,7 @@ from difusi.mini import model as mini_model
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "difusi-mini.safetensors"
-PHASES = ("vae", "calibrate", "unet", "done")
+PHASES = ("vae", "calibrate", "unet", "decoder", "done")
 
 
 @dataclass
@@ -72,6 +72,17 @@ class TrainConfig:
     high_noise_fraction: float = 0.0
     high_noise_from: int = 700
     position_caption_rate: float = data.POSITION_RATE  # how often a caption names the shape's position
+    # Fraction of each UNet batch trained at the last timestep on the sampler's own starting point: noise that
+    # carries no trace of the image. At t=999 SD's forward process still leaks sqrt(abar)=0.068 of the latent,
+    # which a whole shape's worth of pixels makes readable, so a model trained only on that reads the layout
+    # from the seed's noise and not from "left"/"top" (Lin et al. 2024, "Common Diffusion Noise Schedules and
+    # Sample Steps are Flawed", sec. 3.1). These samples make the text the only source of layout at t=999
+    # without changing SD's schedule, so every sampler still treats the model exactly like SD1.
+    terminal_fraction: float = 0.0
+    # Optional last phase: more training of the VAE decoder alone. The encoder is frozen, so the latent space
+    # the UNet learnt is unchanged; it sharpens what the decoder draws (small squares' corners).
+    decoder_steps: int = 0
+    decoder_lr: float = 3e-4
     init: str | None = None  # warm start: an exported difusi-mini checkpoint (skips the VAE phase)
 
 
@@ -256,6 +267,8 @@ class Trainer:
             t = self._timesteps(latents.shape[0], gen).to(self.device)
             abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
             noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+            t, noisy, noise = self._terminal_samples(t, noisy, noise, latents)
+            abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
             token_ids = token_ids.to(self.device, non_blocking=True)
             context = mini_model.encode_text(self.text_encoder, token_ids)
             prediction = self.unet(noisy, t, encoder_hidden_states=context).sample
@@ -273,6 +286,41 @@ class Trainer:
                 self.save()
                 export(self, self.out / MODEL_NAME)  # the latest weights are always usable
         bar.close()
+        # The step counter is per phase; a run without a decoder phase keeps the UNet's, so it can be resumed.
+        self.phase, self.step = ("decoder", 0) if cfg.decoder_steps else ("done", self.step)
+        self.save()
+
+    # ---- phase 4 (optional): decoder only ---------------------------------------------------------------
+    def train_decoder(self) -> None:
+        """L1 + MSE reconstruction training of ``post_quant_conv`` + ``decoder`` on latents of the frozen encoder."""
+        cfg = self.config
+        self.vae.train().requires_grad_(False)  # the UNet phase froze it all; thaw only the decoder side
+        self.vae.decoder.requires_grad_(True)
+        self.vae.post_quant_conv.requires_grad_(True)
+        bar = _progress(cfg.decoder_steps, self.step, "decoder")
+        smoothed = None
+        for images, _ in _batches(cfg.seed + 3, cfg.vae_batch, cfg.size, self.step, cfg.decoder_steps, self.device):
+            images = images.to(self.device, non_blocking=True)
+            for group in self.vae_opt.param_groups:
+                group["lr"] = cfg.decoder_lr * _cosine_lr(self.step, cfg.decoder_steps, 50)
+            with torch.no_grad():
+                posterior = self.vae.encode(images).latent_dist
+                gen = _step_generator(cfg.seed, "decoder", self.step)
+                z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(self.device)
+            recon = self.vae.decode(z).sample
+            loss = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+            self.vae_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.vae_opt.step()
+            self.step += 1
+            smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{smoothed:.4f}")
+            if self.step % cfg.checkpoint_every == 0 and self.step < cfg.decoder_steps:
+                self.save()
+                export(self, self.out / MODEL_NAME)
+        bar.close()
+        self.vae.eval()
         self.phase = "done"
         self.save()
 
@@ -283,6 +331,25 @@ class Trainer:
         if high:
             t[:high] = torch.randint(self.config.high_noise_from, mini_model.NUM_TRAIN_TIMESTEPS, (high,), generator=gen)
         return t
+
+    def _terminal_samples(self, t, noisy, noise, latents):
+        """Turn the last ``terminal_fraction`` of the batch into signal-free samples at t = T-1.
+
+        The input is pure unit noise ``n`` (what samplers start from) and the target is the epsilon that makes
+        the forward equation hold for the clean latent: ``eps = (n - sqrt(abar) x0) / sqrt(1 - abar)``, so the
+        x0 the model implies is the image the caption describes, not one the noise hints at.
+        """
+        count = round(t.shape[0] * self.config.terminal_fraction)
+        if not count:
+            return t, noisy, noise
+        t, noisy, noise = t.clone(), noisy.clone(), noise.clone()
+        last = mini_model.NUM_TRAIN_TIMESTEPS - 1
+        abar = self.alphas_cumprod[last]
+        pure = noise[-count:]  # independent of latents, and the forward noise of those samples is discarded
+        t[-count:] = last
+        noisy[-count:] = pure
+        noise[-count:] = (pure - abar.sqrt() * latents[-count:]) / (1 - abar).sqrt()
+        return t, noisy, noise
 
     def _weighted_loss(self, prediction: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
         per_sample = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
@@ -323,6 +390,8 @@ class Trainer:
             self.calibrate()
         if self.phase == "unet":
             self.train_unet()
+        if self.phase == "decoder":
+            self.train_decoder()
 
 
 def fit_latent_rgb(scaled_latents: torch.Tensor, pixels: torch.Tensor) -> dict:
@@ -386,6 +455,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--position-caption-rate", type=float, default=None, help="how often captions name positions (default 0.7)"
     )
+    parser.add_argument(
+        "--terminal-fraction", type=float, default=None, help="share of each batch trained at t=999 on signal-free noise"
+    )
+    parser.add_argument("--decoder-steps", type=int, default=None, help="decoder-only steps after the UNet (default 0)")
+    parser.add_argument("--decoder-lr", type=float, default=None, help=f"decoder peak learning rate (default {TrainConfig.decoder_lr})")
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="save and export every N steps (default 500)")
     parser.add_argument("--high-noise-from", type=int, default=None, help="first 'high noise' timestep (default 700)")
     parser.add_argument("--lr", type=float, default=None, help=f"UNet peak learning rate (default {TrainConfig.lr})")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -394,16 +469,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _config_from_args(args: argparse.Namespace, saved: dict | None) -> TrainConfig:
     config = TrainConfig(**saved) if saved else TrainConfig()
-    overrides = (("unet_steps", args.steps), ("vae_steps", args.vae_steps), ("seed", args.seed), ("batch", args.batch_size))
+    overrides = (
+        ("unet_steps", args.steps),
+        ("vae_steps", args.vae_steps),
+        ("seed", args.seed),
+        ("batch", args.batch_size),
+        ("decoder_steps", args.decoder_steps),
+    )
     for field_name, value in overrides:
         if value is not None:
-            if value < 0 or (field_name in ("unet_steps", "batch") and value == 0):
+            if value < 0 or (field_name == "batch" and value == 0):
                 raise ParamError(field_name, f"must be a positive integer, got {value}")
             setattr(config, field_name, value)
     if args.lr is not None:
         if not 0 < args.lr < 1:
             raise ParamError("lr", f"must be in (0, 1), got {args.lr}")
         config.lr = args.lr
+    if args.decoder_lr is not None:
+        if not 0 < args.decoder_lr < 1:
+            raise ParamError("decoder_lr", f"must be in (0, 1), got {args.decoder_lr}")
+        config.decoder_lr = args.decoder_lr
     if args.loss_weight_cap is not None:
         if args.loss_weight_cap < 0:
             raise ParamError("loss_weight_cap", f"must be >= 0, got {args.loss_weight_cap}")
@@ -412,6 +497,14 @@ def _config_from_args(args: argparse.Namespace, saved: dict | None) -> TrainConf
         if not 0 <= args.high_noise_fraction <= 1:
             raise ParamError("high_noise_fraction", f"must be in [0, 1], got {args.high_noise_fraction}")
         config.high_noise_fraction = args.high_noise_fraction
+    if args.terminal_fraction is not None:
+        if not 0 <= args.terminal_fraction <= 1:
+            raise ParamError("terminal_fraction", f"must be in [0, 1], got {args.terminal_fraction}")
+        config.terminal_fraction = args.terminal_fraction
+    if args.checkpoint_every is not None:
+        if args.checkpoint_every < 1:
+            raise ParamError("checkpoint_every", f"must be a positive integer, got {args.checkpoint_every}")
+        config.checkpoint_every = args.checkpoint_every
     if args.position_caption_rate is not None:
         if not 0 <= args.position_caption_rate <= 1:
             raise ParamError("position_caption_rate", f"must be in [0, 1], got {args.position_caption_rate}")
