@@ -116,6 +116,19 @@ def test_decoder_phase_trains_the_decoder_alone(tmp_path):
     assert trainer.phase == "done" and trainer.step == 3
 
 
+def test_text_encoder_learning_rate_is_a_multiple_of_the_unets(tmp_path):
+    trainer = train.Trainer(tmp_path, train.TrainConfig(**{**TINY, "text_lr_scale": 5.0}), "cpu")
+    unet_group, text_group = trainer.unet_opt.param_groups
+    assert {id(p) for p in text_group["params"]} == {id(p) for p in trainer.text_encoder.parameters()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer.run()
+    finally:
+        torch.set_num_threads(threads)
+    assert unet_group["lr"] > 0 and text_group["lr"] == pytest.approx(5.0 * unet_group["lr"])
+
+
 def test_existing_run_needs_resume(tmp_path):
     (tmp_path / train.CHECKPOINT_NAME).write_bytes(b"")
     with pytest.raises(ParamError) as error:
@@ -131,6 +144,7 @@ def test_existing_run_needs_resume(tmp_path):
         (["--batch-size", "0"], "batch"),
         (["--terminal-fraction", "2"], "terminal_fraction"),
         (["--decoder-lr", "0"], "decoder_lr"),
+        (["--text-lr-scale", "0"], "text_lr_scale"),
         (["--checkpoint-every", "0"], "checkpoint_every"),
         (["--lr", "2"], "lr"),
         (["--init", "/nonexistent.safetensors"], "init"),

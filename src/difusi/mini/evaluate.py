@@ -45,10 +45,17 @@ DEFAULT_SAMPLERS = (
     "DPM++ 2S a",
     "DPM++ SDE",
     "DPM++ 2M SDE",
+    "DPM++ 2M SDE Heun",
+    "DPM++ 3M SDE",
+    "DPM fast",
+    "DPM adaptive",
+    "Restart",
     "DDIM",
     "PLMS",
     "UniPC",
+    "UniPC bh2",
 )
+# LCM is left out on purpose: it is the sampler of latent-consistency-distilled models, and difusi-mini is not one.
 REFERENCE = {"sampler": "DPM++ 2M", "scheduler": "Karras", "steps": 20, "cfg": 7.0}
 
 

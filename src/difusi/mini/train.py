@@ -59,6 +59,10 @@ class TrainConfig:
     batch: int = 64
     lr: float = 6e-4
     warmup: int = 200
+    # The text encoder's learning rate as a multiple of ``lr``. Adam moves each weight by about lr per step
+    # whatever its gradient, so a word whose embedding must travel far (two position words that an earlier
+    # run merged) needs a larger rate than the UNet does.
+    text_lr_scale: float = 1.0
     ema_decay: float = 0.999
     checkpoint_every: int = 500
     calibration_images: int = 512
@@ -159,7 +163,10 @@ class Trainer:
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
         fused = device != "cpu"  # one kernel per step on CUDA; the CPU default (foreach) is already fast
         self.unet_opt = torch.optim.AdamW(
-            list(self.unet.parameters()) + list(self.text_encoder.parameters()),
+            [
+                {"params": list(self.unet.parameters()), "lr_scale": 1.0},
+                {"params": list(self.text_encoder.parameters()), "lr_scale": config.text_lr_scale},
+            ],
             lr=config.lr,
             weight_decay=0.01,
             fused=fused,
@@ -257,7 +264,7 @@ class Trainer:
         for images, token_ids in batches:
             images = images.to(self.device, non_blocking=True)
             for group in self.unet_opt.param_groups:
-                group["lr"] = cfg.lr * _cosine_lr(self.step, cfg.unet_steps, cfg.warmup)
+                group["lr"] = group["lr_scale"] * cfg.lr * _cosine_lr(self.step, cfg.unet_steps, cfg.warmup)
             gen = _step_generator(cfg.seed, "unet", self.step)
             with torch.no_grad():
                 posterior = self.vae.encode(images).latent_dist
@@ -458,6 +465,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--terminal-fraction", type=float, default=None, help="share of each batch trained at t=999 on signal-free noise"
     )
+    parser.add_argument("--text-lr-scale", type=float, default=None, help="text encoder lr as a multiple of --lr (default 1)")
     parser.add_argument("--decoder-steps", type=int, default=None, help="decoder-only steps after the UNet (default 0)")
     parser.add_argument("--decoder-lr", type=float, default=None, help=f"decoder peak learning rate (default {TrainConfig.decoder_lr})")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="save and export every N steps (default 500)")
@@ -485,6 +493,10 @@ def _config_from_args(args: argparse.Namespace, saved: dict | None) -> TrainConf
         if not 0 < args.lr < 1:
             raise ParamError("lr", f"must be in (0, 1), got {args.lr}")
         config.lr = args.lr
+    if args.text_lr_scale is not None:
+        if not 0 < args.text_lr_scale <= 100:
+            raise ParamError("text_lr_scale", f"must be in (0, 100], got {args.text_lr_scale}")
+        config.text_lr_scale = args.text_lr_scale
     if args.decoder_lr is not None:
         if not 0 < args.decoder_lr < 1:
             raise ParamError("decoder_lr", f"must be in (0, 1), got {args.decoder_lr}")
