@@ -54,6 +54,25 @@ def test_faithful_generator_scores_100_percent_and_careless_one_far_less():
     assert bad["cfg"]["7"]["overall"] < 0.6
 
 
+def test_misses_name_what_was_asked_and_what_was_seen():
+    swap = {"left": "top", "top": "left"}
+
+    def confuses_left_and_top(prompt, negative, seed, count, *args):
+        if prompt not in BY_TEXT:  # the negative-prompt part's "a shape"
+            return careless(prompt, negative, seed, count, *args)
+        spec = BY_TEXT[prompt]
+        moved = evaluate.PromptSpec(spec.colour, spec.shape, swap.get(spec.position, spec.position), spec.background, spec.size)
+        return [_render(moved, seed + i) for i in range(count)]
+
+    result = evaluate.run_evaluation(confuses_left_and_top, PROMPTS, 2, [7.0], [], 2, progress=lambda _: None)
+    asked = [spec.position for spec in PROMPTS]
+    expected = {"position: left -> top": 2 * asked.count("left"), "position: top -> left": 2 * asked.count("top")}
+    assert result["cfg"]["7"]["common_misses"] == expected
+    assert result["cfg"]["7"]["position"] == pytest.approx(1 - sum(expected.values()) / (2 * len(PROMPTS)))
+    results = {**result, "model": "m", "prompts": 10, "seeds": 2, "native_size": 64, "threads": 1, "seconds_per_image": 0.5}
+    assert "position: left -> top (4)" in evaluate.report_markdown(results)
+
+
 def test_negative_prompt_rate_counts_red_shapes():
     def red_unless_told(prompt, negative, seed, count, *args):
         colour = "blue" if negative == "red" else "red"

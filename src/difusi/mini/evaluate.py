@@ -22,6 +22,7 @@ import json
 import random
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -104,6 +105,15 @@ def score(spec: PromptSpec, seen: classifier.Observation) -> dict[str, bool]:
     }
 
 
+def misses(spec: PromptSpec, seen: classifier.Observation) -> list[str]:
+    """Each stated attribute the image gets wrong, as "attribute: wanted -> seen" (seen "none" if no shape)."""
+    return [
+        f"{name}: {getattr(spec, name)} -> {getattr(seen, name) or 'none'}"
+        for name in ATTRIBUTES
+        if getattr(seen, name) != getattr(spec, name)
+    ]
+
+
 @dataclass
 class Tally:
     """Running adherence counts for one configuration."""
@@ -114,8 +124,10 @@ class Tally:
 
     def __post_init__(self):
         self.correct = dict.fromkeys(ATTRIBUTES, 0)
+        self.misses: Counter[str] = Counter()
 
-    def add(self, result: dict[str, bool]) -> None:
+    def add(self, result: dict[str, bool], misses: Sequence[str] = ()) -> None:
+        self.misses.update(misses)
         self.images += 1
         for name, ok in result.items():
             self.correct[name] += ok
@@ -128,6 +140,7 @@ class Tally:
         out["overall"] = self.fraction_sum / n
         out["all_four"] = self.all_correct / n
         out["images"] = self.images
+        out["common_misses"] = dict(self.misses.most_common(6))
         return out
 
 
@@ -169,7 +182,8 @@ class Evaluator:
         for spec in self.prompts:
             images = self.generate(spec.text, "", self.first_seed, self.seeds, cfg, sampler, scheduler, steps)
             for image in images:
-                tally.add(score(spec, classifier.observe(image, self.shape_model)))
+                seen = classifier.observe(image, self.shape_model)
+                tally.add(score(spec, seen), misses(spec, seen))
             if keep_as:
                 self.examples.setdefault(keep_as, []).extend(images[:4])
         return tally.summary()
@@ -242,6 +256,11 @@ def report_markdown(results: dict) -> str:
         "## Adherence by CFG scale (DPM++ 2M, Karras, 20 steps)",
         "",
         _table(cfg_rows, "CFG"),
+        "",
+        "Most common misses at CFG 7 (attribute: asked -> seen, out of "
+        f"{results['cfg'].get('7', {}).get('images', 0)} images): "
+        + (", ".join(f"{k} ({v})" for k, v in results["cfg"].get("7", {}).get("common_misses", {}).items()) or "none")
+        + ".",
         "",
         "## Adherence by sampler (CFG 7, 20 steps, each sampler's default schedule; DPM++ 2M with Karras)",
         "",
