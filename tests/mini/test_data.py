@@ -153,3 +153,15 @@ def test_position_rate_controls_how_often_captions_name_the_position(rate):
 
 def test_default_position_rate_is_unchanged_by_the_option():
     assert data.make_sample(11, 5).caption == data.make_sample(11, 5, position_rate=data.POSITION_RATE).caption
+
+
+def test_stated_position_is_the_one_position_a_caption_names():
+    for index in range(400):
+        sample = data.make_sample(3, index, 32)
+        named = data.stated_position(sample.caption)
+        keeps = sample.mentioned["shapes"]  # empty for an empty caption
+        said = [shape.position for shape, keep in zip(sample.scene.shapes, keeps, strict=False) if keep["position"]]
+        assert named == (said[0] if len(said) == 1 else None)
+    assert data.stated_position("a red disc at the left and a blue box on the right") is None
+    assert data.stated_position("a yellow disc") is None
+    assert data.stated_position("a big ball in the middle on a red background") == "center"

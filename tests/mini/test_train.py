@@ -118,7 +118,7 @@ def test_decoder_phase_trains_the_decoder_alone(tmp_path):
 
 def test_text_encoder_learning_rate_is_a_multiple_of_the_unets(tmp_path):
     trainer = train.Trainer(tmp_path, train.TrainConfig(**{**TINY, "text_lr_scale": 5.0}), "cpu")
-    unet_group, text_group = trainer.unet_opt.param_groups
+    unet_group, text_group, _probe_group = trainer.unet_opt.param_groups
     assert {id(p) for p in text_group["params"]} == {id(p) for p in trainer.text_encoder.parameters()}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -127,6 +127,26 @@ def test_text_encoder_learning_rate_is_a_multiple_of_the_unets(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert unet_group["lr"] > 0 and text_group["lr"] == pytest.approx(5.0 * unet_group["lr"])
+
+
+def test_position_probe_loss_is_low_only_where_the_position_is_readable(tmp_path):
+    trainer = train.Trainer(tmp_path, train.TrainConfig(**{**TINY, "position_probe_weight": 1.0}), "cpu")
+    eos = mini_model.EOS_TOKEN_ID
+    token_ids = torch.tensor([[49406, 1, eos, eos], [49406, 2, eos, eos], [49406, 3, eos, eos]])
+    labels = torch.tensor([0, 1, -100])  # the third caption names no position: ignored
+    readable = torch.zeros(3, 4, mini_model.TEXT_CONFIG["hidden_size"])
+    readable[0, 2:, 0] = 50.0  # end-of-text states that a linear probe can tell apart
+    readable[1, 2:, 1] = 50.0
+    with torch.no_grad():
+        trainer.position_probe.weight.zero_()
+        trainer.position_probe.bias.zero_()
+        trainer.position_probe.weight[0, 0] = trainer.position_probe.weight[1, 1] = 1.0
+    assert trainer._position_probe_loss(readable, token_ids, labels).item() < 1e-6
+    merged = readable.clone()
+    merged[:, 2:, :2] = 25.0  # both captions' summaries the same: the probe can only guess
+    assert trainer._position_probe_loss(merged, token_ids, labels).item() > 0.6
+    readable[:, :2] = 1e4  # non-end-of-text states do not enter the probe
+    assert trainer._position_probe_loss(readable, token_ids, labels).item() < 1e-6
 
 
 def test_existing_run_needs_resume(tmp_path):
@@ -145,6 +165,7 @@ def test_existing_run_needs_resume(tmp_path):
         (["--terminal-fraction", "2"], "terminal_fraction"),
         (["--decoder-lr", "0"], "decoder_lr"),
         (["--text-lr-scale", "0"], "text_lr_scale"),
+        (["--position-probe-weight", "-1"], "position_probe_weight"),
         (["--checkpoint-every", "0"], "checkpoint_every"),
         (["--lr", "2"], "lr"),
         (["--init", "/nonexistent.safetensors"], "init"),

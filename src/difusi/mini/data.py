@@ -240,6 +240,13 @@ def make_batch(
     return np.stack([s.image for s in samples]), [s.caption for s in samples]
 
 
+def stated_position(caption: str) -> str | None:
+    """The one position a caption names, or None when it names none or two (a two-shape caption)."""
+    words = f" {caption} "
+    named = {p for p, phrases in POSITION_PHRASES.items() if any(f" {phrase} " in words for phrase in phrases)}
+    return named.pop() if len(named) == 1 else None
+
+
 def describe(scene: Scene) -> str:
     """The canonical full caption of a single-shape scene, as used by the evaluation prompt set."""
     spec = scene.shapes[0]

@@ -63,6 +63,9 @@ class TrainConfig:
     # whatever its gradient, so a word whose embedding must travel far (two position words that an earlier
     # run merged) needs a larger rate than the UNet does.
     text_lr_scale: float = 1.0
+    # Weight of an auxiliary loss: a linear probe must read the caption's position from the text encoder's
+    # end-of-text states (see Trainer._position_probe_loss). 0 = off, as in SD.
+    position_probe_weight: float = 0.0
     ema_decay: float = 0.999
     checkpoint_every: int = 500
     calibration_images: int = 512
@@ -122,8 +125,10 @@ class _BatchDataset(torch.utils.data.Dataset):
     def __getitem__(self, k: int):
         images, captions = data.make_batch(self.seed, k * self.batch, self.batch, self.size, self.position_rate)
         tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        positions = [data.stated_position(caption) for caption in captions]
+        labels = torch.tensor([data.POSITIONS.index(p) if p else -100 for p in positions])  # -100: ignored
         # Tokenising here runs in the loader's worker processes, off the training loop's critical path.
-        return tensor, mini_model.tokenize(self.tokenizer, captions)
+        return tensor, mini_model.tokenize(self.tokenizer, captions), labels
 
 
 def _batches(seed: int, batch: int, size: int, start: int, stop: int, device: str,
@@ -158,6 +163,7 @@ class Trainer:
         self.unet = mini_model.build_unet().to(device)
         self.text_encoder = mini_model.build_text_encoder().to(device)
         self.tokenizer = mini_model.load_tokenizer()
+        self.position_probe = torch.nn.Linear(mini_model.TEXT_CONFIG["hidden_size"], len(data.POSITIONS)).to(device)
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
@@ -166,6 +172,7 @@ class Trainer:
             [
                 {"params": list(self.unet.parameters()), "lr_scale": 1.0},
                 {"params": list(self.text_encoder.parameters()), "lr_scale": config.text_lr_scale},
+                {"params": list(self.position_probe.parameters()), "lr_scale": 1.0},
             ],
             lr=config.lr,
             weight_decay=0.01,
@@ -188,6 +195,7 @@ class Trainer:
             "text_encoder": self.text_encoder.state_dict(),
             "ema_unet": self.ema_unet.state_dict(),
             "ema_text": self.ema_text.state_dict(),
+            "position_probe": self.position_probe.state_dict(),
             "vae_opt": self.vae_opt.state_dict(),
             "unet_opt": self.unet_opt.state_dict(),
         }
@@ -198,7 +206,7 @@ class Trainer:
     def load(self) -> None:
         """Restore every model, optimiser and the phase/step from OUT/checkpoint.pt."""
         state = torch.load(self.out / CHECKPOINT_NAME, map_location=self.device, weights_only=True)
-        for name in ("vae", "unet", "text_encoder", "ema_unet", "ema_text", "vae_opt", "unet_opt"):
+        for name in ("vae", "unet", "text_encoder", "ema_unet", "ema_text", "position_probe", "vae_opt", "unet_opt"):
             getattr(self, name).load_state_dict(state[name])
         self.phase, self.step, self.calibration = state["phase"], state["step"], state["calibration"]
 
@@ -208,7 +216,7 @@ class Trainer:
         bar = _progress(cfg.vae_steps, self.step, "vae")
         self.vae.train()
         smoothed = None
-        for images, _ in _batches(cfg.seed + 1, cfg.vae_batch, cfg.size, self.step, cfg.vae_steps, self.device):
+        for images, _, _ in _batches(cfg.seed + 1, cfg.vae_batch, cfg.size, self.step, cfg.vae_steps, self.device):
             images = images.to(self.device, non_blocking=True)
             for group in self.vae_opt.param_groups:
                 group["lr"] = cfg.vae_lr * _cosine_lr(self.step, cfg.vae_steps, 100)
@@ -261,7 +269,7 @@ class Trainer:
         batches = _batches(
             cfg.seed, cfg.batch, cfg.size, self.step, cfg.unet_steps, self.device, cfg.position_caption_rate
         )
-        for images, token_ids in batches:
+        for images, token_ids, position_labels in batches:
             images = images.to(self.device, non_blocking=True)
             for group in self.unet_opt.param_groups:
                 group["lr"] = group["lr_scale"] * cfg.lr * _cosine_lr(self.step, cfg.unet_steps, cfg.warmup)
@@ -280,6 +288,8 @@ class Trainer:
             context = mini_model.encode_text(self.text_encoder, token_ids)
             prediction = self.unet(noisy, t, encoder_hidden_states=context).sample
             loss = self._weighted_loss(prediction, noise, abar.view(-1))
+            if cfg.position_probe_weight > 0:
+                loss = loss + cfg.position_probe_weight * self._position_probe_loss(context, token_ids, position_labels)
             self.unet_opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -306,7 +316,7 @@ class Trainer:
         self.vae.post_quant_conv.requires_grad_(True)
         bar = _progress(cfg.decoder_steps, self.step, "decoder")
         smoothed = None
-        for images, _ in _batches(cfg.seed + 3, cfg.vae_batch, cfg.size, self.step, cfg.decoder_steps, self.device):
+        for images, _, _ in _batches(cfg.seed + 3, cfg.vae_batch, cfg.size, self.step, cfg.decoder_steps, self.device):
             images = images.to(self.device, non_blocking=True)
             for group in self.vae_opt.param_groups:
                 group["lr"] = cfg.decoder_lr * _cosine_lr(self.step, cfg.decoder_steps, 50)
@@ -357,6 +367,20 @@ class Trainer:
         noisy[-count:] = pure
         noise[-count:] = (pure - abar.sqrt() * latents[-count:]) / (1 - abar).sqrt()
         return t, noisy, noise
+
+    def _position_probe_loss(self, context, token_ids, labels) -> torch.Tensor:
+        """Cross-entropy of a linear probe reading the stated position from the end-of-text states.
+
+        The UNet's cross-attention puts most of its weight on the end-of-text/padding states (the causal
+        encoder's summary of the sentence), so a position that is not linearly readable there is lost to it.
+        The probe is an auxiliary head (discarded at export) whose gradient makes the summary keep it.
+        """
+        labels = labels.to(context.device)
+        if not bool((labels >= 0).any()):
+            return context.new_zeros(())
+        eos = (token_ids == mini_model.EOS_TOKEN_ID).unsqueeze(-1).to(context.dtype)
+        summary = (context * eos).sum(1) / eos.sum(1).clamp(min=1)
+        return F.cross_entropy(self.position_probe(summary), labels, ignore_index=-100)
 
     def _weighted_loss(self, prediction: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
         per_sample = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
@@ -466,6 +490,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--terminal-fraction", type=float, default=None, help="share of each batch trained at t=999 on signal-free noise"
     )
     parser.add_argument("--text-lr-scale", type=float, default=None, help="text encoder lr as a multiple of --lr (default 1)")
+    parser.add_argument("--position-probe-weight", type=float, default=None, help="weight of the position probe loss (default 0)")
     parser.add_argument("--decoder-steps", type=int, default=None, help="decoder-only steps after the UNet (default 0)")
     parser.add_argument("--decoder-lr", type=float, default=None, help=f"decoder peak learning rate (default {TrainConfig.decoder_lr})")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="save and export every N steps (default 500)")
@@ -497,6 +522,10 @@ def _config_from_args(args: argparse.Namespace, saved: dict | None) -> TrainConf
         if not 0 < args.text_lr_scale <= 100:
             raise ParamError("text_lr_scale", f"must be in (0, 100], got {args.text_lr_scale}")
         config.text_lr_scale = args.text_lr_scale
+    if args.position_probe_weight is not None:
+        if not 0 <= args.position_probe_weight <= 10:
+            raise ParamError("position_probe_weight", f"must be in [0, 10], got {args.position_probe_weight}")
+        config.position_probe_weight = args.position_probe_weight
     if args.decoder_lr is not None:
         if not 0 < args.decoder_lr < 1:
             raise ParamError("decoder_lr", f"must be in (0, 1), got {args.decoder_lr}")
