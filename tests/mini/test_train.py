@@ -149,6 +149,27 @@ def test_position_probe_loss_is_low_only_where_the_position_is_readable(tmp_path
     assert trainer._position_probe_loss(readable, token_ids, labels).item() < 1e-6
 
 
+def test_vae_from_swaps_the_decoder_but_refuses_another_encoder(tmp_path):
+    source = train.Trainer(tmp_path / "a", train.TrainConfig(**TINY), "cpu")
+    source.calibration = {"scaling_factor": 1.0, "latent_rgb_factors": [[0.0] * 3] * 4, "latent_rgb_bias": [0.0] * 3}
+    base = train.export(source, tmp_path / "base.safetensors")
+    with torch.no_grad():
+        source.vae.post_quant_conv.weight.add_(0.25)
+    new_decoder = train.export(source, tmp_path / "decoder.safetensors")
+    with torch.no_grad():
+        source.vae.quant_conv.weight.add_(0.25)
+    new_encoder = train.export(source, tmp_path / "encoder.safetensors")
+
+    trainer = train.Trainer(tmp_path / "b", train.TrainConfig(**TINY), "cpu")
+    trainer.warm_start(base, vae_from=new_decoder)
+    expected = source.vae.post_quant_conv.weight.half().float()
+    assert torch.equal(trainer.vae.post_quant_conv.weight, expected)
+    assert torch.equal(trainer.unet.conv_in.weight, source.ema_unet.conv_in.weight.half().float())
+    with pytest.raises(ParamError) as error:
+        trainer.warm_start(base, vae_from=new_encoder)
+    assert error.value.field == "vae_from"
+
+
 def test_existing_run_needs_resume(tmp_path):
     (tmp_path / train.CHECKPOINT_NAME).write_bytes(b"")
     with pytest.raises(ParamError) as error:
@@ -166,6 +187,7 @@ def test_existing_run_needs_resume(tmp_path):
         (["--decoder-lr", "0"], "decoder_lr"),
         (["--text-lr-scale", "0"], "text_lr_scale"),
         (["--position-probe-weight", "-1"], "position_probe_weight"),
+        (["--vae-from", "/nonexistent.safetensors"], "vae_from"),
         (["--checkpoint-every", "0"], "checkpoint_every"),
         (["--lr", "2"], "lr"),
         (["--init", "/nonexistent.safetensors"], "init"),

@@ -90,6 +90,7 @@ class TrainConfig:
     # the UNet learnt is unchanged; it sharpens what the decoder draws (small squares' corners).
     decoder_steps: int = 0
     decoder_lr: float = 3e-4
+    vae_from: str | None = None  # with init: take the VAE from this export instead (same encoder required)
     init: str | None = None  # warm start: an exported difusi-mini checkpoint (skips the VAE phase)
 
 
@@ -394,18 +395,19 @@ class Trainer:
         decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
         torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
 
-    def warm_start(self, checkpoint: Path) -> None:
-        """Start the UNet phase from an exported difusi-mini (its VAE, calibration, UNet and text encoder)."""
-        from safetensors.torch import load_file
+    def warm_start(self, checkpoint: Path, vae_from: Path | None = None) -> None:
+        """Start the UNet phase from an exported difusi-mini (its VAE, calibration, UNet and text encoder).
 
-        from difusi.mini.export import sidecar_path
-        from difusi.models.convert import split_ldm_checkpoint
-        from difusi.models.detect import detect
-
-        state = load_file(str(checkpoint))
-        meta = json.loads(sidecar_path(checkpoint).read_text())
-        spec = detect({k: tuple(v.shape) for k, v in state.items()}, meta)
-        unet_sd, vae_sd, (text_sd,) = split_ldm_checkpoint(state, "sd1", spec.unet_config, spec.vae_config)
+        ``vae_from``: another export whose VAE to use instead. It must have the same encoder (so the same
+        latent space the UNet learnt); only its decoder may differ, e.g. after a decoder-only run.
+        """
+        unet_sd, vae_sd, text_sd, meta = _read_export(checkpoint)
+        if vae_from is not None:
+            other_vae = _read_export(vae_from)[1]
+            encoder_keys = [k for k in vae_sd if k.startswith(("encoder.", "quant_conv."))]
+            if any(not torch.equal(vae_sd[k], other_vae[k]) for k in encoder_keys):
+                raise ParamError("vae_from", f"{vae_from} has another VAE encoder than {checkpoint}: its latents differ")
+            vae_sd = other_vae
         for module, weights in ((self.vae, vae_sd), (self.unet, unet_sd), (self.ema_unet, unet_sd)):
             module.load_state_dict({k: v.float() for k, v in weights.items()})
         for module in (self.text_encoder, self.ema_text):
@@ -423,6 +425,21 @@ class Trainer:
             self.train_unet()
         if self.phase == "decoder":
             self.train_decoder()
+
+
+def _read_export(checkpoint: Path) -> tuple[dict, dict, dict, dict]:
+    """(unet, vae, text encoder) state dicts in diffusers layout and the sidecar of an exported difusi-mini."""
+    from safetensors.torch import load_file
+
+    from difusi.mini.export import sidecar_path
+    from difusi.models.convert import split_ldm_checkpoint
+    from difusi.models.detect import detect
+
+    state = load_file(str(checkpoint))
+    meta = json.loads(sidecar_path(checkpoint).read_text())
+    spec = detect({k: tuple(v.shape) for k, v in state.items()}, meta)
+    unet_sd, vae_sd, (text_sd,) = split_ldm_checkpoint(state, "sd1", spec.unet_config, spec.vae_config)
+    return unet_sd, vae_sd, text_sd, meta
 
 
 def fit_latent_rgb(scaled_latents: torch.Tensor, pixels: torch.Tensor) -> dict:
@@ -476,6 +493,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="seed of data, noise and initialisation (default 0)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--init", type=Path, default=None, help="warm start from an exported difusi-mini .safetensors")
+    parser.add_argument("--vae-from", type=Path, default=None, help="with --init: the VAE of this export (same encoder)")
     parser.add_argument("--batch-size", type=int, default=None, help=f"UNet batch (default {TrainConfig.batch})")
     parser.add_argument(
         "--loss-weight-cap", type=float, default=None, help="weight samples by min(1+1/SNR, CAP); 0 = plain eps MSE"
@@ -558,6 +576,12 @@ def _config_from_args(args: argparse.Namespace, saved: dict | None) -> TrainConf
         if not args.init.is_file():
             raise ParamError("init", f"no such checkpoint: {args.init}")
         config.init = str(args.init)
+    if args.vae_from is not None:
+        if config.init is None:
+            raise ParamError("vae_from", "needs --init (it replaces the VAE of the warm start)")
+        if not args.vae_from.is_file():
+            raise ParamError("vae_from", f"no such checkpoint: {args.vae_from}")
+        config.vae_from = str(args.vae_from)
     return config
 
 
@@ -585,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     if saved is not None:
         trainer.load()
     elif config.init:
-        trainer.warm_start(Path(config.init))
+        trainer.warm_start(Path(config.init), Path(config.vae_from) if config.vae_from else None)
         if trainer.phase == "done" and trainer.step < config.unet_steps:
             trainer.phase = "unet"  # --steps raised on a finished run: keep training
     started = time.time()
