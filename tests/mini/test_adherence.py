@@ -31,12 +31,12 @@ def _hits(generate, cfg: float, prompts=PROMPTS, seeds: int = SEEDS) -> tuple[fl
 def test_colours_and_positions_follow_the_prompt(generate):
     colour7, position7 = _hits(generate, 7.0)
     assert colour7 >= 0.9, colour7
-    assert position7 >= 0.5, position7  # five named positions: chance is 0.2
+    assert position7 >= 0.8, position7  # five named positions: chance is 0.2; the shipped model measured 1.0
 
 
 @pytest.mark.slow
 def test_guidance_strengthens_adherence(generate):
-    # 24 images cannot tell CFG 1 from CFG 7 apart any more (colours are ~98 % at both); 80 images per scale can.
+    # 80 images per scale, so a few lucky CFG 1 images cannot tie it (measured: 88 % vs 98 % overall at 96 images).
     prompts = evaluate.prompt_set(20)
     colour7, position7 = _hits(generate, 7.0, prompts, 4)
     colour1, position1 = _hits(generate, 1.0, prompts, 4)
