@@ -94,6 +94,15 @@ def test_report_and_grid_are_written(tmp_path):
     results.update(model="m", prompts=4, seeds=4, native_size=64, threads=1, seconds_per_image=0.5)
     text = evaluate.report_markdown(results)
     assert "| CFG 7 | 100.0 | 100.0 |" in text and "grid.png" in text
+    assert "1 of 1 samplers within 5 points of the best" in text
+
+
+def test_sampler_spread_names_best_worst_and_who_is_within_five_points():
+    rows = {"A": {"overall": 0.98}, "B": {"overall": 0.93}, "C": {"overall": 0.92}, "D": {"overall": 0.65}}
+    line = evaluate._spread(rows)
+    assert line.startswith("Best A 98.0 %, lowest D 65.0 % (33.0 points)")
+    assert "2 of 4 samplers within 5 points" in line  # A itself and B (exactly 5.0); not C (6.0) or D
+
 
 
 def test_bad_counts_are_rejected():

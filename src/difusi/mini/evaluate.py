@@ -242,6 +242,20 @@ def write_grid(examples: dict[str, list[np.ndarray]], prompts: Sequence[PromptSp
     Image.fromarray(joined).resize((joined.shape[1] * 2, joined.shape[0] * 2), Image.NEAREST).save(path)
 
 
+def _spread(rows: dict[str, dict]) -> str:
+    """One line: best and worst sampler by overall adherence and the gap between them."""
+    if not rows:
+        return ""
+    ranked = sorted(rows.items(), key=lambda item: item[1]["overall"])
+    (worst, low), (best, high) = ranked[0], ranked[-1]
+    gap = 100 * (high["overall"] - low["overall"])
+    within = [name for name, row in rows.items() if round(100 * (high["overall"] - row["overall"]), 6) <= 5.0]
+    return (
+        f"Best {best} {_percent(high['overall'])} %, lowest {worst} {_percent(low['overall'])} % "
+        f"({gap:.1f} points); {len(within)} of {len(rows)} samplers within 5 points of the best."
+    )
+
+
 def report_markdown(results: dict) -> str:
     """The evaluation as markdown (what docs/mini/evaluation.md holds)."""
     cfg_rows = [(f"CFG {k}", v) for k, v in results["cfg"].items()]
@@ -262,9 +276,12 @@ def report_markdown(results: dict) -> str:
         + (", ".join(f"{k} ({v})" for k, v in results["cfg"].get("7", {}).get("common_misses", {}).items()) or "none")
         + ".",
         "",
-        "## Adherence by sampler (CFG 7, 20 steps, each sampler's default schedule; DPM++ 2M with Karras)",
+        f"## Adherence by sampler (CFG 7, {results.get('sampler_steps', 20)} steps, each sampler's default schedule; "
+        "DPM++ 2M with Karras)",
         "",
         _table(sampler_rows, "sampler"),
+        "",
+        _spread(results["samplers"]),
         "",
         "## Negative prompt",
         "",
@@ -290,20 +307,21 @@ def run_evaluation(
     samplers: Sequence[str],
     negative_images: int,
     progress: Callable[[str], None] = print,
+    sampler_steps: int = 20,
 ) -> dict:
     """Every table of the report as one dict (see module docstring)."""
     evaluator = Evaluator(generate, prompts, seeds)
-    results: dict = {"cfg": {}, "samplers": {}, "prompt_texts": [p.text for p in prompts]}
+    results: dict = {"cfg": {}, "samplers": {}, "sampler_steps": sampler_steps, "prompt_texts": [p.text for p in prompts]}
     for cfg in cfg_scales:
         keep = f"CFG {cfg:g}" if cfg in (1.0, 7.0) else None
         results["cfg"][f"{cfg:g}"] = evaluator.adherence(cfg, "DPM++ 2M", "Karras", 20, keep_as=keep)
         progress(f"CFG {cfg:g}: {results['cfg'][f'{cfg:g}']}")
     for sampler in samplers:
         scheduler = "Karras" if sampler == "DPM++ 2M" else "Automatic"
-        if sampler == "DPM++ 2M" and "7" in results["cfg"]:
+        if sampler == "DPM++ 2M" and "7" in results["cfg"] and sampler_steps == REFERENCE["steps"]:
             results["samplers"][sampler] = results["cfg"]["7"]
         else:
-            results["samplers"][sampler] = evaluator.adherence(7.0, sampler, scheduler, 20)
+            results["samplers"][sampler] = evaluator.adherence(7.0, sampler, scheduler, sampler_steps)
         progress(f"{sampler}: {results['samplers'][sampler]}")
     results["negative"] = {
         "images": negative_images,
@@ -331,6 +349,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt (default 4)")
     parser.add_argument("--cfg", type=_floats, default=list(DEFAULT_CFG_SCALES), help="CFG scales, e.g. 1,3,7,12")
     parser.add_argument("--samplers", default=",".join(DEFAULT_SAMPLERS), help="comma-separated sampler names")
+    parser.add_argument("--sampler-steps", type=int, default=20, help="steps of the per-sampler table (default 20)")
     parser.add_argument("--negative-images", type=int, default=96, help="images per negative-prompt rate (default 96)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser.parse_args(argv)
@@ -343,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     from difusi.models.loader import default_model_path, load_model
 
     args = parse_args(argv)
-    for field_name in ("prompts", "seeds", "negative_images"):
+    for field_name in ("prompts", "seeds", "negative_images", "sampler_steps"):
         if getattr(args, field_name) < 1:
             raise ParamError(field_name, f"must be at least 1, got {getattr(args, field_name)}")
     if args.threads:
@@ -351,7 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model or default_model_path())
     generate = pipeline_generator(model)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
-    results = run_evaluation(generate, prompt_set(args.prompts), args.seeds, args.cfg, samplers, args.negative_images)
+    results = run_evaluation(
+        generate, prompt_set(args.prompts), args.seeds, args.cfg, samplers, args.negative_images,
+        sampler_steps=args.sampler_steps,
+    )
     results.update(
         model=str(args.model or default_model_path().name),
         prompts=args.prompts,
