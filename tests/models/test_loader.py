@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 import torch
-from conftest import assert_same_weights
 
+from conftest import assert_same_weights
 from difusi.models import load_model
 from difusi.models.synthetic import write_tiny_checkpoint
 from difusi.models.text_encoders import RawTextEncoder
