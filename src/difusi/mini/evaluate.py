@@ -6,7 +6,7 @@ background colour, shape colour and position from pixels, shape from the silhoue
 
 Reported (markdown tables + JSON + a PNG grid):
 * adherence per CFG scale (DPM++ 2M Karras, 20 steps): the guidance scale must matter;
-* adherence per sampler (CFG 7, each sampler at 20 steps);
+* adherence per sampler (CFG 7, every sampler at `--sampler-steps`, default 20), with the best-worst spread;
 * negative prompt: how often "a shape" comes out red, with and without the negative prompt "red";
 * seconds per image (native size, 20 steps, CFG 7, batch 1).
 
