@@ -216,18 +216,36 @@ class Trainer:
     # ---- phase 1: VAE ------------------------------------------------------------------------------
     def train_vae(self) -> None:
         cfg = self.config
-        bar = _progress(cfg.vae_steps, self.step, "vae")
         self.vae.train()
+        self._reconstruction_steps("vae", cfg.seed + 1, cfg.vae_steps, cfg.vae_lr, 100, cfg.kl_weight, export_too=False)
+        self.phase, self.step = "calibrate", 0
+        self.save()
+
+    def _reconstruction_steps(
+        self, phase: str, data_seed: int, steps: int, lr: float, warmup: int, kl_weight: float, export_too: bool
+    ) -> None:
+        """L1 + MSE (+ KL) steps of ``vae_opt`` from ``self.step`` to ``steps``: the VAE phase and the decoder phase.
+
+        The encoder runs with gradients only if some of its parameters train (the decoder phase freezes it).
+        Checkpoints every ``checkpoint_every`` steps; ``export_too`` also refreshes the exported model (which
+        needs the calibration, so not in the VAE phase).
+        """
+        cfg = self.config
+        encoder_trains = any(p.requires_grad for p in self.vae.encoder.parameters())
+        bar = _progress(steps, self.step, phase)
         smoothed = None
-        for images, _, _ in _batches(cfg.seed + 1, cfg.vae_batch, cfg.size, self.step, cfg.vae_steps, self.device):
+        for images, _, _ in _batches(data_seed, cfg.vae_batch, cfg.size, self.step, steps, self.device):
             images = images.to(self.device, non_blocking=True)
             for group in self.vae_opt.param_groups:
-                group["lr"] = cfg.vae_lr * _cosine_lr(self.step, cfg.vae_steps, 100)
-            posterior = self.vae.encode(images).latent_dist
-            gen = _step_generator(cfg.seed, "vae", self.step)
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(self.device)
+                group["lr"] = lr * _cosine_lr(self.step, steps, warmup)
+            with torch.set_grad_enabled(encoder_trains):
+                posterior = self.vae.encode(images).latent_dist
+                gen = _step_generator(cfg.seed, phase, self.step)
+                z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(self.device)
             recon = self.vae.decode(z).sample
-            loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + cfg.kl_weight * posterior.kl().mean()
+            loss = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+            if kl_weight:
+                loss = loss + kl_weight * posterior.kl().mean()
             self.vae_opt.zero_grad(set_to_none=True)
             loss.backward()
             self.vae_opt.step()
@@ -235,11 +253,11 @@ class Trainer:
             smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
             bar.update(1)
             bar.set_postfix(loss=f"{smoothed:.4f}")
-            if self.step % cfg.checkpoint_every == 0 and self.step < cfg.vae_steps:
+            if self.step % cfg.checkpoint_every == 0 and self.step < steps:
                 self.save()
+                if export_too:
+                    export(self, self.out / MODEL_NAME)
         bar.close()
-        self.phase, self.step = "calibrate", 0
-        self.save()
 
     # ---- phase 2: calibration ----------------------------------------------------------------------
     @torch.no_grad()
@@ -317,29 +335,9 @@ class Trainer:
         self.vae.train().requires_grad_(False)  # the UNet phase froze it all; thaw only the decoder side
         self.vae.decoder.requires_grad_(True)
         self.vae.post_quant_conv.requires_grad_(True)
-        bar = _progress(cfg.decoder_steps, self.step, "decoder")
-        smoothed = None
-        for images, _, _ in _batches(cfg.seed + 3, cfg.vae_batch, cfg.size, self.step, cfg.decoder_steps, self.device):
-            images = images.to(self.device, non_blocking=True)
-            for group in self.vae_opt.param_groups:
-                group["lr"] = cfg.decoder_lr * _cosine_lr(self.step, cfg.decoder_steps, 50)
-            with torch.no_grad():
-                posterior = self.vae.encode(images).latent_dist
-                gen = _step_generator(cfg.seed, "decoder", self.step)
-                z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(self.device)
-            recon = self.vae.decode(z).sample
-            loss = F.l1_loss(recon, images) + F.mse_loss(recon, images)
-            self.vae_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.vae_opt.step()
-            self.step += 1
-            smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
-            bar.update(1)
-            bar.set_postfix(loss=f"{smoothed:.4f}")
-            if self.step % cfg.checkpoint_every == 0 and self.step < cfg.decoder_steps:
-                self.save()
-                export(self, self.out / MODEL_NAME)
-        bar.close()
+        self._reconstruction_steps(
+            "decoder", cfg.seed + 3, cfg.decoder_steps, cfg.decoder_lr, 50, kl_weight=0.0, export_too=True
+        )
         self.vae.eval()
         self.phase = "done"
         self.save()
