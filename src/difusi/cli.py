@@ -278,12 +278,13 @@ def _forward(command: str, rest: list[str]) -> int:
     if not rest or rest[0] not in ("train", "evaluate"):
         _fail("mini: expected `train` or `evaluate`, e.g. `difusi mini train --help`")
     if rest[0] == "train":
-        from difusi.mini.train import main as train_main
-
-        return int(train_main(rest[1:]) or 0)
-    from difusi.mini.evaluate import main as evaluate_main
-
-    return int(evaluate_main(rest[1:]) or 0)
+        from difusi.mini import train as mini_command
+    else:
+        from difusi.mini import evaluate as mini_command
+    try:
+        return int(mini_command.main(rest[1:]) or 0)
+    except DifusiError as error:  # "field: allowed range, got value", one line
+        _fail(f"mini {rest[0]}: {error}")
 
 
 def _describe_param_error(error: ParamError, origins: dict[str, str]) -> str:

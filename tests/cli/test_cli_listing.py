@@ -94,6 +94,24 @@ def test_serve_and_mini_forward_their_arguments(argv, module, forwarded, monkeyp
     assert seen == [forwarded]
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--out", "{tmp}", "--terminal-fraction", "2"], "mini train: terminal_fraction: must be in [0, 1], got 2.0"),
+        (["evaluate", "--sampler-steps", "0"], "mini evaluate: sampler_steps: must be at least 1, got 0"),
+    ],
+)
+def test_mini_bad_option_is_one_line_error_from_both_entry_points(argv, message, capsys, tmp_path):
+    from difusi.mini.__main__ import main as python_m_main
+
+    argv = [arg.replace("{tmp}", str(tmp_path / "run")) for arg in argv]
+    for run in (lambda: cli.main(["mini", *argv]), lambda: python_m_main(argv)):
+        with pytest.raises(SystemExit) as exit_info:
+            run()
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == f"difusi: error: {message}\n"
+
+
 def test_mini_without_subcommand_is_one_line_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["mini"])
