@@ -19,7 +19,10 @@ Where a budget comes from, first that is set wins: `set_budget()` (the CLI's `--
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from difusi.errors import ParamError
@@ -98,3 +101,49 @@ def check_budget(width: int, height: int, batch_size: int, budget: Budget | None
 
 def _how_to_raise(name: str) -> str:
     return f"{FLAGS[name]}, {ENV_NAMES[name]} or {name!r} in the config file"
+
+
+# -- command-line flags (shared by `difusi generate` and `difusi serve`) ---------------------------------------------
+# They live here, not in `difusi.cli`, so `difusi.server` can offer them without importing the CLI (no import cycle).
+
+
+def positive_int_type(text: str) -> int:
+    """argparse type for a whole number >= 1, with a message that names the bad value."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_budget_flags(parser: argparse.ArgumentParser) -> None:
+    """--max-pixels / --max-batch-pixels (shared with `difusi serve`); see the module docstring."""
+    parser.add_argument("--max-pixels", type=positive_int_type, default=None, metavar="N",
+                        help=f"refuse images over N pixels (width x height; default {DEFAULT_MAX_PIXELS})")
+    parser.add_argument("--max-batch-pixels", type=positive_int_type, default=None, metavar="N",
+                        help=f"refuse batches over N pixels (width x height x batch size; default {DEFAULT_MAX_BATCH_PIXELS})")
+
+
+def apply_budget_flags(args: argparse.Namespace) -> None:
+    """Make the flags given the process's budget (flags > DIFUSI_MAX_* > config file > defaults)."""
+    given = {name: getattr(args, name, None) for name in FLAGS}
+    given = {name: parse_pixels(value, FLAGS[name]) for name, value in given.items() if value is not None}
+    if given:
+        set_budget(dataclasses.replace(current_budget(), **given))
+
+
+def with_budget_flags(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run `command` under its --max-* flags, then restore the previous budget (`cli.main()` may run in-process,
+    e.g. in tests, and one call's flags must not leak into the next)."""
+
+    def run(args: argparse.Namespace) -> int:
+        previous = _override
+        try:
+            apply_budget_flags(args)
+            return command(args)
+        finally:
+            set_budget(previous)
+
+    return run

@@ -27,40 +27,20 @@ from typing import Any, NoReturn
 
 import difusi  # noqa: F401  (sets the offline hub environment before any Hugging Face import)
 from difusi import settings
+from difusi.budget import add_budget_flags, apply_budget_flags  # noqa: F401  (in budget.py so server needs no cli)
+from difusi.budget import with_budget_flags as _with_budget_flags
 from difusi.errors import CheckpointError, DifusiError, Interrupted, NumericalError, ParamError, StorageError
 from difusi.infotext import KEY_TO_FIELD, parse_infotext, read_infotext, recipe_from_infotext
-from difusi.params import LIMITS, GenerationParams
+from difusi.params import FIELDS, FieldSpec, GenerationParams, format_value
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-# GenerationParams field -> the flag a user types to set it (ParamError.field is the field name).
-FIELD_FLAGS: dict[str, str] = {
-    "prompt": "PROMPT",
-    "negative_prompt": "--negative-prompt",
-    "model": "--model",
-    "sampler_name": "--sampler",
-    "scheduler": "--scheduler",
-    "steps": "--steps",
-    "cfg_scale": "--cfg-scale",
-    "seed": "--seed",
-    "subseed": "--subseed",
-    "subseed_strength": "--subseed-strength",
-    "width": "--width",
-    "height": "--height",
-    "batch_size": "--batch-size",
-    "n_iter": "--batch-count",
-    "eta": "--eta",
-    "s_noise": "--s-noise",
-    "s_churn": "--s-churn",
-    "s_tmin": "--s-tmin",
-    "s_tmax": "--s-tmax",
-    "clip_skip": "--clip-skip",
-    "s_min_uncond": "--s-min-uncond",
-    "token_merging_ratio": "--token-merging-ratio",
-    "deepcache_interval": "--deepcache-interval",
-}
+FIELD_FLAGS: dict[str, str] = {name: spec.flags[0] for name, spec in FIELDS.items() if spec.flags}
+"""GenerationParams field -> the flag a user types to set it (derived from the field table)."""
+
+SPEED_GROUP = "opt-in speed modes (approximate: they change the image; recorded in its infotext)"
 
 
 class UsageError(DifusiError):
@@ -72,7 +52,7 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         message = message.removeprefix("argument ")
-        message = re.sub(r"^(--[\w-]+)(?:/-\w+)+:", r"\1:", message)  # "--width/-W:" -> "--width:"
+        message = re.sub(r"^(--[\w-]+)(?:/--?[\w-]+)+:", r"\1:", message)  # "--width/-W:" -> "--width:"
         _fail(message)
 
 
@@ -106,12 +86,6 @@ def _positive_int_type(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
-
-
-def _range_help(name: str) -> str:
-    low, high = LIMITS[name]
-    fmt = lambda v: "inf" if math.isinf(v) else str(int(v)) if float(v).is_integer() else str(v)  # noqa: E731
-    return f"[{fmt(low)}, {fmt(high)}]"
 
 
 # ----------------------------------------------------------------------------- parser
@@ -151,39 +125,10 @@ def _add_generate(commands: Any) -> None:
         description="Generate images. Flags left out keep the image's values with --from/--infotext, "
         "else the defaults.",
     )
-    gen.add_argument("prompt", nargs="?", default=None, metavar="PROMPT", help="the prompt (A1111 syntax)")
-    gen.add_argument("--negative-prompt", "-n", default=None, help="what to steer away from")
-    gen.add_argument("--model", "-m", default=None,
-                     help="checkpoint: path, file name, name or short hash in the models folder (default difusi-mini)")
-    gen.add_argument("--sampler", default=None, help='sampler name, A1111 or ComfyUI style (default "DPM++ 2M")')
-    gen.add_argument("--scheduler", default=None, help='noise schedule, e.g. "Karras" (default "Automatic")')
-    gen.add_argument("--steps", type=_int_type, default=None, help=f"sampling steps {_range_help('steps')}, default 20")
-    gen.add_argument("--cfg-scale", type=_float_type, default=None,
-                     help=f"classifier-free guidance scale {_range_help('cfg_scale')}, default 7")
-    gen.add_argument("--seed", type=_int_type, default=None, help="seed; -1 (default) draws a random one")
-    gen.add_argument("--subseed", type=_int_type, default=None, help="variation seed; -1 draws a random one")
-    gen.add_argument("--subseed-strength", type=_float_type, default=None,
-                     help=f"variation strength {_range_help('subseed_strength')}, default 0")
-    gen.add_argument("--width", "-W", type=_int_type, default=None, help="width in pixels (default: model's size)")
-    gen.add_argument("--height", "-H", type=_int_type, default=None, help="height in pixels (default: model's size)")
-    gen.add_argument("--batch-size", type=_int_type, default=None,
-                     help=f"images per batch {_range_help('batch_size')}, default 1")
-    gen.add_argument("--batch-count", type=_int_type, default=None,
-                     help=f"batches, run one after the other {_range_help('n_iter')}, default 1")
-    gen.add_argument("--eta", type=_float_type, default=None, help="ancestral/SDE noise amount (default: sampler's)")
-    gen.add_argument("--s-noise", type=_float_type, default=None, help="noise multiplier (default 1)")
-    gen.add_argument("--s-churn", type=_float_type, default=None, help="Euler/Heun churn (default 0)")
-    gen.add_argument("--s-tmin", type=_float_type, default=None, help="churn lower sigma bound (default 0)")
-    gen.add_argument("--s-tmax", type=_float_type, default=None, help="churn upper sigma bound (default inf)")
-    gen.add_argument("--clip-skip", type=_int_type, default=None,
-                     help=f"stop CLIP this many layers from the end {_range_help('clip_skip')}, default 1")
-    fast = gen.add_argument_group("opt-in speed modes (approximate: they change the image; recorded in its infotext)")
-    fast.add_argument("--s-min-uncond", type=_float_type, default=None, metavar="SIGMA",
-                      help=f"NGMS: below SIGMA, every other step skips the uncond pass {_range_help('s_min_uncond')}, default 0 (off)")
-    fast.add_argument("--token-merging-ratio", type=_float_type, default=None, metavar="RATIO",
-                      help=f"ToMe: merge this fraction of tokens before self-attention {_range_help('token_merging_ratio')}, default 0 (off)")
-    fast.add_argument("--deepcache-interval", type=_int_type, default=None, metavar="N",
-                      help=f"DeepCache: recompute the UNet's deep blocks every N-th step {_range_help('deepcache_interval')}, default 1 (off)")
+    fast = gen.add_argument_group(SPEED_GROUP)
+    for spec in FIELDS.values():
+        if spec.flags:
+            _add_field_flag(fast if spec.group == "speed" else gen, spec)
     source = gen.add_mutually_exclusive_group()
     source.add_argument("--from", dest="from_image", default=None, metavar="IMAGE",
                         help="start from the parameters (and model) stored in IMAGE; flags override them")
@@ -197,42 +142,17 @@ def _add_generate(commands: Any) -> None:
     add_budget_flags(gen)
 
 
-def add_budget_flags(parser: argparse.ArgumentParser) -> None:
-    """--max-pixels / --max-batch-pixels (shared with `difusi serve`); see `difusi.budget`."""
-    from difusi.budget import DEFAULT_MAX_BATCH_PIXELS, DEFAULT_MAX_PIXELS
-
-    parser.add_argument("--max-pixels", type=_positive_int_type, default=None, metavar="N",
-                        help=f"refuse images over N pixels (width x height; default {DEFAULT_MAX_PIXELS})")
-    parser.add_argument("--max-batch-pixels", type=_positive_int_type, default=None, metavar="N",
-                        help=f"refuse batches over N pixels (width x height x batch size; default {DEFAULT_MAX_BATCH_PIXELS})")
-
-
-def apply_budget_flags(args: argparse.Namespace) -> None:
-    """Make the flags given the process's budget (flags > DIFUSI_MAX_* > config file > defaults)."""
-    import dataclasses
-
-    from difusi.budget import FLAGS, current_budget, parse_pixels, set_budget
-
-    given = {name: getattr(args, name, None) for name in FLAGS}
-    given = {name: parse_pixels(value, FLAGS[name]) for name, value in given.items() if value is not None}
-    if given:
-        set_budget(dataclasses.replace(current_budget(), **given))
-
-
-def _with_budget_flags(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Run `command` under its --max-* flags, then restore the previous budget (main() may run in-process)."""
-
-    def run(args: argparse.Namespace) -> int:
-        from difusi import budget
-
-        previous = budget._override
-        try:
-            apply_budget_flags(args)
-            return command(args)
-        finally:
-            budget.set_budget(previous)
-
-    return run
+def _add_field_flag(parser: Any, spec: FieldSpec) -> None:
+    """One `generate` flag from the field table: its spellings, value type, help with range and default."""
+    help_text = " ".join(part for part in (spec.help, spec.range_text()) if part)
+    if spec.default not in (None, ""):  # None defaults are explained by the help text ("the model's native size")
+        help_text += f", default {format_value(spec.default) if spec.type is not str else repr(spec.default)}"
+    if spec.flags[0].isupper():  # the positional PROMPT
+        parser.add_argument(spec.name, nargs="?", default=None, metavar=spec.flags[0], help=help_text)
+        return
+    value_type = {int: _int_type, float: _float_type, str: str}[spec.type]
+    metavar = spec.metavar or spec.flags[0].lstrip("-").replace("-", "_").upper()
+    parser.add_argument(*spec.flags, dest=spec.name, type=value_type, default=None, metavar=metavar, help=help_text)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -334,18 +254,13 @@ def _generation_params(args: argparse.Namespace) -> tuple[GenerationParams, Any]
         origins.update({name: f"{source} {reverse.get(name, name)!r}" for name in recipe.values})
     elif args.prompt is None:
         raise UsageError("PROMPT: required (or start from an image with --from IMAGE or --infotext TEXT)")
-    for name, flag in FIELD_FLAGS.items():
-        value = getattr(args, _dest(flag), None)
+    for name in FIELD_FLAGS:
+        value = getattr(args, name, None)
         if value is not None:
             values[name] = value
             origins.pop(name, None)
     params, _ = GenerationParams.from_mapping(values)
     return params, recipe
-
-
-def _dest(flag: str) -> str:
-    """argparse's attribute name for a flag: "--cfg-scale" -> "cfg_scale", "PROMPT" -> "prompt"."""
-    return flag.lstrip("-").replace("-", "_").lower()
 
 
 def _read_image_infotext(path_text: str) -> str:

@@ -1,6 +1,6 @@
 """A1111 "parameters" infotext: write it, parse it, map it to GenerationParams, keep it in PNGs.
 
-The format (DESIGN contract 3) is AUTOMATIC1111's, so every Stable Diffusion tool can read our images
+The format (docs/ARCHITECTURE.md contract 3) is AUTOMATIC1111's, so every Stable Diffusion tool can read our images
 and we can read theirs:
 
     {prompt, possibly several lines}
@@ -28,7 +28,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from difusi.errors import ParamError
-from difusi.params import GenerationParams
+from difusi.params import FIELDS, INFOTEXT_ALWAYS, INFOTEXT_CHANGED, GenerationParams
 
 PNG_TEXT_KEY = "parameters"
 """Name of the PNG text chunk A1111 (and every tool that reads it) stores the infotext in."""
@@ -37,29 +37,9 @@ _PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
 _NEGATIVE_PREFIX = "Negative prompt:"
 
-# A1111 infotext key -> GenerationParams field. "Size" arrives split as Size-1 / Size-2 (A1111's rule).
-KEY_TO_FIELD: dict[str, str] = {
-    "Prompt": "prompt",
-    "Negative prompt": "negative_prompt",
-    "Steps": "steps",
-    "Sampler": "sampler_name",
-    "Schedule type": "scheduler",
-    "CFG scale": "cfg_scale",
-    "Seed": "seed",
-    "Size-1": "width",
-    "Size-2": "height",
-    "Variation seed": "subseed",
-    "Variation seed strength": "subseed_strength",
-    "Clip skip": "clip_skip",
-    "Eta": "eta",
-    "Sigma churn": "s_churn",
-    "Sigma tmin": "s_tmin",
-    "Sigma tmax": "s_tmax",
-    "Sigma noise": "s_noise",
-    "NGMS": "s_min_uncond",
-    "Token merging ratio": "token_merging_ratio",
-    "DeepCache interval": "deepcache_interval",
-}
+KEY_TO_FIELD: dict[str, str] = {spec.infotext: name for name, spec in FIELDS.items() if spec.infotext}
+"""A1111 infotext key -> GenerationParams field, derived from the field table ("Size" arrives split as Size-1 /
+Size-2, A1111's rule)."""
 MODEL_KEYS = ("Model hash", "Model")
 """Keys naming the checkpoint; they select the model rather than set a GenerationParams field."""
 INFORMATIONAL_KEYS = ("Version",)
@@ -115,34 +95,39 @@ def format_infotext(
     after "Version: " (default "difusi <package version>"; a bare "0.1.0" is prefixed with "difusi ").
     `extra` items go before Version, as A1111's `extra_generation_params`.
     """
-    sampler_label, schedule_label = resolved_sampler_and_schedule(params.sampler_name, params.scheduler)
-    items: dict[str, Any] = {
-        "Steps": params.steps,
-        "Sampler": sampler_label,
-        "Schedule type": schedule_label,
-        "CFG scale": format_number(params.cfg_scale),
-        "Seed": seed,
-        "Size": f"{params.width}x{params.height}",
-        "Model hash": model_hash or None,
-        "Model": model_name or None,
-        "Variation seed": subseed if params.subseed_strength > 0 else None,
-        "Variation seed strength": format_number(params.subseed_strength) if params.subseed_strength > 0 else None,
-        "Clip skip": params.clip_skip if params.clip_skip > 1 else None,
-        "Eta": format_number(params.eta) if params.eta is not None else None,
-        "Sigma churn": format_number(params.s_churn) if params.s_churn != 0 else None,
-        "Sigma tmin": format_number(params.s_tmin) if params.s_tmin != 0 else None,
-        "Sigma tmax": format_number(params.s_tmax) if not math.isinf(params.s_tmax) else None,
-        "Sigma noise": format_number(params.s_noise) if params.s_noise != 1 else None,
-        # Opt-in approximate speed modes (difusi.speed): written whenever enabled, so an image says how it was made.
-        "NGMS": format_number(params.s_min_uncond) if params.s_min_uncond > 0 else None,
-        "Token merging ratio": format_number(params.token_merging_ratio) if params.token_merging_ratio > 0 else None,
-        "DeepCache interval": params.deepcache_interval if params.deepcache_interval > 1 else None,
-        **dict(extra or {}),
-        "Version": _version_text(version),
-    }
+    items: dict[str, Any] = {}
+    for name, spec in FIELDS.items():
+        if spec.infotext is None or spec.infotext_when not in (INFOTEXT_ALWAYS, INFOTEXT_CHANGED):
+            continue
+        if spec.infotext_when == INFOTEXT_CHANGED and getattr(params, name) == spec.default:
+            continue
+        items.update(_infotext_items(name, params, seed, subseed, model_name, model_hash))
+    items.update(dict(extra or {}))
+    items["Version"] = _version_text(version)
     settings = ", ".join(f"{key}: {quote(value)}" for key, value in items.items() if value is not None)
     negative = f"\n{_NEGATIVE_PREFIX} {params.negative_prompt}" if params.negative_prompt else ""
     return f"{params.prompt}{negative}\n{settings}".strip()
+
+
+def _infotext_items(name: str, params: GenerationParams, seed: int, subseed: int | None, model_name: str | None,
+                    model_hash: str | None) -> dict[str, Any]:
+    """The infotext key(s) one field writes. Most write their value under their key; the exceptions are A1111's:
+    the resolved sampler/schedule labels, the image's own seeds, "Size: WxH" (written by width), the checkpoint
+    after Size, and the variation seed only when its strength is on."""
+    spec = FIELDS[name]
+    value = getattr(params, name)
+    if name in ("sampler_name", "scheduler"):
+        sampler_label, schedule_label = resolved_sampler_and_schedule(params.sampler_name, params.scheduler)
+        return {spec.infotext: sampler_label if name == "sampler_name" else schedule_label}
+    if name == "seed":
+        return {"Seed": seed}
+    if name == "width":
+        return {"Size": f"{params.width}x{params.height}", "Model hash": model_hash or None, "Model": model_name or None}
+    if name == "height":
+        return {}
+    if name == "subseed":
+        return {spec.infotext: subseed if params.subseed_strength > 0 else None}
+    return {spec.infotext: format_number(value) if isinstance(value, float) else value}
 
 
 def resolved_sampler_and_schedule(sampler_name: str, scheduler: str) -> tuple[str, str]:

@@ -1,7 +1,16 @@
-"""GenerationParams: the one validated description of a txt2img job, with A1111's field names.
+"""GenerationParams: the one validated description of a job, with A1111's field names — and the field table.
 
-Every front end (Python API, CLI, HTTP API, infotext) builds one of these; `validated()` is the only
-place ranges are checked, so the CLI, the API and the library report the same limits.
+Every job field is declared exactly once, below, as a dataclass field of `GenerationParams` whose metadata is a
+`FieldSpec`: A1111 name, Python type, default, allowed range or choices, help text, CLI flag(s), infotext key,
+UI hints and the job kinds that use it. Everything else is derived from that declaration:
+
+- `GenerationParams.validated()` checks types and ranges (the only place ranges are checked);
+- `difusi.cli` builds the `generate` flags from `FIELDS`;
+- `difusi.infotext` writes and parses the A1111 keys named here (`KEY_TO_FIELD`);
+- `difusi.server.a1111` builds the pydantic request model of the HTTP API;
+- the web UI builds its form from `GET /difusi/v1/fields` (`field_table()`).
+
+Adding a field means adding one declaration here (plus, when it changes generation, the code that uses it).
 """
 
 from __future__ import annotations
@@ -9,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -18,93 +28,184 @@ from difusi.errors import ParamError
 SEED_MAX = 2**32 - 1
 """Largest seed accepted; a random seed (-1) is drawn from [0, SEED_MAX - 1] as A1111 does."""
 
-LIMITS: dict[str, tuple[float, float]] = {
-    "steps": (1, 1000),
-    "cfg_scale": (0.0, 100.0),
-    "width": (64, 4096),
-    "height": (64, 4096),
-    "batch_size": (1, 64),
-    "n_iter": (1, 1000),
-    "subseed_strength": (0.0, 1.0),
-    "eta": (0.0, 10.0),
-    "s_noise": (0.0, 10.0),
-    "s_churn": (0.0, 1000.0),
-    "s_tmin": (0.0, math.inf),
-    "s_tmax": (0.0, math.inf),
-    "clip_skip": (1, 12),
-    "s_min_uncond": (0.0, 100.0),
-    "token_merging_ratio": (0.0, 0.75),
-    "deepcache_interval": (1, 50),
-}
-"""Allowed closed ranges per numeric field; front ends show these in their help and errors."""
-
 SIZE_MULTIPLE = 8
 
 MAX_PROMPT_CHARS = 10_000
 """Longest prompt / negative prompt accepted: about 40 CLIP chunks; longer text costs memory and time in every
 cross-attention layer at every step, and no real prompt needs it."""
 
+TXT2IMG = "txt2img"
+JOB_KINDS = (TXT2IMG,)
+"""Job kinds a field can belong to. img2img, hires fix and batch jobs add theirs here."""
+
+INFOTEXT_ALWAYS = "always"
+INFOTEXT_CHANGED = "changed"
+INFOTEXT_HEADER = "header"
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """Everything every front end needs to know about one job field (derived from its one declaration)."""
+
+    name: str
+    """A1111 API name: the GenerationParams attribute, the HTTP request key and the `ParamError.field`."""
+    type: type
+    """int, float or str (the value's type once validated)."""
+    default: Any
+    nullable: bool
+    """None is allowed (and means something: the model's native size, the sampler's own eta, the default model)."""
+    label: str
+    """The label A1111's UI shows."""
+    help: str
+    range: tuple[float, float] | None = None
+    """Closed interval of allowed values (numbers only)."""
+    multiple_of: int | None = None
+    choices: str | None = None
+    """Named list the value must come from: "samplers", "schedulers" or "checkpoints" (checked by their registries)."""
+    flags: tuple[str, ...] = ()
+    """CLI spellings, canonical first; "PROMPT" is the positional argument; () = not on the command line."""
+    metavar: str | None = None
+    infotext: str | None = None
+    """A1111 infotext key this field is read from ("Size-1"/"Size-2": A1111 splits "Size: WxH"); None = not in it."""
+    infotext_when: str = INFOTEXT_CHANGED
+    """"always" written, written when "changed" from the default, or the prompt "header" lines."""
+    option: str | None = None
+    """A1111 option (`override_settings` key) that sets this field per job, e.g. CLIP_stop_at_last_layers."""
+    http: bool = True
+    """Part of the A1111 request body (the checkpoint travels in override_settings instead)."""
+    kinds: frozenset[str] = frozenset({TXT2IMG})
+    group: str = "advanced"
+    """UI section: prompt, sampling, size, batch, seed, variation, advanced, speed."""
+    widget: str = "number"
+    """UI control: textarea, select, number, seed."""
+    step: float | None = None
+    """UI increment for number inputs."""
+
+    def range_text(self) -> str:
+        """"[1, 1000]" for help texts and errors."""
+        if self.range is None:
+            return ""
+        return f"[{format_value(self.range[0])}, {format_value(self.range[1])}]"
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON the web UI builds its form from (`GET /difusi/v1/fields`); infinity becomes null."""
+        low, high = self.range if self.range is not None else (None, None)
+        return {
+            "name": self.name, "type": {int: "integer", float: "number", str: "string"}[self.type],
+            "nullable": self.nullable, "default": _json_number(self.default), "label": self.label, "help": self.help,
+            "min": _json_number(low), "max": _json_number(high), "multiple_of": self.multiple_of,
+            "step": self.step or self.multiple_of, "choices": self.choices, "flags": list(self.flags),
+            "infotext": self.infotext, "option": self.option, "http": self.http, "kinds": sorted(self.kinds),
+            "group": self.group, "widget": self.widget,
+        }
+
+
+def param(default: Any, *, label: str, help: str, **spec: Any) -> Any:
+    """Declare a GenerationParams field: its default plus its FieldSpec attributes (name and type come from the
+    annotation)."""
+    return field(default=default, metadata={"spec": {"label": label, "help": help, **spec}})
+
 
 @dataclass
 class GenerationParams:
-    """One txt2img job. Field names and meanings follow AUTOMATIC1111's API.
+    """One job. Field names and meanings follow AUTOMATIC1111's API; declaration order is A1111's infotext order.
 
     `width`/`height` of None mean the model's native size. `seed`/`subseed` of -1 mean "draw a
     random one" (the resolved value is reported in the result). `eta` of None means the sampler's
     own default. `model` names a checkpoint (path, name, "name [hash]" or short hash); None = default.
     """
 
-    prompt: str = ""
-    negative_prompt: str = ""
-    seed: int = -1
-    subseed: int = -1
-    subseed_strength: float = 0.0
-    sampler_name: str = "DPM++ 2M"
-    scheduler: str = "Automatic"
-    steps: int = 20
-    cfg_scale: float = 7.0
-    width: int | None = None
-    height: int | None = None
-    batch_size: int = 1
-    n_iter: int = 1
-    eta: float | None = None
-    s_noise: float = 1.0
-    s_churn: float = 0.0
-    s_tmin: float = 0.0
-    s_tmax: float = math.inf
-    clip_skip: int = 1
-    s_min_uncond: float = 0.0
+    prompt: str = param("", label="Prompt", help="the prompt (A1111 syntax)", flags=("PROMPT",), infotext="Prompt",
+                        infotext_when=INFOTEXT_HEADER, group="prompt", widget="textarea")
+    negative_prompt: str = param("", label="Negative prompt", help="what to steer away from",
+                                 flags=("--negative-prompt", "-n"), infotext="Negative prompt",
+                                 infotext_when=INFOTEXT_HEADER, group="prompt", widget="textarea")
+    steps: int = param(20, label="Sampling steps", help="sampling steps", range=(1, 1000), flags=("--steps",),
+                       infotext="Steps", infotext_when=INFOTEXT_ALWAYS, group="sampling")
+    sampler_name: str = param("DPM++ 2M", label="Sampling method", help="sampler name, A1111 or ComfyUI style",
+                              choices="samplers", flags=("--sampler", "--sampler-name"), infotext="Sampler",
+                              infotext_when=INFOTEXT_ALWAYS, group="sampling", widget="select")
+    scheduler: str = param("Automatic", label="Schedule type", help='noise schedule, e.g. "Karras"',
+                           choices="schedulers", flags=("--scheduler",), infotext="Schedule type",
+                           infotext_when=INFOTEXT_ALWAYS, group="sampling", widget="select")
+    cfg_scale: float = param(7.0, label="CFG scale", help="classifier-free guidance scale", range=(0.0, 100.0),
+                             flags=("--cfg-scale",), infotext="CFG scale", infotext_when=INFOTEXT_ALWAYS,
+                             group="sampling", step=0.5)
+    seed: int = param(-1, label="Seed", help="seed; -1 draws a random one", range=(-1, SEED_MAX), flags=("--seed",),
+                      infotext="Seed", infotext_when=INFOTEXT_ALWAYS, group="seed", widget="seed")
+    width: int | None = param(None, label="Width", help="width in pixels (default: the model's native size)",
+                              range=(64, 4096), multiple_of=SIZE_MULTIPLE, flags=("--width", "-W"),
+                              infotext="Size-1", infotext_when=INFOTEXT_ALWAYS, group="size")
+    height: int | None = param(None, label="Height", help="height in pixels (default: the model's native size)",
+                               range=(64, 4096), multiple_of=SIZE_MULTIPLE, flags=("--height", "-H"),
+                               infotext="Size-2", infotext_when=INFOTEXT_ALWAYS, group="size")
+    model: str | None = param(None, label="Checkpoint",
+                              help="checkpoint: path, file name, name or short hash in the models folder "
+                                   "(default difusi-mini)",
+                              choices="checkpoints", flags=("--model", "-m"), option="sd_model_checkpoint",
+                              http=False, group="model", widget="select")
+    subseed: int = param(-1, label="Variation seed", help="variation seed; -1 draws a random one",
+                         range=(-1, SEED_MAX), flags=("--subseed",), infotext="Variation seed",
+                         infotext_when=INFOTEXT_ALWAYS, group="variation", widget="seed")
+    subseed_strength: float = param(0.0, label="Variation strength", help="variation strength", range=(0.0, 1.0),
+                                    flags=("--subseed-strength",), infotext="Variation seed strength",
+                                    group="variation", step=0.01)
+    clip_skip: int = param(1, label="Clip skip", help="stop CLIP this many layers from the end", range=(1, 12),
+                           flags=("--clip-skip",), infotext="Clip skip", option="CLIP_stop_at_last_layers")
+    eta: float | None = param(None, label="Eta", help="ancestral/SDE noise amount (default: the sampler's)",
+                              range=(0.0, 10.0), flags=("--eta",), infotext="Eta", option="eta_ancestral", step=0.01)
+    s_churn: float = param(0.0, label="Sigma churn", help="Euler/Heun churn", range=(0.0, 1000.0),
+                           flags=("--s-churn",), infotext="Sigma churn", step=0.01)
+    s_tmin: float = param(0.0, label="Sigma tmin", help="churn lower sigma bound", range=(0.0, math.inf),
+                          flags=("--s-tmin",), infotext="Sigma tmin", step=0.01)
+    s_tmax: float = param(math.inf, label="Sigma tmax", help="churn upper sigma bound", range=(0.0, math.inf),
+                          flags=("--s-tmax",), infotext="Sigma tmax", step=0.01)
+    s_noise: float = param(1.0, label="Sigma noise", help="noise multiplier", range=(0.0, 10.0), flags=("--s-noise",),
+                           infotext="Sigma noise", option="s_noise", step=0.01)
+    s_min_uncond: float = param(0.0, label="NGMS", help="NGMS: below SIGMA, every other step skips the uncond pass "
+                                                        "(0 = off)",
+                                range=(0.0, 100.0), flags=("--s-min-uncond",), metavar="SIGMA", infotext="NGMS",
+                                option="s_min_uncond", group="speed", step=0.1)
     """Opt-in speed-up (A1111 "NGMS"): below this sigma every other step skips the uncond pass. 0 = off."""
-    token_merging_ratio: float = 0.0
+    token_merging_ratio: float = param(0.0, label="Token merging ratio",
+                                       help="ToMe: merge this fraction of tokens before self-attention (0 = off)",
+                                       range=(0.0, 0.75), flags=("--token-merging-ratio",), metavar="RATIO",
+                                       infotext="Token merging ratio", option="token_merging_ratio", group="speed",
+                                       step=0.05)
     """Opt-in speed-up (A1111's ToMe ratio): fraction of tokens merged before self-attention. 0 = off."""
-    deepcache_interval: int = 1
+    deepcache_interval: int = param(1, label="DeepCache interval",
+                                    help="DeepCache: recompute the UNet's deep blocks every N-th step (1 = off)",
+                                    range=(1, 50), flags=("--deepcache-interval",), metavar="N",
+                                    infotext="DeepCache interval", group="speed")
     """Opt-in speed-up (DeepCache): recompute the UNet's deep blocks every N-th call. 1 = off."""
-    model: str | None = None
+    batch_size: int = param(1, label="Batch size", help="images per batch", range=(1, 64), flags=("--batch-size",),
+                            group="batch")
+    n_iter: int = param(1, label="Batch count", help="batches, run one after the other", range=(1, 1000),
+                        flags=("--batch-count", "--n-iter"), group="batch")
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     """Values a front end wants echoed but difusi does not interpret (never used for generation)."""
 
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name != "extra"]
+        return list(FIELDS)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> tuple[GenerationParams, list[str]]:
-        """Build from a dict (HTTP body, parsed infotext); None values are skipped.
+        """Build from a dict of text or JSON values (parsed infotext, CLI, HTTP); None values are skipped.
 
         Returns the params and the list of keys that are not GenerationParams fields, so callers
-        can ignore them (HTTP, as A1111 does) or report them (CLI `--infotext`). Types are coerced
-        ("20" -> 20) and a value that cannot be coerced raises ParamError naming the field.
+        can ignore them (HTTP, as A1111 does) or report them (CLI `--infotext`). Text is converted
+        ("20" -> 20); a value that cannot be converted raises ParamError naming the field.
         """
-        known = {f.name: f for f in fields(cls) if f.name != "extra"}
         kwargs: dict[str, Any] = {}
         unknown: list[str] = []
         for key, value in values.items():
-            if key not in known:
+            if key not in FIELDS:
                 unknown.append(key)
                 continue
             if value is None:
                 continue
-            kwargs[key] = _coerce(key, value, known[key].type)
+            kwargs[key] = _convert(FIELDS[key], value)
         return cls(**kwargs), unknown
 
     def replace(self, **changes: Any) -> GenerationParams:
@@ -113,14 +214,12 @@ class GenerationParams:
     def validated(self, native_size: int | None = None) -> GenerationParams:
         """Check every field; return a copy with width/height filled from `native_size` when None.
 
-        Raises ParamError(field, message) naming the field and its allowed range. Sampler and
-        schedule names are checked against the sampler registry.
+        Raises ParamError(field, message) naming the field and its allowed range. Types are strict (a float
+        batch size, a bool width or a numeric prompt is refused, not converted). Sampler and schedule names
+        are checked against the sampler registry.
         """
         for name in ("prompt", "negative_prompt"):
             _check_text(name, getattr(self, name))
-        for name in ("sampler_name", "scheduler"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                raise ParamError(name, "must be a non-empty string")
         _check_seed("seed", self.seed)
         _check_seed("subseed", self.subseed)
         width = self.width if self.width is not None else native_size
@@ -128,21 +227,10 @@ class GenerationParams:
         if width is None or height is None:
             raise ParamError("width" if width is None else "height", "is required when the model's native size is unknown")
         checked = dataclasses.replace(self, width=width, height=height)
-        for name, (low, high) in LIMITS.items():
-            value = getattr(checked, name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ParamError(name, f"must be a number, got {value!r}")
-            if isinstance(value, float) and math.isnan(value):
-                raise ParamError(name, f"must be a number in [{_fmt(low)}, {_fmt(high)}], got NaN")
-            if not low <= value <= high:
-                raise ParamError(name, f"must be in [{_fmt(low)}, {_fmt(high)}], got {_fmt(value)}")
-        for name in ("width", "height"):
-            if getattr(checked, name) % SIZE_MULTIPLE:
-                raise ParamError(name, f"must be a multiple of {SIZE_MULTIPLE}, got {getattr(checked, name)}")
+        for spec in FIELDS.values():
+            _check_field(spec, getattr(checked, spec.name))
         if checked.s_tmax < checked.s_tmin:
-            raise ParamError("s_tmax", f"must be >= s_tmin ({_fmt(checked.s_tmin)}), got {_fmt(checked.s_tmax)}")
+            raise ParamError("s_tmax", f"must be >= s_tmin ({format_value(checked.s_tmin)}), got {format_value(checked.s_tmax)}")
         _check_budget(checked)
         _check_prompt_syntax(checked)
         _check_sampler_and_schedule(checked)
@@ -153,11 +241,73 @@ class GenerationParams:
         return self.batch_size * self.n_iter
 
 
+def _build_table() -> dict[str, FieldSpec]:
+    hints = typing.get_type_hints(GenerationParams)
+    table: dict[str, FieldSpec] = {}
+    for declared in fields(GenerationParams):
+        if "spec" not in declared.metadata:
+            continue
+        members = [arg for arg in typing.get_args(hints[declared.name]) if arg is not type(None)] or [hints[declared.name]]
+        table[declared.name] = FieldSpec(name=declared.name, type=members[0], default=declared.default,
+                                         nullable=type(None) in typing.get_args(hints[declared.name]),
+                                         **declared.metadata["spec"])
+    return table
+
+
+FIELDS: dict[str, FieldSpec] = _build_table()
+"""The field table: every job field by A1111 name, in declaration (= infotext) order."""
+
+LIMITS: dict[str, tuple[float, float]] = {
+    name: spec.range for name, spec in FIELDS.items() if spec.range is not None and spec.type is not str
+}
+"""Allowed closed ranges per numeric field (derived from FIELDS); front ends show these in their help and errors."""
+
+
+def field_table(kind: str | None = None) -> list[dict[str, Any]]:
+    """The field table as JSON (optionally only the fields of one job kind), for `GET /difusi/v1/fields`."""
+    return [spec.to_json() for spec in FIELDS.values() if kind is None or kind in spec.kinds]
+
+
 def resolve_seed(seed: int) -> int:
     """-1 (or any negative) draws a random seed in [0, 2**32 - 2], as A1111; others pass through."""
     if seed is None or seed < 0:
         return random.SystemRandom().randrange(0, SEED_MAX)
     return int(seed)
+
+
+def format_value(value: float) -> str:
+    """A number as help texts and errors show it: 7.0 -> "7", inf -> "inf"."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _json_number(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isinf(value) else value
+
+
+def _check_field(spec: FieldSpec, value: Any) -> None:
+    """Strict type, then range and multiple: the one check every front end's values go through."""
+    if value is None:
+        if spec.nullable:
+            return
+        raise ParamError(spec.name, "must not be null")
+    if spec.type is str:
+        if not isinstance(value, str):
+            raise ParamError(spec.name, f"must be a string, got {value!r}")
+        if spec.choices in ("samplers", "schedulers") and not value.strip():
+            raise ParamError(spec.name, "must be a non-empty string")
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ParamError(spec.name, f"must be a number, got {value!r}")
+    if spec.type is int and not isinstance(value, int):
+        raise ParamError(spec.name, f"must be an integer, got {value!r}")
+    if isinstance(value, float) and math.isnan(value):
+        raise ParamError(spec.name, f"must be a number in {spec.range_text()}, got NaN")
+    if spec.range is not None and not spec.range[0] <= value <= spec.range[1]:
+        raise ParamError(spec.name, f"must be in {spec.range_text()}, got {format_value(value)}")
+    if spec.multiple_of and value % spec.multiple_of:
+        raise ParamError(spec.name, f"must be a multiple of {spec.multiple_of}, got {value}")
 
 
 def _check_seed(name: str, value: Any) -> None:
@@ -202,14 +352,11 @@ def _check_sampler_and_schedule(params: GenerationParams) -> None:
     get_schedule(params.scheduler)  # raises ParamError("scheduler", ...); "Automatic" is a schedule too
 
 
-def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    text = str(annotation)
+def _convert(spec: FieldSpec, value: Any) -> Any:
+    """Text (infotext, CLI, config) -> the field's type. Integral floats pass for ints ("20.0" is 20); bools never
+    count as numbers. Anything that does not convert is a ParamError naming the field."""
     try:
-        if "dict" in text:
-            if not isinstance(value, dict):
-                raise TypeError
-            return value
-        if text.startswith("int"):
+        if spec.type is int:
             if isinstance(value, bool):
                 raise TypeError
             if isinstance(value, float):
@@ -217,21 +364,13 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
                     raise TypeError
                 return int(value)
             return int(str(value).strip())
-        if text.startswith("float"):
+        if spec.type is float:
             if isinstance(value, bool):
                 raise TypeError
             return float(value)
-        if text.startswith("str"):
-            if not isinstance(value, str | int | float) or isinstance(value, bool):
-                raise TypeError
-            return str(value)
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise TypeError
+        return str(value)
     except (TypeError, ValueError):
-        kind = "an integer" if text.startswith("int") else "a number" if text.startswith("float") else "a string"
-        raise ParamError(name, f"must be {kind}, got {value!r}") from None
-    return value
-
-
-def _fmt(value: float) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
+        kind = {int: "an integer", float: "a number"}.get(spec.type, "a string")
+        raise ParamError(spec.name, f"must be {kind}, got {value!r}") from None

@@ -5,7 +5,7 @@ prompt -> conditioning (difusi.prompts) -> per-image noise (difusi.rng) -> sampl
 (difusi.samplers) -> latents -> VAE decode (difusi.vae) -> PIL images + infotext.
 
 Batches run as batched network calls; every random draw of image i comes from seed s+i, so image i is the
-same whether generated alone or anywhere in a batch (DESIGN contract 2).
+same whether generated alone or anywhere in a batch (docs/ARCHITECTURE.md contract 2).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from PIL import Image
 from difusi import __version__
 from difusi.errors import Interrupted
 from difusi.finite import ensure_finite
+from difusi.models.families import spec_of
 from difusi.params import GenerationParams, resolve_seed
 from difusi.prompts.conditioning import (
     Conditioning,
@@ -130,7 +131,7 @@ def txt2img(
 
     table = DiscreteNoiseTable()
     sigmas = build_sigmas(sampler, scheduler, params.steps, table, family=model.family)
-    cond_schedule, uncond_schedule = _encode(model, resolved)
+    cond_schedule, uncond_schedule = _encode(model, resolved, _schedule_steps(sampler, params.steps))
     denoiser = _denoiser(model, table)
 
     for iteration in range(params.n_iter):
@@ -178,7 +179,10 @@ class _Skipped(Exception):
 
 
 class _StepTracker:
-    """Sampler callback: counts steps for prompt editing, reports progress, polls cancel/skip."""
+    """Sampler callback: reports progress and polls cancel/skip once per sampler step.
+
+    It does not drive conditioning: the prompt-schedule step is counted by `_ScheduledCFG` itself, so where
+    (or whether) a sampler reports progress cannot change which prompt a model call sees."""
 
     def __init__(self, progress, should_stop, should_skip, steps, iteration, n_iter, image_index):
         self.progress, self.should_stop, self.should_skip = progress, should_stop, should_skip
@@ -228,35 +232,73 @@ def _sample_batch(model, params, sampler, sigmas, denoiser, cond_schedule, uncon
     else:
         noise_sampler = ImageNoiseSampler(drawn.generators, x)
     batch = len(seeds)
-    guided = _ScheduledCFG(denoiser, cond_schedule, uncond_schedule, params.cfg_scale, batch, tracker, model, params)
+    guided = _ScheduledCFG(denoiser, cond_schedule, uncond_schedule, params.cfg_scale, batch, model, params)
     return sampler(
         guided, x, sigmas, extra_args={}, callback=tracker, disable=True, noise_sampler=noise_sampler,
         **_sampler_options(sampler, params),
     )
 
 
-class _ScheduledCFG:
-    """The model the sampler sees: picks the conditioning for the current step (prompt editing,
-    alternation) and applies classifier-free guidance (Ho & Salimans 2022) in one batched call."""
+def _schedule_steps(sampler: Any, steps: int) -> int:
+    """Length of the prompt schedule (prompt editing, alternation) for `steps` sampler steps: A1111's
+    `SamplerData.total_steps` (modules/sd_samplers_common.py), i.e. `steps * 2` for the samplers A1111 flags
+    "second_order" (Heun, DPM2, DPM2 a, DPM++ SDE, DPM++ 2S a, Restart) and `steps` for all others.
 
-    def __init__(self, denoiser, cond_schedule, uncond_schedule, cfg_scale, batch, tracker, model, params):
+    A1111's `setup_conds` encodes the prompts for this many steps, because its CFG denoiser counts model calls
+    (see `_ScheduledCFG`) and a second-order sampler makes about two calls per step."""
+    return steps * 2 if getattr(sampler, "second_order", False) else steps
+
+
+class _ScheduledCFG:
+    """The model the sampler sees: picks the conditioning for the current schedule step (prompt editing,
+    alternation) and applies classifier-free guidance (Ho & Salimans 2022) in one batched call.
+
+    The schedule step is explicit and owned here: call k (0-based) of this batch's sampling run uses schedule
+    step k, with the schedule built for `_schedule_steps(sampler, steps)` steps. This is A1111's rule:
+    `CFGDenoiser.forward` (modules/sd_samplers_cfg_denoiser.py) reads the conditioning with
+    `reconstruct_cond_batch(cond, self.step)` and ends with `self.step += 1`, and `setup_conds`
+    (modules/processing.py) builds the schedule for `sampler_config.total_steps(steps)` (2x steps for
+    "second_order" samplers). Consequences, all A1111's:
+
+    - one call per step (Euler, Euler a, LMS, DPM++ 2M, the SDE multistep samplers, DDIM, ...): call k is
+      step k, so these images are bit-identical to difusi's earlier callback-counted step;
+    - Heun, DPM2, DPM2 a, DPM++ SDE, DPM++ 2S a: step i's first call is schedule step 2i and its second
+      (corrector / midpoint) call 2i + 1; the last step to sigma = 0 makes one call. `[a:b:0.5]` over N steps
+      switches after call int(0.5 * 2N), which can fall between the two calls of one sampler step, and
+      `[a|b]` alternates on every call, not every step; an integer `when` counts calls;
+    - samplers with their own call pattern (DPM fast: exactly `steps` calls; DPM adaptive: as many as its
+      error control needs; Restart: Heun steps on its own sigmas, going back up in noise) count calls too.
+      Past the schedule's last entry, `conditioning_at` gives the first entry, as A1111 does.
+
+    A step derived from sigma was considered and rejected: Heun's corrector call is at exactly sigmas[i+1],
+    the same sigma as the next step's first call, and DPM fast/adaptive/Restart call at sigmas off the grid
+    or out of order, so no sigma -> step map gives A1111's images for all of A1111's samplers.
+    The NGMS parity (`skip_uncond`) uses the same call index, as A1111's `self.step % 2` does.
+    """
+
+    def __init__(self, denoiser, cond_schedule, uncond_schedule, cfg_scale, batch, model, params):
         self.cfg = CFGDenoiser(denoiser)
         self.cond_schedule, self.uncond_schedule = cond_schedule, uncond_schedule
-        self.cfg_scale, self.batch, self.tracker = cfg_scale, batch, tracker
+        self.cfg_scale, self.batch = cfg_scale, batch
         self.time_ids = _sdxl_time_ids(model, params)
         self.s_min_uncond = params.s_min_uncond
+        self.calls = 0
+        """Model calls made so far in this batch; the next call uses schedule step `self.calls`."""
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **_: Any) -> torch.Tensor:
-        cond = conditioning_at(self.cond_schedule, self.tracker.step)
-        uncond = conditioning_at(self.uncond_schedule, self.tracker.step)
+        step = self.calls
+        cond = conditioning_at(self.cond_schedule, step)
+        uncond = conditioning_at(self.uncond_schedule, step)
         cond, uncond = pad_to_same_length(cond, uncond)
         # NGMS (opt-in, difusi.speed.cfg_cutoff): cond_scale 1 makes the CFG denoiser skip the uncond pass.
-        skip = skip_uncond(self.s_min_uncond, float(sigma[0]), self.tracker.step, self.cfg_scale)
-        return self.cfg(
+        skip = skip_uncond(self.s_min_uncond, float(sigma.reshape(-1)[0]), step, self.cfg_scale)
+        denoised = self.cfg(
             x, sigma,
             cond=self._network_kwargs(cond, x), uncond=self._network_kwargs(uncond, x),
             cond_scale=1.0 if skip else self.cfg_scale,
         )
+        self.calls += 1
+        return denoised
 
     def _network_kwargs(self, conditioning: Conditioning, x: torch.Tensor) -> dict[str, torch.Tensor]:
         kwargs = {"context": _repeat(conditioning.context, self.batch).to(x.device, x.dtype)}
@@ -270,13 +312,17 @@ def _repeat(tensor: torch.Tensor, batch: int) -> torch.Tensor:
     return tensor if tensor.shape[0] == batch else tensor.expand(batch, *tensor.shape[1:])
 
 
-def _encode(model, params: GenerationParams):
-    # Clip skip acts on SD1 only, as in A1111: SD2 and SDXL already read the penultimate layer.
-    clip_skip = params.clip_skip if model.family == "sd1" else 1
+def _encode(model, params: GenerationParams, steps: int | None = None):
+    """Prompt schedules (cond, uncond) for `steps` schedule steps (default `params.steps`; txt2img passes
+    `_schedule_steps(sampler, params.steps)`, A1111's total_steps)."""
+    steps = params.steps if steps is None else steps
+    # Clip skip acts on SD1 only, as in A1111: SD2 and SDXL already read the penultimate layer (family table).
+    family = spec_of(model)
+    clip_skip = params.clip_skip if family.honours_clip_skip else 1
     with torch.inference_mode():
-        cond = encode_prompt_schedule(model.text_encoders, params.prompt, params.steps, clip_skip)
-        uncond = encode_prompt_schedule(model.text_encoders, params.negative_prompt, params.steps, clip_skip)
-    if model.family == "sdxl" and not params.negative_prompt:
+        cond = encode_prompt_schedule(model.text_encoders, params.prompt, steps, clip_skip)
+        uncond = encode_prompt_schedule(model.text_encoders, params.negative_prompt, steps, clip_skip)
+    if family.zero_empty_negative and not params.negative_prompt:
         # SDXL's empty negative prompt is all zeros in A1111 and diffusers alike.
         uncond = [(end_step, conditioning.zeros_like()) for end_step, conditioning in uncond]
     for _, conditioning in cond + uncond:
@@ -297,7 +343,7 @@ def _denoiser(model, table: DiscreteNoiseTable):
 
 def _sdxl_time_ids(model, params: GenerationParams) -> torch.Tensor | None:
     """SDXL size conditioning (Podell et al. 2023): original size = target size, no crop, as A1111 does."""
-    if model.family != "sdxl":
+    if not spec_of(model).size_conditioning:
         return None
     return sdxl_time_ids((params.height, params.width), (0, 0), (params.height, params.width))
 

@@ -1,4 +1,4 @@
-"""Seeded per-image noise (DESIGN contract 2).
+"""Seeded per-image noise (docs/ARCHITECTURE.md contract 2).
 
 Image i of a job with seed s uses seed s+i. Its initial noise is drawn first from
 `torch.Generator("cpu").manual_seed(s+i)`, always in float32 on the CPU; every later draw for that image

@@ -2,7 +2,7 @@
 
 One module-scoped job (batch size 2 x batch count 2, a hard prompt) is generated once and reused:
 seeds, names, history rows, `info`, reproduce-from-image and flag overrides are all checked against it.
-The reference for "bit-identical" is the job itself: DESIGN contract 2 says image i of seed s depends only
+The reference for "bit-identical" is the job itself: docs/ARCHITECTURE.md contract 2 says image i of seed s depends only
 on s+i. A1111's infotext does not record the batch size, and on a CPU a batched matrix product can differ
 from an unbatched one in the last bit (then, rarely, one 8-bit level of one pixel), so regenerating passes
 the original `--batch-size 2`; everything else comes from the PNG.

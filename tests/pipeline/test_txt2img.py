@@ -33,7 +33,7 @@ def test_same_params_give_bit_identical_images(tiny_models):
 
 @pytest.mark.parametrize("sampler", ["Euler a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M"])
 def test_batch_image_equals_single_generation(tiny_models, sampler):
-    """Image k of a batch of 4 with seed s equals seed s+k generated alone (DESIGN contract 2)."""
+    """Image k of a batch of 4 with seed s equals seed s+k generated alone (docs/ARCHITECTURE.md contract 2)."""
     model = tiny_models("sd1")
     batch = txt2img(model, _params(sampler_name=sampler, batch_size=4))
     assert batch.seeds == [42, 43, 44, 45]

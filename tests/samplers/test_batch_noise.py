@@ -1,4 +1,4 @@
-"""Per-image noise: an image is the same alone or at any position of a batch (DESIGN contract 2)."""
+"""Per-image noise: an image is the same alone or at any position of a batch (docs/ARCHITECTURE.md contract 2)."""
 
 import pytest
 import torch

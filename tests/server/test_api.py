@@ -64,7 +64,7 @@ def test_txt2img_seeds_images_infotext_and_saved_files(server, client):
 
 
 def test_image_does_not_depend_on_its_batch(client):
-    """DESIGN contract 2 through the API: image 3 of a batched job equals a job of one image at seed s+3."""
+    """docs/ARCHITECTURE.md contract 2 through the API: image 3 of a batched job equals a job of one image at seed s+3."""
     batched, _ = txt2img(client, seed=77, batch_size=2, n_iter=2, save_images=False)
     alone, info = txt2img(client, seed=80, save_images=False)
     assert info["all_seeds"] == [80]

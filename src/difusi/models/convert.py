@@ -20,22 +20,23 @@ from typing import Any
 import torch
 
 from difusi.errors import CheckpointError
+from difusi.models.families import (  # noqa: F401  (re-exported: the LDM layout's key prefixes)
+    SD1_CLIP_PREFIX,
+    SD2_OPENCLIP_PREFIX,
+    SDXL_CLIP_L_PREFIX,
+    SDXL_OPENCLIP_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    base_spec,
+)
 
 Tensor = torch.Tensor
 StateDict = dict[str, Tensor]
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-SD1_CLIP_PREFIX = "cond_stage_model.transformer.text_model."
-SD2_OPENCLIP_PREFIX = "cond_stage_model.model."
-SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer.text_model."
-SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
-
-# Text-encoder prefixes per family, in the order the pipeline uses the encoders.
+# Text-encoder (LDM prefix, kind) per architecture name, in pipeline order, from the family table.
 TEXT_ENCODER_PREFIXES: dict[str, list[tuple[str, str]]] = {
-    "sd1": [(SD1_CLIP_PREFIX, "clip")],
-    "sd2": [(SD2_OPENCLIP_PREFIX, "openclip")],
-    "sdxl": [(SDXL_CLIP_L_PREFIX, "clip"), (SDXL_OPENCLIP_PREFIX, "openclip")],
+    family: [(layout.ldm_prefix, layout.kind) for layout in base_spec(family).text_encoders]
+    for family in ("sd1", "sd2", "sdxl")
 }
 
 # Sub-module names inside one residual block: LDM name -> diffusers name.

@@ -4,10 +4,10 @@ Everything is read from tensor names and shapes, never from a file name, so non-
 sizes (tiny test checkpoints, difusi-mini) load through the same path as SD 1.5. The result is
 a set of diffusers / transformers config dicts that build modules the checkpoint's tensors fit.
 
-What shapes cannot tell (attention head counts, activation function) follows the original
-configs of each family (CompVis `v1-inference.yaml`: 8 heads; Stability `v2-inference*.yaml`
-and `sd_xl_base.yaml`: 64 channels per head; OpenAI CLIP quick-GELU, OpenCLIP GELU) and can be
-overridden by a sidecar file (see `difusi.models.sidecar`).
+Which family a file is, and what shapes cannot tell (attention head counts, activation
+function, native size, scaling factor), come from the family table `difusi.models.families`
+(one record per family, following each family's original configs) and can be overridden by a
+sidecar file (see `difusi.models.sidecar`).
 """
 
 from __future__ import annotations
@@ -19,25 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from difusi.errors import CheckpointError, UnsupportedModelError
-from difusi.models.convert import (
-    SD1_CLIP_PREFIX,
-    SD2_OPENCLIP_PREFIX,
-    SDXL_CLIP_L_PREFIX,
-    SDXL_OPENCLIP_PREFIX,
-    UNET_PREFIX,
-    VAE_PREFIX,
-)
+from difusi.models.convert import UNET_PREFIX, VAE_PREFIX
+from difusi.models.families import EOS_TOKEN_ID, FamilySpec, TextEncoderLayout, match_shapes
 
 # Shapes are all detection needs; a dict of key -> shape lets it run before any tensor is read.
 Shapes = Mapping[str, tuple[int, ...]]
 
 CLIP_VOCAB_SIZE = 49408
 BOS_TOKEN_ID = 49406
-EOS_TOKEN_ID = 49407
 HEAD_DIM = 64  # CLIP ViT-L/14, OpenCLIP ViT-H/14 and bigG/14 all use 64 channels per head
-
-NATIVE_SIZE = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
-SCALING_FACTOR = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
 
 
 @dataclass
@@ -60,6 +50,8 @@ class ModelSpec:
     vae_levels: int
     latent_channels: int
     notes: dict[str, Any] = field(default_factory=dict)
+    family_spec: FamilySpec | None = None
+    """The family record detection chose (`difusi.models.families`); `family` is its architecture name."""
 
 
 def describe(shapes: Shapes, limit: int = 6) -> str:
@@ -79,46 +71,43 @@ def describe(shapes: Shapes, limit: int = 6) -> str:
 
 def detect_family(shapes: Shapes) -> str:
     """"sd1", "sd2" or "sdxl"; raises UnsupportedModelError for known other families, CheckpointError for unknown."""
-    keys = shapes.keys()
-    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
-    if any(".double_blocks." in k or k.startswith("double_blocks.") for k in keys):
-        raise UnsupportedModelError("not supported yet: detected Flux (double_blocks transformer)")
-    if any(".joint_blocks." in k or k.startswith("joint_blocks.") for k in keys):
-        raise UnsupportedModelError("not supported yet: detected SD3 (MMDiT joint_blocks transformer)")
+    return detect_family_spec(shapes).family
+
+
+def detect_family_spec(shapes: Shapes) -> FamilySpec:
+    """The family record (`difusi.models.families.FAMILIES`, first match in table order) for a single-file checkpoint.
+
+    Raises UnsupportedModelError for a recognised family difusi does not run, CheckpointError when the file is no
+    Stable Diffusion checkpoint at all (saying what it holds instead).
+    """
+    other = match_shapes(shapes, unet=False)
+    if other is not None:
+        raise other.unsupported()
     conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None:
-        if any(has(p) for p in ("down_blocks.", "time_embedding.", "conv_in.", "unet.")):
+        if any(k.startswith(p) for p in ("down_blocks.", "time_embedding.", "conv_in.", "unet.") for k in shapes):
             raise CheckpointError(
                 f"this looks like a diffusers-layout weights file, not a single-file checkpoint ({describe(shapes)}); "
                 "load its whole folder (with model_index.json) instead"
             )
         raise CheckpointError(f"not a Stable Diffusion checkpoint: no UNet found at {UNET_PREFIX}*; saw {describe(shapes)}")
-    if has(SDXL_CLIP_L_PREFIX) and has(SDXL_OPENCLIP_PREFIX):
-        family = "sdxl"
-    elif has("conditioner.embedders.0.model."):
-        raise UnsupportedModelError("not supported yet: detected SDXL refiner (OpenCLIP bigG only, no CLIP-L)")
-    elif has(SD2_OPENCLIP_PREFIX):
-        family = "sd2"
-    elif has(SD1_CLIP_PREFIX):
-        family = "sd1"
-    else:
+    spec = match_shapes(shapes, unet=True)
+    if spec is None:
         raise CheckpointError(f"checkpoint has a UNet but no text encoder difusi knows; saw {describe(shapes)}")
-    if family != "sdxl" and has(UNET_PREFIX + "label_emb."):
-        raise UnsupportedModelError(f"not supported yet: detected {family.upper()} with class/image embedding (unCLIP)")
-    if not has(VAE_PREFIX):
+    if not spec.supported:
+        raise spec.unsupported()
+    if not any(k.startswith(VAE_PREFIX) for k in shapes):
         raise CheckpointError(f"checkpoint has no VAE ({VAE_PREFIX}*); saw {describe(shapes)}")
     _check_in_channels(shapes, conv_in[1])
-    return family
-
-
-_IN_CHANNEL_FAMILIES = {9: "inpainting (9 input channels)", 8: "instruct-pix2pix (8 input channels)", 5: "depth-conditioned (5 input channels)"}
+    return spec
 
 
 def _check_in_channels(shapes: Shapes, in_channels: int) -> None:
+    """Input channels the family table does not name (9, 8, 5 are records) must still equal the latent's."""
     latent = shapes[VAE_PREFIX + "decoder.conv_in.weight"][1] if VAE_PREFIX + "decoder.conv_in.weight" in shapes else 4
     if in_channels != latent:
-        what = _IN_CHANNEL_FAMILIES.get(in_channels, f"UNet with {in_channels} input channels for {latent} latent channels")
-        raise UnsupportedModelError(f"not supported yet: detected {what}")
+        raise UnsupportedModelError(
+            f"not supported yet: detected UNet with {in_channels} input channels for {latent} latent channels")
 
 
 # ----------------------------------------------------------------------------- UNet
@@ -134,7 +123,7 @@ def _transformer_depth(shapes: Shapes, block: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def detect_unet(shapes: Shapes, family: str, heads_override: int | list[int] | None = None,
+def detect_unet(shapes: Shapes, spec: FamilySpec, heads_override: int | list[int] | None = None,
                 head_dim_override: int | None = None) -> dict[str, Any]:
     """diffusers `UNet2DConditionModel` config for the LDM UNet in `shapes`."""
     p = UNET_PREFIX
@@ -161,9 +150,9 @@ def detect_unet(shapes: Shapes, family: str, heads_override: int | list[int] | N
     attn_key = next(k for k in shapes if k.startswith(p) and k.endswith("attn2.to_k.weight"))
     context_dim = shapes[attn_key][1]
     proj_in = next(k for k in shapes if k.startswith(p) and k.endswith(".1.proj_in.weight"))
-    heads = _unet_heads(family, channels, heads_override, head_dim_override)
+    heads = _unet_heads(spec, channels, heads_override, head_dim_override)
     config: dict[str, Any] = {
-        "sample_size": NATIVE_SIZE.get(family, 512) // 8,
+        "sample_size": spec.native_size // spec.vae_scale_factor,
         "in_channels": conv_in[1],
         "out_channels": shapes[p + "out.2.weight"][0],
         "block_out_channels": list(channels),
@@ -174,8 +163,7 @@ def detect_unet(shapes: Shapes, family: str, heads_override: int | list[int] | N
         "attention_head_dim": heads,  # diffusers' legacy name: this is the number of heads
         "transformer_layers_per_block": depths if max(depths) > 1 else 1,
         "use_linear_projection": len(shapes[proj_in]) == 2,
-        # SD2's released configs compute attention scores in fp32 (fp16 overflows otherwise); no effect in fp32
-        "upcast_attention": family == "sd2",
+        "upcast_attention": spec.upcast_attention,  # no effect in fp32
         "norm_num_groups": 32,
     }
     if p + "label_emb.0.0.weight" in shapes:
@@ -186,12 +174,14 @@ def detect_unet(shapes: Shapes, family: str, heads_override: int | list[int] | N
     return config
 
 
-def _unet_heads(family: str, channels: list[int], heads: int | list[int] | None, head_dim: int | None) -> int | list[int]:
+def _unet_heads(spec: FamilySpec, channels: list[int], heads: int | list[int] | None,
+                head_dim: int | None) -> int | list[int]:
+    """Sidecar heads, else sidecar head width, else the family's rule (SD1 8 heads everywhere, else 64 per head)."""
     if heads is not None:
         return heads
-    if head_dim is None and family == "sd1":
-        return 8  # v1-inference.yaml: num_heads 8 at every level
-    dim = head_dim or HEAD_DIM
+    if head_dim is None and spec.unet_heads is not None:
+        return spec.unet_heads
+    dim = head_dim or spec.unet_head_dim
     return [max(1, c // dim) for c in channels]
 
 
@@ -206,7 +196,7 @@ def add_sdxl_time_embedding(config: dict[str, Any], pooled_dim: int) -> None:
 # ----------------------------------------------------------------------------- VAE
 
 
-def detect_vae(shapes: Shapes, family: str) -> dict[str, Any]:
+def detect_vae(shapes: Shapes, spec: FamilySpec) -> dict[str, Any]:
     """diffusers `AutoencoderKL` config for the LDM VAE in `shapes` (any number of levels)."""
     p = VAE_PREFIX + "encoder.down."
     levels = len(_indices(shapes, re.escape(p) + r"(\d+)\."))
@@ -222,54 +212,44 @@ def detect_vae(shapes: Shapes, family: str) -> dict[str, Any]:
         "layers_per_block": per,
         "latent_channels": latent,
         "norm_num_groups": 32,
-        "sample_size": NATIVE_SIZE.get(family, 512),
-        "scaling_factor": SCALING_FACTOR.get(family, 0.18215),
+        "sample_size": spec.native_size,
+        "scaling_factor": spec.scaling_factor,
     }
 
 
 # ----------------------------------------------------------------------------- text encoders
 
 
-def detect_text_encoder(shapes: Shapes, prefix: str, kind: str, with_projection: bool) -> TextEncoderSpec:
-    """transformers `CLIPTextConfig` kwargs for the text encoder stored under `prefix` in LDM layout `kind`."""
+def detect_text_encoder(shapes: Shapes, layout: TextEncoderLayout) -> TextEncoderSpec:
+    """transformers `CLIPTextConfig` kwargs for the text encoder a family record places at `layout.ldm_prefix`."""
+    prefix, kind = layout.ldm_prefix, layout.kind
     if kind == "clip":
         vocab, width = shapes[prefix + "embeddings.token_embedding.weight"]
         positions = shapes[prefix + "embeddings.position_embedding.weight"][0]
         layers = len(_indices(shapes, re.escape(prefix) + r"encoder\.layers\.(\d+)\."))
         intermediate = shapes[prefix + "encoder.layers.0.mlp.fc1.weight"][0]
-        act = "quick_gelu"  # OpenAI CLIP
         projection = width
     else:
         vocab, width = shapes[prefix + "token_embedding.weight"]
         positions = shapes[prefix + "positional_embedding"][0]
         layers = len(_indices(shapes, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\."))
         intermediate = shapes[prefix + "transformer.resblocks.0.mlp.c_fc.weight"][0]
-        act = "gelu"  # OpenCLIP ViT-H / bigG
         projection = shapes[prefix + "text_projection"][1] if prefix + "text_projection" in shapes else width
     config = {
         "vocab_size": vocab,
         "hidden_size": width,
         "intermediate_size": intermediate,
         "num_hidden_layers": layers,
-        "num_attention_heads": max(1, width // HEAD_DIM),
+        "num_attention_heads": layout.heads or max(1, width // HEAD_DIM),
         "max_position_embeddings": positions,
-        "hidden_act": act,
+        "hidden_act": layout.hidden_act,
         "layer_norm_eps": 1e-5,
         "projection_dim": projection,
         "bos_token_id": BOS_TOKEN_ID,
         "eos_token_id": EOS_TOKEN_ID,
         "pad_token_id": 1,
     }
-    return TextEncoderSpec(kind=kind, config=config, with_projection=with_projection)
-
-
-def text_encoder_layouts(family: str) -> list[tuple[str, str, bool]]:
-    """(LDM prefix, kind, with projection) for each text encoder of a family, in pipeline order."""
-    return {
-        "sd1": [(SD1_CLIP_PREFIX, "clip", False)],
-        "sd2": [(SD2_OPENCLIP_PREFIX, "openclip", False)],
-        "sdxl": [(SDXL_CLIP_L_PREFIX, "clip", False), (SDXL_OPENCLIP_PREFIX, "openclip", True)],
-    }[family]
+    return TextEncoderSpec(kind=kind, config=config, with_projection=layout.with_projection)
 
 
 # ----------------------------------------------------------------------------- everything
@@ -282,15 +262,17 @@ def detect(shapes: Shapes, overrides: Mapping[str, Any] | None = None) -> ModelS
     and raw config fields under `unet`, `vae`, `text_encoder` (dicts merged into the detected configs).
     """
     overrides = overrides or {}
-    family = detect_family(shapes)
+    spec = detect_family_spec(shapes)
+    family = spec.family
     try:
-        unet = detect_unet(shapes, family, overrides.get("attention_heads"), overrides.get("attention_head_dim"))
-        vae = detect_vae(shapes, family)
-        texts = [detect_text_encoder(shapes, prefix, kind, proj) for prefix, kind, proj in text_encoder_layouts(family)]
+        unet = detect_unet(shapes, spec, overrides.get("attention_heads"), overrides.get("attention_head_dim"))
+        vae = detect_vae(shapes, spec)
+        texts = [detect_text_encoder(shapes, layout) for layout in spec.text_encoders]
     except (KeyError, StopIteration, IndexError, ValueError) as exc:
         raise CheckpointError(f"{family} checkpoint with an unexpected layout (missing {exc}); saw {describe(shapes)}") from exc
-    if family == "sdxl":
-        add_sdxl_time_embedding(unet, texts[1].config["projection_dim"])
+    if spec.size_conditioning:
+        pooled = next(t for t, layout in zip(texts, spec.text_encoders, strict=True) if layout.pooled)
+        add_sdxl_time_embedding(unet, pooled.config["projection_dim"])
     _apply_overrides(unet, vae, texts, overrides)
     return ModelSpec(
         family=family,
@@ -299,6 +281,7 @@ def detect(shapes: Shapes, overrides: Mapping[str, Any] | None = None) -> ModelS
         text_encoders=texts,
         vae_levels=len(vae["block_out_channels"]),
         latent_channels=vae["latent_channels"],
+        family_spec=spec,
     )
 
 

@@ -1,29 +1,26 @@
-"""Approximate latent -> RGB factors for cheap previews (no VAE decode).
+"""Approximate latent -> RGB factors for cheap previews (no VAE decode), by family.
 
 `rgb[c] = sum_k latent[k] * factors[k][c] + bias[c]`, giving roughly [-1, 1] from the sampler's
-(scaled) latents. These are the published linear fits used by ComfyUI's latent previewer
-(`comfy/latent_formats.py`, SD15 and SDXL); SD2 shares SD1's VAE. Models with other VAEs
-(difusi-mini) state theirs in the sidecar.
+(scaled) latents. The values live in the family table (`difusi.models.families`, one record per
+family); this module keeps the list-valued views older callers import.
 """
 
 from __future__ import annotations
 
-SD1_FACTORS = [
-    [0.3512, 0.2297, 0.3227],
-    [0.3250, 0.4974, 0.2350],
-    [-0.2829, 0.1762, 0.2721],
-    [-0.2120, -0.2616, -0.7177],
-]
-SDXL_FACTORS = [
-    [0.3651, 0.4232, 0.4341],
-    [-0.2533, -0.0042, 0.1068],
-    [0.1076, 0.1111, -0.0362],
-    [-0.3165, -0.2492, -0.2188],
-]
-SDXL_BIAS = [0.1084, -0.0175, -0.0011]
+from difusi.models.families import FAMILIES, base_spec
+
+
+def _rows(factors: tuple[tuple[float, ...], ...] | None) -> list[list[float]] | None:
+    return None if factors is None else [list(row) for row in factors]
+
+
+SD1_FACTORS: list[list[float]] = _rows(base_spec("sd1").latent_rgb_factors) or []
+SDXL_FACTORS: list[list[float]] = _rows(base_spec("sdxl").latent_rgb_factors) or []
+SDXL_BIAS: list[float] = list(base_spec("sdxl").latent_rgb_bias or ())
 
 LATENT_RGB: dict[str, tuple[list[list[float]], list[float] | None]] = {
-    "sd1": (SD1_FACTORS, None),
-    "sd2": (SD1_FACTORS, None),
-    "sdxl": (SDXL_FACTORS, SDXL_BIAS),
+    spec.key: (_rows(spec.latent_rgb_factors) or [], None if spec.latent_rgb_bias is None else list(spec.latent_rgb_bias))
+    for spec in FAMILIES
+    if spec.supported and spec.latent_rgb_factors is not None
 }
+"""Record key -> (factors, bias); architecture names ("sd1", "sd2", "sdxl") are keys too."""

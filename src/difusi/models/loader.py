@@ -9,6 +9,7 @@ model hub: no `from_pretrained` on a hub id, configs come from the file's shapes
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,21 +17,16 @@ from typing import Any
 
 import torch
 
-from difusi.errors import CheckpointError, UnsupportedModelError
+from difusi.errors import CheckpointError
 from difusi.models import convert
-from difusi.models.detect import (
-    NATIVE_SIZE,
-    SCALING_FACTOR,
-    ModelSpec,
-    TextEncoderSpec,
-    detect,
-    text_encoder_layouts,
-)
+from difusi.models.detect import ModelSpec, TextEncoderSpec, detect
+from difusi.models.families import FamilySpec, base_spec, detect_diffusers, variant_for
 from difusi.models.files import CheckpointFile, is_diffusers_folder, read_component_state_dict, read_json
 from difusi.models.hashing import file_sha256, short_hash
-from difusi.models.latent_preview import LATENT_RGB
 from difusi.models.sidecar import read_sidecar
-from difusi.models.text_encoders import FAMILY_ENCODERS, wrap_text_encoder
+from difusi.models.text_encoders import encoder_settings, wrap_text_encoder
+
+log = logging.getLogger("difusi.models")
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL_NAME = "difusi-mini"
@@ -58,6 +54,8 @@ class LoadedModel:
     scaling_factor: float
     latent_rgb_factors: list[list[float]] | None
     latent_rgb_bias: list[float] | None
+    family_spec: FamilySpec | None = field(default=None, repr=False)
+    """The family record (`difusi.models.families`): key "sd1", "sd2", "sd2-v", "sdxl" or "difusi-mini"."""
     dtype: torch.dtype = torch.float32
     device: torch.device = torch.device("cpu")
     unet_config: dict[str, Any] = field(default_factory=dict)
@@ -89,7 +87,8 @@ class LoadedModel:
 
     @property
     def is_sdxl(self) -> bool:
-        return self.family == "sdxl"
+        """Whether the UNet takes SDXL's size conditioning (kept for older callers; read `family_spec` instead)."""
+        return (self.family_spec or base_spec(self.family)).size_conditioning
 
 
 # ----------------------------------------------------------------------------- module construction
@@ -235,7 +234,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 def _load_single_file(reader: CheckpointFile, device: str | torch.device, dtype: torch.dtype) -> LoadedModel:
     sidecar = read_sidecar(reader.path)
     spec = detect(reader.shapes, sidecar)
-    wanted = (convert.UNET_PREFIX, convert.VAE_PREFIX, *(p for p, _, _ in text_encoder_layouts(spec.family)))
+    family = spec.family_spec or base_spec(spec.family)
+    wanted = (convert.UNET_PREFIX, convert.VAE_PREFIX, *(layout.ldm_prefix for layout in family.text_encoders))
     state = {k: reader.tensor(k, dtype) for k in reader.shapes if k.startswith(wanted)}
     unet_sd, vae_sd, text_sds = convert.split_ldm_checkpoint(state, spec.family, spec.unet_config, spec.vae_config)
     del state
@@ -248,31 +248,40 @@ def _load_single_file(reader: CheckpointFile, device: str | torch.device, dtype:
     ]
     prediction = sidecar.get("prediction_type") or _prediction_from_file(reader)
     if prediction is None:
-        prediction = guess_sd2_prediction(unet) if spec.family == "sd2" else "epsilon"
+        prediction = guess_sd2_prediction(unet) if family.guess_v_prediction else family.prediction_type
     return _assemble(reader.path, name, spec, prediction, unet, vae, texts, sidecar, device, dtype)
 
 
 def _assemble(path: Path, name: str, spec: ModelSpec, prediction: str, unet: Any, vae: Any, texts: list[Any],
               sidecar: Mapping[str, Any], device: str | torch.device, dtype: torch.dtype) -> LoadedModel:
-    family = spec.family
-    size_key = "sd2-v" if family == "sd2" and prediction == "v_prediction" else family
-    factors, bias = LATENT_RGB.get(family, (None, None)) if spec.latent_channels == 4 else (None, None)
-    scaling = float(sidecar.get("scaling_factor", spec.vae_config.get("scaling_factor", SCALING_FACTOR[family])))
+    """The LoadedModel: family record defaults (variant picked by prediction type), sidecar values over them."""
+    family = variant_for(spec.family_spec or base_spec(spec.family), prediction)
+    same_latents = spec.latent_channels == family.latent_channels
+    factors = [list(row) for row in family.latent_rgb_factors] if same_latents and family.latent_rgb_factors else None
+    bias = list(family.latent_rgb_bias) if same_latents and family.latent_rgb_bias else None
+    scaling = float(sidecar.get("scaling_factor", spec.vae_config.get("scaling_factor", family.scaling_factor)))
     vae.register_to_config(scaling_factor=scaling)
+    vae_scale = 2 ** (spec.vae_levels - 1)
+    if vae_scale != family.vae_scale_factor and "native_size" not in sidecar:
+        log.warning("%s: its VAE downscales %dx, not %s's %dx, and no sidecar states its native size; assuming %d px "
+                    "(add %s with \"native_size\" if images come out as noise)", path, vae_scale, family.label,
+                    family.vae_scale_factor, family.native_size, sidecar_name(path))
     return LoadedModel(
         name=name,
         path=path,
-        family=family,
+        family=family.family,
         prediction_type=prediction,
         unet=unet,
         vae=vae,
-        text_encoders=[wrap_text_encoder(m, s) for m, s in zip(texts, FAMILY_ENCODERS[family], strict=True)],
-        native_size=int(sidecar.get("native_size", NATIVE_SIZE[size_key])),
-        vae_scale_factor=2 ** (spec.vae_levels - 1),
+        text_encoders=[wrap_text_encoder(m, encoder_settings(layout))
+                       for m, layout in zip(texts, family.text_encoders, strict=True)],
+        native_size=int(sidecar.get("native_size", family.native_size)),
+        vae_scale_factor=vae_scale,
         latent_channels=spec.latent_channels,
         scaling_factor=scaling,
         latent_rgb_factors=sidecar.get("latent_rgb_factors", factors),
         latent_rgb_bias=sidecar.get("latent_rgb_bias", bias),
+        family_spec=family,
         dtype=dtype,
         device=torch.device(device),
         unet_config=dict(spec.unet_config),
@@ -280,6 +289,13 @@ def _assemble(path: Path, name: str, spec: ModelSpec, prediction: str, unet: Any
         text_encoder_configs=[dict(t.config) for t in spec.text_encoders],
         sidecar=dict(sidecar),
     )
+
+
+def sidecar_name(path: Path) -> str:
+    """The sidecar file name for `path`, for messages."""
+    from difusi.models.sidecar import sidecar_path
+
+    return sidecar_path(path).name
 
 
 # ----------------------------------------------------------------------------- diffusers folders
@@ -291,48 +307,33 @@ def _component_config(folder: Path) -> dict[str, Any]:
     return {k: v for k, v in read_json(folder / "config.json").items() if not k.startswith("_") and k not in drop}
 
 
-def _diffusers_family(root: Path, unet_config: Mapping[str, Any]) -> str:
-    has_te1 = (root / "text_encoder").is_dir()
-    has_te2 = (root / "text_encoder_2").is_dir()
-    if unet_config.get("in_channels", 4) == 9:
-        raise UnsupportedModelError(f"{root}: not supported yet: detected inpainting (9 input channels)")
-    if has_te2 and not has_te1:
-        raise UnsupportedModelError(f"{root}: not supported yet: detected SDXL refiner (OpenCLIP bigG only)")
-    if has_te1 and has_te2:
-        return "sdxl"
-    if not has_te1:
-        raise CheckpointError(f"{root}: diffusers folder without text_encoder/")
-    te = read_json(root / "text_encoder" / "config.json")
-    return "sd2" if te.get("hidden_act") == "gelu" else "sd1"
-
-
 def _load_diffusers_folder(root: Path, device: str | torch.device, dtype: torch.dtype) -> LoadedModel:
     """A diffusers pipeline folder: configs from its JSON files, weights from its component folders."""
     index = read_json(root / "model_index.json")
     for part in ("unet", "vae"):
         if not (root / part / "config.json").is_file():
             raise CheckpointError(f"{root}: diffusers folder without {part}/config.json")
-    if "StableDiffusion3" in str(index.get("_class_name", "")) or "Flux" in str(index.get("_class_name", "")):
-        raise UnsupportedModelError(f"{root}: not supported yet: detected {index['_class_name']}")
     sidecar = read_sidecar(root)
     unet_config = _component_config(root / "unet") | sidecar.get("unet", {})
     vae_config = _component_config(root / "vae") | sidecar.get("vae", {})
-    family = _diffusers_family(root, unet_config)
+    family = detect_diffusers(root, index, unet_config)
     cast = lambda sd: {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}  # noqa: E731
     unet = _finish(_build_on_meta(_unet_class(), unet_config, cast(read_component_state_dict(root / "unet")), f"{root} UNet"), device)
     vae = _finish(_build_on_meta(_vae_class(), vae_config, cast(read_component_state_dict(root / "vae")), f"{root} VAE"), device)
-    folders = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
     specs, texts = [], []
-    for i, folder in enumerate(folders):
+    for layout in family.text_encoders:
+        folder = layout.diffusers_folder
         config = _component_config(root / folder) | sidecar.get("text_encoder", {})
-        spec = TextEncoderSpec(kind="clip", config=config, with_projection=(family == "sdxl" and i == 1))
+        spec = TextEncoderSpec(kind="clip", config=config, with_projection=layout.with_projection)
         specs.append(spec)
         texts.append(_finish(_build_text_encoder(spec, cast(read_component_state_dict(root / folder)), f"{root}/{folder}"), device))
     scheduler = root / "scheduler" / "scheduler_config.json"
     prediction = sidecar.get("prediction_type") or (read_json(scheduler).get("prediction_type") if scheduler.is_file() else None)
     levels = len(vae_config["block_out_channels"])
-    spec = ModelSpec(family, unet_config, vae_config, specs, levels, vae_config.get("latent_channels", 4))
-    return _assemble(root, sidecar.get("name") or root.name, spec, prediction or "epsilon", unet, vae, texts, sidecar, device, dtype)
+    spec = ModelSpec(family.family, unet_config, vae_config, specs, levels, vae_config.get("latent_channels", 4),
+                     family_spec=family)
+    return _assemble(root, sidecar.get("name") or root.name, spec, prediction or family.prediction_type, unet, vae, texts,
+                     sidecar, device, dtype)
 
 
 def free_model(model: LoadedModel | None) -> None:

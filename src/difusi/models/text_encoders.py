@@ -5,7 +5,8 @@ All CLIP variants SD uses share OpenAI's BPE vocabulary (49,408 tokens), shipped
 `<|endoftext|>`; OpenCLIP (SD2, SDXL's bigG) pads with token 0 ("!"), as its tokenizer zero-fills.
 Layer choice per family (A1111 / Stability configs): SD1 last layer + final LayerNorm; SD2
 penultimate layer + final LayerNorm; SDXL penultimate layer of both, no final LayerNorm, plus the
-bigG pooled (projected) output.
+bigG pooled (projected) output. Those settings live in the family table
+(`difusi.models.families.TextEncoderLayout`); `encoder_settings` turns one into what the pipeline reads.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from difusi.models.detect import EOS_TOKEN_ID
+from difusi.models.families import OPENCLIP_PAD_ID, TextEncoderLayout, base_spec
 
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizers" / "clip"
-OPENCLIP_PAD_TOKEN = "!"  # id 0 in the CLIP vocabulary
-OPENCLIP_PAD_ID = 0
+OPENCLIP_PAD_TOKEN = "!"  # id 0 in the CLIP vocabulary (OPENCLIP_PAD_ID)
 MAX_LENGTH = 77
 
 
@@ -33,10 +33,14 @@ class EncoderSettings:
     pooled: bool
 
 
+def encoder_settings(layout: TextEncoderLayout) -> EncoderSettings:
+    """The reading rules of one text encoder of a family record."""
+    return EncoderSettings(layout.pad_token_id, layout.hidden_layer, layout.final_layer_norm, layout.pooled)
+
+
+# Per architecture name, derived from the family table (kept for callers that only know "sd1"/"sd2"/"sdxl").
 FAMILY_ENCODERS: dict[str, list[EncoderSettings]] = {
-    "sd1": [EncoderSettings(EOS_TOKEN_ID, -1, True, False)],
-    "sd2": [EncoderSettings(OPENCLIP_PAD_ID, -2, True, False)],
-    "sdxl": [EncoderSettings(EOS_TOKEN_ID, -2, False, False), EncoderSettings(OPENCLIP_PAD_ID, -2, False, True)],
+    family: [encoder_settings(layout) for layout in base_spec(family).text_encoders] for family in ("sd1", "sd2", "sdxl")
 }
 
 

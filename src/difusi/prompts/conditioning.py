@@ -265,17 +265,20 @@ def encode_prompt_schedule(
 
 
 def conditioning_at(schedule: Sequence[tuple[int, Conditioning]], step: int) -> Conditioning:
-    """The conditioning for 0-based sampler step ``step``: the first entry with ``step <= end_step``.
+    """The conditioning for 0-based schedule step ``step``: the first entry with ``step <= end_step``.
 
-    This is A1111's ``reconstruct_cond_batch`` rule, so ``[a:b:3]`` uses ``a`` for steps 0..3.
-    Past the last ``end_step`` the last entry applies.
+    This is A1111's ``reconstruct_cond_batch`` rule, so ``[a:b:3]`` uses ``a`` for steps 0..3. The step is
+    the CFG denoiser's model-call index (see ``difusi.pipeline._ScheduledCFG``), which for one-call-per-step
+    samplers is the sampler step. Past the last ``end_step`` the *first* entry applies, as in A1111
+    (``target_index = 0`` when no entry matches): only samplers that make more model calls than the schedule
+    has steps get there (DPM adaptive), and A1111's images for them come from this rule.
     """
     if not schedule:
         raise ValueError("empty conditioning schedule")
     for end_step, conditioning in schedule:
         if step <= end_step:
             return conditioning
-    return schedule[-1][1]
+    return schedule[0][1]
 
 
 def pad_to_same_length(a: Conditioning, b: Conditioning) -> tuple[Conditioning, Conditioning]:

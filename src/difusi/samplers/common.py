@@ -42,7 +42,7 @@ def get_ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: fl
 
 
 def sigma_batch(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The per-image sigma vector `[B]` the model is called with (DESIGN contract 1)."""
+    """The per-image sigma vector `[B]` the model is called with (docs/ARCHITECTURE.md contract 1)."""
     return sigma * x.new_ones([x.shape[0]])
 
 

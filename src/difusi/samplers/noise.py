@@ -1,4 +1,4 @@
-"""Per-image noise for stochastic samplers, so an image never depends on its batch (DESIGN contract 2).
+"""Per-image noise for stochastic samplers, so an image never depends on its batch (docs/ARCHITECTURE.md contract 2).
 
 `ImageNoiseSampler` draws each image's noise from that image's own CPU generator; `BrownianNoiseSampler`
 gives each image its own torchsde Brownian tree (Li et al. 2020), so the noise an SDE sampler sees over an

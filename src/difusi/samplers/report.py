@@ -1,5 +1,10 @@
 """The sampler report: measured convergence order and distribution error of every sampler on the exact
-Gaussian-mixture problem, as a markdown table and a PNG plot (`difusi samplers --report`)."""
+Gaussian-mixture problem, as a markdown table and a PNG plot (`difusi samplers --report`).
+
+The plot needs matplotlib, which is evaluation-only: it is in the `eval` extra (`pip install 'difusi[eval]'`),
+not in difusi's runtime dependencies, and is imported only inside `_plot`. `write_report` checks for it
+before measuring anything, so a missing matplotlib is one clear error, not a traceback minutes later.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difusi.errors import DifusiError
 from difusi.samplers.measure import (
     DISTRIBUTION_CASES,
     ORDER_CASES,
@@ -24,6 +30,19 @@ from difusi.samplers.measure import (
 
 REPORT_MD = "samplers-report.md"
 REPORT_PNG = "samplers-report.png"
+MISSING_MATPLOTLIB = "difusi samplers --report needs matplotlib: pip install 'difusi[eval]'"
+
+
+class MissingExtraError(DifusiError):
+    """An evaluation feature was asked for without its optional dependencies installed."""
+
+
+def require_matplotlib() -> None:
+    """Raise MissingExtraError (one line, naming the extra) when matplotlib cannot be imported."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise MissingExtraError(MISSING_MATPLOTLIB)
 
 
 def _evaluations_for(target: float, nfes: list[int], errors: list[float]) -> str:
@@ -102,7 +121,10 @@ def _distribution_section(rows, n, floor) -> list[str]:
 
 
 def _plot(results, adaptive, rows, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise MissingExtraError(MISSING_MATPLOTLIB) from error
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -143,6 +165,7 @@ def write_report(out_dir: Path, quick: bool = False) -> Path:
     quick=True uses 2,000 samples per stochastic sampler (about 4x faster); the full report uses 10,000.
     Returns the markdown path.
     """
+    require_matplotlib()  # before minutes of measurements
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -4,7 +4,8 @@
     difusi serve --listen --port 7861     # all interfaces
     difusi serve --api-auth alice:secret,bob:hunter2 --queue-size 8
 
-Modules: `app` (routes), `a1111` (request/response shapes), `queue` (job queue + worker thread),
+Modules: `app` (`create_app`: error handlers, auth, CORS), `routes_a1111` (/sdapi/v1), `routes_difusi`
+(/difusi/v1), `routes_ui` (the web UI and /docs), `a1111` (request/response shapes), `queue` (job queue + worker thread),
 `engine` (model cache, pipeline, output store), `preview` (latent -> RGB live previews), `static/` (UI).
 """
 
@@ -13,6 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+
+# Nothing here imports `difusi.cli`: the CLI forwards `difusi serve` to this package, never the other way round
+# (tests/server/test_routers_or_cycles.py checks it).
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -33,7 +37,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu; e.g. cuda)")
     parser.add_argument("--cors-allow-origins", default=None, metavar="ORIGIN[,ORIGIN2]",
                         help="allow browser pages from these origins to call the API (default: no CORS headers)")
-    from difusi.cli import add_budget_flags
+    from difusi.budget import add_budget_flags
 
     add_budget_flags(parser)
     return parser
@@ -64,8 +68,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"difusi serve: --queue-size must be at least 1, got {args.queue_size}", file=sys.stderr)
         return 2
     try:
-        from difusi.budget import current_budget
-        from difusi.cli import apply_budget_flags
+        from difusi.budget import apply_budget_flags, current_budget
 
         apply_budget_flags(args)
         current_budget()  # a broken DIFUSI_MAX_* or config value fails now, not at the first request

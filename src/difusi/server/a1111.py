@@ -18,47 +18,74 @@ import base64
 import binascii
 import io
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, create_model
+from pydantic_core import PydanticCustomError
 
 from difusi.errors import ParamError
-from difusi.params import GenerationParams
+from difusi.params import FIELDS, TXT2IMG, FieldSpec, GenerationParams
 
 
-class Txt2ImgRequest(BaseModel):
-    """Body of `POST /sdapi/v1/txt2img` (and `/difusi/v1/jobs`). Unknown and null fields are ignored."""
+def _strict_number(kind: type) -> Any:
+    """A pydantic before-validator: JSON booleans and strings are not numbers (pydantic's lax mode takes `true` as 1
+    and "20" as 20), and an int field takes no floats at all (64.0 included), the same rule as
+    `GenerationParams.validated` applies to the Python API."""
+
+    def check(value: Any) -> Any:
+        if value is None:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise PydanticCustomError("number_type", f"Input should be a valid {'integer' if kind is int else 'number'}")
+        if kind is int and isinstance(value, float):
+            detail = "got a number with a fractional part" if not value.is_integer() else "got a float"
+            raise PydanticCustomError("int_from_float", f"Input should be a valid integer, {detail}")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _request_field(spec: FieldSpec) -> tuple[Any, Any]:
+    """(annotation, pydantic Field) of one request key, from the field table. Ranges go into the schema for
+    documentation only: `GenerationParams.validated` checks them, with the same message as every front end."""
+    schema: dict[str, Any] = {}
+    if spec.range is not None:
+        schema.update({key: bound for key, bound in zip(("minimum", "maximum"), spec.range, strict=True)
+                       if not math.isinf(bound)})
+    if spec.multiple_of:
+        schema["multipleOf"] = spec.multiple_of
+    default = None if spec.default is None or (isinstance(spec.default, float) and math.isinf(spec.default)) else spec.default
+    description = f"{spec.help}; default {default!r}" if default not in (None, "") else spec.help
+    if spec.type is str:
+        annotation: Any = Annotated[str | None, Strict()]
+    else:
+        annotation = Annotated[spec.type | None, _strict_number(spec.type)]
+    return annotation, Field(None, description=description, json_schema_extra=schema or None)
+
+
+class _RequestBase(BaseModel):
+    """The request keys that are not job fields. Unknown and null fields are ignored (A1111 clients send ~47 keys)."""
 
     model_config = ConfigDict(extra="allow")
 
-    prompt: str | None = Field(None, examples=["a red circle on a blue background"])
-    negative_prompt: str | None = None
-    seed: int | None = Field(None, description="-1 or omitted: random; image i of the job uses seed + i")
-    subseed: int | None = None
-    subseed_strength: float | None = None
-    sampler_name: str | None = Field(None, description="A1111, alias or ComfyUI name; default DPM++ 2M")
     sampler_index: str | None = Field(None, description="legacy A1111 field, used when sampler_name is absent")
-    scheduler: str | None = Field(None, description="schedule type; default Automatic")
-    steps: int | None = None
-    cfg_scale: float | None = None
-    width: int | None = Field(None, description="default: the model's native size")
-    height: int | None = None
-    batch_size: int | None = None
-    n_iter: int | None = Field(None, description="batch count")
-    eta: float | None = None
-    s_noise: float | None = None
-    s_churn: float | None = None
-    s_tmin: float | None = None
-    s_tmax: float | None = None
-    clip_skip: int | None = None
     override_settings: dict[str, Any] | None = Field(
         None, description="per-job options, e.g. {'sd_model_checkpoint': 'name'}; CLIP_stop_at_last_layers = clip_skip"
     )
     save_images: bool | None = Field(None, description="save to the outputs folder and history (default true)")
     send_images: bool | None = Field(None, description="return base64 images in the response (default true)")
+
+
+Txt2ImgRequest = create_model(
+    "Txt2ImgRequest",
+    __base__=_RequestBase,
+    __doc__="Body of `POST /sdapi/v1/txt2img` (and `/difusi/v1/jobs`): every txt2img field of the field table.",
+    **{name: _request_field(spec) for name, spec in FIELDS.items() if spec.http and TXT2IMG in spec.kinds},
+)
 
 
 class Txt2ImgResponse(BaseModel):
@@ -125,11 +152,6 @@ class Txt2ImgJob:
     """The request as sent, echoed back as `parameters` (A1111 does the same)."""
 
 
-_OPTION_TO_PARAM = {"CLIP_stop_at_last_layers": "clip_skip", "eta_ancestral": "eta", "s_noise": "s_noise",
-                    "s_min_uncond": "s_min_uncond", "token_merging_ratio": "token_merging_ratio"}
-"""A1111 options that act as per-job parameters when sent in override_settings."""
-
-
 def to_txt2img_job(request: Txt2ImgRequest, defaults: dict[str, Any] | None = None, save_default: bool = True) -> Txt2ImgJob:
     """Map an A1111 request to a job; raises ParamError naming the field for bad values.
 
@@ -139,11 +161,11 @@ def to_txt2img_job(request: Txt2ImgRequest, defaults: dict[str, Any] | None = No
     sent = request.model_dump(exclude_none=True)
     values: dict[str, Any] = dict(defaults or {})
     overrides = sent.get("override_settings") or {}
-    for option, name in _OPTION_TO_PARAM.items():
-        if overrides.get(option) is not None:
-            values[name] = overrides[option]
-    for name in GenerationParams.field_names():
-        if name in sent and name != "model":
+    for name, spec in FIELDS.items():  # A1111 options that act as per-job fields (the checkpoint is resolved apart)
+        if spec.option and spec.name != "model" and overrides.get(spec.option) is not None:
+            values[name] = overrides[spec.option]
+    for name, spec in FIELDS.items():
+        if spec.http and name in sent:
             values[name] = sent[name]
     if "sampler_name" not in sent and sent.get("sampler_index"):
         values["sampler_name"] = sent["sampler_index"]

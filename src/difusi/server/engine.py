@@ -256,6 +256,30 @@ class Engine:
             files=list(outcome.files),
         )
 
+    # -- live previews -----------------------------------------------------------------------------------------------
+    _preview_cache: tuple[tuple[str, int, int], str | None] | None = None
+    """(job id, batch, step) -> base64 PNG of the last preview rendered; set on the instance by `preview_png_b64`."""
+
+    def preview_png_b64(self, job: Job) -> str | None:
+        """The live preview of a running job as raw base64 PNG (None before its first step).
+
+        Rendered once per (job, batch, step) and kept on this engine, because several clients (the web UI,
+        A1111 scripts polling /progress) ask for the same step; the cache is one tuple, replaced whole, so
+        request threads can read it without a lock (two racing threads at worst both render one step).
+        """
+        from difusi.server.preview import png_base64, preview_image
+
+        latents = job.latents
+        if latents is None:
+            return None
+        key = (job.id, job.progress.iteration, job.progress.step)
+        cached = self._preview_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        image = png_base64(preview_image(latents, self.loaded_model()))
+        self._preview_cache = (key, image)
+        return image
+
 
 def _inside(path: Path, folder: Path) -> bool:
     """True when `path`, symlinks resolved, is in `folder`: a link out of the models folder is not served."""

@@ -8,7 +8,7 @@ and shows colour and layout well enough to follow the sampler.
 Factors come from the model when it provides them (`LoadedModel.latent_rgb_factors` / `_bias`,
 e.g. difusi-mini's sidecar, fitted against its own VAE; the loader fills in the published factors
 for the SD1/SD2 and SDXL VAEs). A model object without them falls back to the published factors of
-its family (`difusi.models.latent_preview.LATENT_RGB`). A latent space with neither gets a neutral
+its family record (`difusi.models.families`). A latent space with neither gets a neutral
 grey-scale view of its per-channel mean so a preview still shows structure.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from difusi.models.latent_preview import LATENT_RGB
+from difusi.models.families import find_spec_of
 
 
 def projection_for(model: Any, channels: int) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -33,7 +33,8 @@ def projection_for(model: Any, channels: int) -> tuple[torch.Tensor | None, torc
     factors = getattr(model, "latent_rgb_factors", None)
     bias = getattr(model, "latent_rgb_bias", None)
     if factors is None:
-        factors, bias = LATENT_RGB.get(getattr(model, "family", None), (None, None))
+        family = find_spec_of(model)
+        factors, bias = (family.latent_rgb_factors, family.latent_rgb_bias) if family is not None else (None, None)
     matrix = _as_channel_matrix(factors, channels)
     bias_vector = torch.zeros(3) if bias is None or matrix is None else torch.tensor(bias, dtype=torch.float32)
     return matrix, bias_vector

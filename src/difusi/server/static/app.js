@@ -5,11 +5,18 @@
 
 const $ = (id) => document.getElementById(id);
 const POLL_MS = 250;
-const FIELDS = ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale",
-  "width", "height", "batch_size", "n_iter", "seed"];
-const NUMBER_FIELDS = new Set(["steps", "cfg_scale", "width", "height", "batch_size", "n_iter", "seed"]);
+// Field metadata comes from the server (GET /difusi/v1/fields): nothing about a job field is hard-coded here.
+const GROUPS = [  // form sections in order; "open" ones are always visible, the rest fold away
+  { name: "prompt", open: true }, { name: "sampling", open: true }, { name: "size", open: true },
+  { name: "batch", open: true }, { name: "seed", open: true }, { name: "variation", title: "Variation seed" },
+  { name: "advanced", title: "Advanced sampling" }, { name: "speed", title: "Speed modes (opt-in, approximate)" },
+];
+const CHOICE_SOURCES = {  // where a field's "choices" list comes from
+  samplers: { url: "/sdapi/v1/samplers", value: (s) => s.name },
+  schedulers: { url: "/sdapi/v1/schedulers", value: (s) => s.label || s.name },
+};
 
-const ui = { jobId: null, shown: null, results: [], pngParams: null };
+const ui = { jobId: null, shown: null, results: [], pngParams: null, fields: [] };
 
 async function api(path, options = {}) {
   const init = { ...options, headers: { ...(options.headers || {}) } };
@@ -59,12 +66,92 @@ async function loadModels() {
   select.dataset.current = options.sd_model_checkpoint;
 }
 
-async function loadSamplers() {
-  const [samplers, schedulers] = await Promise.all([api("/sdapi/v1/samplers"), api("/sdapi/v1/schedulers")]);
-  $("sampler_name").replaceChildren(...samplers.map((s) => option(s.name)));
-  $("sampler_name").value = "DPM++ 2M";
-  $("scheduler").replaceChildren(...schedulers.map((s) => option(s.label || s.name)));
-  $("scheduler").value = "Automatic";
+// ---- the form, built from the field table ----------------------------------------------------------------------
+async function loadFields() {
+  const table = await api("/difusi/v1/fields?kind=txt2img");
+  ui.fields = table.fields.filter((f) => f.http);
+  const container = $("fields");
+  container.replaceChildren();
+  for (const group of GROUPS) {
+    const members = ui.fields.filter((f) => f.group === group.name);
+    if (!members.length) continue;
+    let target = container;
+    if (!group.open) {
+      target = document.createElement("details");
+      const summary = document.createElement("summary");
+      summary.textContent = group.title;
+      target.append(summary);
+      container.append(target);
+    }
+    // Selects first (sampler, schedule), then numbers, two to a row.
+    const inline = [...members.filter((f) => f.widget === "select"), ...members.filter((f) => f.widget === "number")];
+    for (const field of members.filter((f) => !inline.includes(f))) target.append(...blockControl(field));
+    for (let i = 0; i < inline.length; i += 2) {
+      const row = document.createElement("div");
+      row.className = "row";
+      row.append(...inline.slice(i, i + 2).map(inlineControl));
+      target.append(row);
+    }
+  }
+  await Promise.all(ui.fields.filter((f) => f.choices in CHOICE_SOURCES).map(loadChoices));
+}
+
+function inputFor(field) {
+  const element = document.createElement(field.widget === "textarea" ? "textarea" : field.widget === "select" ? "select" : "input");
+  element.id = element.name = field.name;
+  element.title = field.help;
+  if (field.widget === "textarea") {
+    element.rows = field.name === "prompt" ? 4 : 2;
+    if (field.name === "prompt") element.placeholder = "a red circle on a blue background";
+  } else if (element.tagName === "INPUT") {
+    element.type = "number";
+    if (field.min !== null) element.min = String(field.min);
+    if (field.max !== null) element.max = String(field.max);
+    element.step = field.step ? String(field.step) : field.type === "integer" ? "1" : "any";
+    if (field.default !== null) element.value = String(field.default);
+    else element.placeholder = ["width", "height"].includes(field.name) ? "native" : field.max === null ? "inf" : "default";
+  }
+  return element;
+}
+
+function inlineControl(field) {
+  const label = document.createElement("label");
+  label.append(field.label, " ", inputFor(field));
+  return label;
+}
+
+function blockControl(field) {
+  const label = document.createElement("label");
+  label.htmlFor = field.name;
+  label.textContent = field.label;
+  if (field.widget !== "seed") return [label, inputFor(field)];
+  const row = document.createElement("div");
+  row.className = "seed-row";
+  row.append(inputFor(field));
+  if (field.name === "seed") {
+    row.append(iconButton("random-seed", "🎲", "Random seed (-1)", () => { $("seed").value = "-1"; }),
+      iconButton("reuse-seed", "♻", "Reuse the seed of the shown image", () => { if (ui.shown) $("seed").value = String(ui.shown.seed); }));
+  }
+  return [label, row];
+}
+
+function iconButton(id, text, title, onClick) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.id = id;
+  button.className = "icon";
+  button.title = title;
+  button.setAttribute("aria-label", title);
+  button.textContent = text;
+  button.addEventListener("click", onClick);
+  return button;
+}
+
+async function loadChoices(field) {
+  const source = CHOICE_SOURCES[field.choices];
+  const items = await api(source.url);
+  $(field.name).replaceChildren(...items.map((item) => option(source.value(item))));
+  $(field.name).value = field.default;
 }
 
 async function switchModel() {
@@ -85,13 +172,12 @@ async function switchModel() {
   }
 }
 
-// ---- the form --------------------------------------------------------------------------------------------
 function readForm() {
   const body = {};
-  for (const name of FIELDS) {
-    const raw = $(name).value.trim();
+  for (const field of ui.fields) {
+    const raw = $(field.name).value.trim();
     if (raw === "") continue;
-    body[name] = NUMBER_FIELDS.has(name) ? Number(raw) : $(name).value;
+    body[field.name] = field.type === "string" ? $(field.name).value : Number(raw);
   }
   body.override_settings = { sd_model_checkpoint: $("model").value };
   return body;
@@ -107,7 +193,7 @@ function setField(name, value) {
 }
 
 function fillForm(values) {
-  for (const name of FIELDS) setField(name, values[name]);
+  for (const field of ui.fields) setField(field.name, values[field.name]);
   if (values.model) {
     const match = [...$("model").options].find((o) => o.value === values.model ||
       o.value.startsWith(`${values.model} [`) || (values.model_hash && o.value.endsWith(`[${values.model_hash}]`)));
@@ -115,13 +201,11 @@ function fillForm(values) {
   }
 }
 
-// A1111 infotext keys (from /sdapi/v1/png-info) -> form fields.
+// A1111 infotext keys (from /sdapi/v1/png-info) -> form fields, by each field's infotext key.
 function valuesFromInfotextFields(p) {
-  return {
-    prompt: p["Prompt"], negative_prompt: p["Negative prompt"], steps: p["Steps"], sampler_name: p["Sampler"],
-    scheduler: p["Schedule type"], cfg_scale: p["CFG scale"], seed: p["Seed"], width: p["Size-1"],
-    height: p["Size-2"], model: p["Model"], model_hash: p["Model hash"],
-  };
+  const values = { model: p["Model"], model_hash: p["Model hash"] };
+  for (const field of ui.fields) if (field.infotext && p[field.infotext] !== undefined) values[field.name] = p[field.infotext];
+  return values;
 }
 
 // ---- generating ------------------------------------------------------------------------------------------
@@ -327,8 +411,6 @@ function installDropZone() {
 async function start() {
   $("txt2img").addEventListener("submit", generate);
   $("interrupt").addEventListener("click", interrupt);
-  $("random-seed").addEventListener("click", () => { $("seed").value = "-1"; });
-  $("reuse-seed").addEventListener("click", () => { if (ui.shown) $("seed").value = String(ui.shown.seed); });
   $("model").addEventListener("change", switchModel);
   $("history-refresh").addEventListener("click", loadHistory);
   $("history-search").addEventListener("input", () => { clearTimeout(ui.searchTimer); ui.searchTimer = setTimeout(loadHistory, 250); });
@@ -340,7 +422,7 @@ async function start() {
   });
   installDropZone();
   try {
-    await Promise.all([loadModels(), loadSamplers()]);
+    await Promise.all([loadModels(), loadFields()]);
     setStatus(`Model: ${$("model").value}`);
   } catch (error) {
     showError(error);

@@ -1,0 +1,107 @@
+"""What the route modules share: the app's engine and queue, difusi's error type and body, job waiting, PNGs.
+
+Routers (`routes_a1111`, `routes_difusi`, `routes_ui`) hold no references of their own to the engine or
+the queue: `create_app` puts both on `app.state`, and a handler asks for them with the `EngineDep` /
+`QueueDep` parameters below (FastAPI dependencies reading `request.app.state`). So one router object
+serves any number of apps (tests start several servers in one process) and a new route needs no wiring.
+
+This module imports nothing from `app` or the routers, so `app -> routes_* -> routes_common` has no cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from difusi.errors import CheckpointError, NumericalError, ParamError, StorageError
+from difusi.server import a1111
+from difusi.server.queue import CANCELLED, Job, JobQueue
+
+
+class ApiError(Exception):
+    """An HTTP error with difusi's JSON body."""
+
+    def __init__(self, status: int, error: str, detail: str, field: str | None = None):
+        super().__init__(detail)
+        self.status, self.error, self.detail, self.field = status, error, detail, field
+
+
+def error_body(error: str, detail: str, field: str | None = None) -> dict[str, Any]:
+    """difusi's one error shape: `{"error": kind, "field": name-or-null, "detail": message}`."""
+    return {"error": error, "field": field, "detail": detail}
+
+
+# -- the app's engine and queue, as FastAPI dependencies ---------------------------------------------------------
+def engine_of(request: Request) -> Any:
+    """The engine `create_app` stored on `app.state` (anything with `Engine`'s methods)."""
+    return request.app.state.engine
+
+
+def queue_of(request: Request) -> JobQueue:
+    """The job queue `create_app` stored on `app.state`."""
+    return request.app.state.queue
+
+
+EngineDep = Annotated[Any, Depends(engine_of)]
+"""Handler parameter type: `def route(engine: EngineDep)` receives `request.app.state.engine`."""
+QueueDep = Annotated[JobQueue, Depends(queue_of)]
+"""Handler parameter type: `def route(queue: QueueDep)` receives `request.app.state.queue`."""
+
+
+# -- jobs ------------------------------------------------------------------------------------------------------------
+async def wait_for_job(job: Job) -> None:
+    """Wait until `job` finishes without blocking the event loop (the worker thread wakes us)."""
+    loop = asyncio.get_running_loop()
+    finished = loop.create_future()
+
+    def wake(_: Job) -> None:
+        loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+
+    job.add_done_callback(wake)
+    await finished
+
+
+def submit(queue: JobQueue, kind: str, payload: Any) -> Job:
+    """Queue a job; `QueueFull` becomes a 503 through the app's error handler."""
+    return queue.submit(kind, payload)
+
+
+def prepare_txt2img(engine: Any, body: a1111.Txt2ImgRequest) -> a1111.Txt2ImgJob:
+    """Map and check a request before it is queued, so bad input fails fast with 422."""
+    spec = a1111.to_txt2img_job(body, engine.param_defaults(), engine.default_save_images())
+    if spec.checkpoint is not None:
+        spec.checkpoint = engine.resolve_title(spec.checkpoint)
+    # The native size is only known once the model is loaded; validate the rest now with a stand-in.
+    spec.params.validated(native_size=engine.native_size_hint(spec.checkpoint))
+    return spec
+
+
+def job_error(job: Job) -> ApiError:
+    """Turn a failed job's exception into the HTTP error a synchronous request should have seen."""
+    error = job.error
+    if isinstance(error, ParamError):
+        return ApiError(422, "ParamError", str(error), error.field)
+    if isinstance(error, CheckpointError):
+        return ApiError(422, type(error).__name__, str(error), "sd_model_checkpoint")
+    if isinstance(error, StorageError):  # 507 Insufficient Storage: the request was fine, the disk is not
+        return ApiError(507, "StorageError", str(error))
+    if isinstance(error, NumericalError):
+        return ApiError(500, "NumericalError", str(error), "sd_model_checkpoint")
+    if job.status == CANCELLED:
+        return ApiError(503, "Cancelled", "the job was cancelled before it started (server shutting down?)")
+    return ApiError(500, type(error).__name__ if error else "Error", str(error) or "generation failed")
+
+
+# -- images ------------------------------------------------------------------------------------------------------------
+def png_base64_with_infotext(image: Any, infotext: str) -> str:
+    """Raw base64 PNG carrying `infotext` in its `parameters` chunk, written by `difusi.infotext.write_png`
+    so an API image has exactly the bytes layout of a saved file (one PNG writer for both)."""
+    from difusi.infotext import write_png
+
+    buffer = io.BytesIO()
+    write_png(image, buffer, infotext)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")

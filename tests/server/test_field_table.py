@@ -1,0 +1,152 @@
+"""The field table (difusi.params.FIELDS) reaches every front end, and nothing drifts.
+
+Every field gets a non-default value derived from its own declaration (so a new field is covered the moment it is
+declared), and the whole set travels: CLI flags -> params -> infotext -> params -> HTTP request (a real server,
+real images) -> the images' infotext and the echoed parameters -> params. Each leg must give back every value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from difusi import cli
+from difusi.infotext import KEY_TO_FIELD, format_infotext, recipe_from_infotext
+from difusi.params import FIELDS, LIMITS, FieldSpec, GenerationParams, field_table
+from difusi.server import a1111
+
+# Values the generic rule below cannot pick: sizes that suit a 64-px model and cost little, a clip skip the tiny text
+# encoder has layers for, and few steps and images so the HTTP leg stays cheap.
+CONSTRAINED = {"width": 128, "height": 64, "steps": 3, "batch_size": 2, "n_iter": 2, "clip_skip": 2}
+NOT_IN_INFOTEXT = {"batch_size", "n_iter", "model"}
+"""A1111 writes no batch size/count into an image's infotext; the checkpoint is written as Model/Model hash and
+selects the model instead of setting a field."""
+
+
+def sample_value(spec: FieldSpec):
+    """A valid value different from the default, chosen from the declaration alone."""
+    if spec.name in CONSTRAINED:
+        return CONSTRAINED[spec.name]
+    if spec.choices == "samplers":
+        return "Euler a"
+    if spec.choices == "schedulers":
+        return "Karras"
+    if spec.choices == "checkpoints":
+        return "difusi-mini"
+    if spec.type is str:
+        return f"a {spec.name} text, (red:1.2)"
+    low, high = spec.range
+    value = low + 1.5 if math.isinf(high) else low + (high - low) * 0.25
+    if spec.type is int:
+        value = int(value)
+    return value if value != spec.default else value + 1
+
+
+SAMPLE = {name: sample_value(spec) for name, spec in FIELDS.items()}
+
+
+def assert_same_fields(params: GenerationParams, names, where: str) -> None:
+    got = {name: getattr(params, name) for name in names}
+    want = {name: SAMPLE[name] for name in names}
+    assert got == want, f"{where}: fields differ"
+
+
+def test_every_sample_differs_from_its_default_and_validates():
+    for name, spec in FIELDS.items():
+        assert SAMPLE[name] != spec.default, name
+    checked = GenerationParams(**SAMPLE).validated()  # the Python API takes them as they are
+    assert_same_fields(checked, FIELDS, "Python API")
+
+
+def test_the_table_is_the_one_source_of_ranges_flags_and_infotext_keys():
+    assert LIMITS == {name: spec.range for name, spec in FIELDS.items() if spec.range is not None}
+    assert cli.FIELD_FLAGS == {name: spec.flags[0] for name, spec in FIELDS.items() if spec.flags}
+    assert set(KEY_TO_FIELD.values()) == set(FIELDS) - NOT_IN_INFOTEXT
+    request_keys = set(a1111.Txt2ImgRequest.model_fields)
+    assert {name for name, spec in FIELDS.items() if spec.http} <= request_keys
+    assert "model" not in request_keys  # the checkpoint travels as override_settings.sd_model_checkpoint
+    assert [entry["name"] for entry in field_table()] == list(FIELDS)
+
+
+def cli_params() -> GenerationParams:
+    argv = ["generate"]
+    for name, spec in FIELDS.items():
+        value = SAMPLE[name]
+        argv += [str(value)] if spec.flags[0] == "PROMPT" else [spec.flags[0], str(value)]
+    args = cli.build_parser().parse_args(argv)
+    params, recipe = cli._generation_params(args)
+    assert recipe is None
+    return params
+
+
+def test_round_trip_cli_infotext_http_and_back(client):
+    # CLI flags -> params
+    from_cli = cli_params()
+    assert_same_fields(from_cli, FIELDS, "CLI")
+
+    # params -> infotext -> params
+    text = format_infotext(from_cli, seed=from_cli.seed, subseed=from_cli.subseed, model_name="difusi-mini",
+                           model_hash="0123456789")
+    recipe = recipe_from_infotext(text)
+    assert recipe.ignored == [] and recipe.model_name == "difusi-mini"
+    assert_same_fields(recipe.params(), set(FIELDS) - NOT_IN_INFOTEXT, "infotext")
+
+    # params -> HTTP request body -> params (the mapping alone, then a real server making real images)
+    body = {name: getattr(from_cli, name) for name, spec in FIELDS.items() if spec.http}
+    body["override_settings"] = {FIELDS["model"].option: from_cli.model}
+    body["save_images"] = False
+    job = a1111.to_txt2img_job(a1111.Txt2ImgRequest.model_validate(json.loads(json.dumps(body))))
+    assert_same_fields(job.params, set(FIELDS) - {"model"}, "HTTP request")
+    assert job.checkpoint == SAMPLE["model"]
+
+    response = client.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    reply = response.json()
+    info = json.loads(reply["info"])
+    assert len(reply["images"]) == SAMPLE["batch_size"] * SAMPLE["n_iter"]
+    assert info["all_seeds"][0] == SAMPLE["seed"] and info["all_subseeds"][0] == SAMPLE["subseed"]
+    echoed, _ = GenerationParams.from_mapping({k: v for k, v in reply["parameters"].items() if k in FIELDS})
+    assert_same_fields(echoed, set(FIELDS) - {"model"}, "echoed parameters")
+    back = recipe_from_infotext(info["infotexts"][0])
+    assert back.ignored == [] and back.model_name == "difusi-mini"
+    assert_same_fields(back.params(), set(FIELDS) - NOT_IN_INFOTEXT, "the image's infotext")
+
+
+def test_fields_endpoint_serves_the_table(client):
+    table = client.get("/difusi/v1/fields").json()
+    assert table["kinds"] == ["txt2img"]
+    by_name = {entry["name"]: entry for entry in table["fields"]}
+    assert list(by_name) == list(FIELDS)
+    steps = by_name["steps"]
+    assert (steps["type"], steps["min"], steps["max"], steps["default"], steps["flags"], steps["infotext"]) == (
+        "integer", 1, 1000, 20, ["--steps"], "Steps")
+    assert by_name["s_tmax"]["max"] is None and by_name["s_tmax"]["default"] is None  # JSON has no infinity
+    assert by_name["width"]["nullable"] and by_name["width"]["multiple_of"] == 8
+    bad = client.get("/difusi/v1/fields", params={"kind": "nope"})
+    assert bad.status_code == 422 and bad.json()["field"] == "kind"
+
+
+def test_openapi_request_schema_comes_from_the_table(client):
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["Txt2ImgRequest"]["properties"]
+    for name, spec in FIELDS.items():
+        if not spec.http:
+            continue
+        assert name in schema, name
+        if spec.range is not None and not math.isinf(spec.range[1]):
+            assert schema[name]["maximum"] == spec.range[1], name
+    for mode in ("s_min_uncond", "token_merging_ratio", "deepcache_interval"):  # were missing from the schema
+        assert mode in schema
+
+
+def test_cli_help_lists_every_flag_with_its_range(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    shown = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps at hyphens
+    described = shown[shown.index("positional arguments:"):]  # past the usage block
+    for spec in FIELDS.values():
+        entry = described[described.index(spec.flags[0] + " "):]
+        assert spec.help.split(" (")[0] in entry[:300], spec.name
+        if spec.range is not None:
+            assert spec.range_text() in entry[:300], spec.name
