@@ -21,7 +21,9 @@ _MODELS = ModelCache()
 
 
 def get_model(model: str | Path | None = None, models_dir: str | Path | None = None) -> LoadedModel:
-    """Load (or reuse) a checkpoint: None = difusi-mini; else a path, or a name/title/hash in `models_dir`."""
+    """Load (or reuse) a checkpoint: None = difusi-mini; else a path, or anything the one resolver accepts
+    (`difusi.models.resolve_checkpoint`: title, name, file name, sub-folder path, short or full hash) among
+    difusi-mini and `models_dir`'s checkpoints. Unknown or ambiguous names raise CheckpointError."""
     path = default_model_path() if model is None else resolve_checkpoint(model, models_dir)
     return _MODELS.get(path)
 

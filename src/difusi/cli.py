@@ -305,28 +305,34 @@ def _choose_model(args: argparse.Namespace, recipe: Any) -> Path:
 
 
 def _resolve_model_flag(reference: str, models_dir: Path) -> Path:
-    """A path, or a title/name/stem/short hash in the models folder, or the shipped default (difusi-mini)."""
-    from difusi.models import default_model_path, resolve_checkpoint
+    """A path, or anything the one resolver accepts (title, name, file name, short/full hash) in the models folder
+    or for the shipped difusi-mini (`difusi.models.resolve_checkpoint`)."""
+    from difusi.models import resolve_checkpoint
 
     try:
         return Path(resolve_checkpoint(reference, models_dir)).resolve()
     except CheckpointError as error:
-        try:
-            return Path(resolve_checkpoint(reference, default_model_path().parent)).resolve()
-        except CheckpointError:
-            raise UsageError(f"--model: {error}") from None
+        raise UsageError(f"--model: {error}") from None
 
 
 def _find_recipe_model(model_hash: str | None, model_name: str | None, models_dir: Path, args: Any) -> Path:
-    """The image's model: by its A1111 short hash (sha256 prefix), else by name, in the shipped and user models."""
+    """The image's model: by its A1111 `Model hash` (10-hex sha256 prefix), else by its `Model` name, among the
+    shipped and the folder's checkpoints (the one resolver's rules; an old 8-hex hash never matches)."""
+    from difusi.models.catalog import AmbiguousCheckpointError, CheckpointNotFoundError, find_by_hash, find_checkpoint
+
     source = "--from" if args.from_image is not None else "--infotext"
     candidates = _known_checkpoints(models_dir)
-    if model_hash:
-        wanted = model_hash.strip().lower()
-        # A1111 wrote 8-hex "old" hashes (of a 64 KiB slice) before 2023; those cannot match a sha256 prefix.
-        hit = next((info for info in candidates if len(wanted) >= 10 and info.sha256.startswith(wanted)), None)
-    else:
-        hit = next((info for info in candidates if model_name in (info.name, info.path.stem)), None)
+    hit = find_by_hash(model_hash, candidates) if model_hash else None
+    if hit is None and model_name:
+        try:
+            hit = find_checkpoint(model_name, candidates, str(models_dir))
+        except AmbiguousCheckpointError as error:
+            raise UsageError(f"{source}: {error}; pass --model to choose one") from None
+        except CheckpointNotFoundError:
+            hit = None
+        if hit is not None and model_hash:
+            print(f"difusi: note: no model with hash {model_hash}; using {hit.title} by its name {model_name!r}",
+                  file=sys.stderr)
     if hit is not None:
         return Path(hit.path)
     what = f"hash {model_hash}" if model_hash else "name"
@@ -336,11 +342,9 @@ def _find_recipe_model(model_hash: str | None, model_name: str | None, models_di
 
 def _known_checkpoints(models_dir: Path) -> list[Any]:
     """The shipped default model first, then the models folder's checkpoints."""
-    from difusi.models import default_model_path, list_checkpoints
+    from difusi.models.catalog import known_checkpoints
 
-    default = default_model_path()
-    shipped = [info for info in list_checkpoints(default.parent) if Path(info.path) == default]
-    return shipped + list_checkpoints(models_dir)
+    return known_checkpoints(models_dir)
 
 
 def _run(model: Any, params: GenerationParams, store: Any, output_paths: list[Path] | None) -> int:

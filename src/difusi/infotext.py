@@ -17,7 +17,6 @@ leading/trailing whitespace of each prompt line is stripped, and a prompt line t
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field

@@ -228,7 +228,7 @@ class GenerationParams:
             raise ParamError("width" if width is None else "height", "is required when the model's native size is unknown")
         checked = dataclasses.replace(self, width=width, height=height)
         for spec in FIELDS.values():
-            _check_field(spec, getattr(checked, spec.name))
+            check_field(spec, getattr(checked, spec.name))
         if checked.s_tmax < checked.s_tmin:
             raise ParamError("s_tmax", f"must be >= s_tmin ({format_value(checked.s_tmin)}), got {format_value(checked.s_tmax)}")
         _check_budget(checked)
@@ -286,7 +286,7 @@ def _json_number(value: Any) -> Any:
     return None if isinstance(value, float) and math.isinf(value) else value
 
 
-def _check_field(spec: FieldSpec, value: Any) -> None:
+def check_field(spec: FieldSpec, value: Any) -> None:
     """Strict type, then range and multiple: the one check every front end's values go through."""
     if value is None:
         if spec.nullable:

@@ -260,15 +260,16 @@ class _ScheduledCFG:
     (modules/processing.py) builds the schedule for `sampler_config.total_steps(steps)` (2x steps for
     "second_order" samplers). Consequences, all A1111's:
 
-    - one call per step (Euler, Euler a, LMS, DPM++ 2M, the SDE multistep samplers, DDIM, ...): call k is
-      step k, so these images are bit-identical to difusi's earlier callback-counted step;
+    - one call per step (Euler, Euler a, LMS, DPM++ 2M, DPM++ 2M/3M SDE, DDIM, UniPC, LCM): call k is step k,
+      so these images are bit-identical to difusi's earlier step counter (advanced by the progress callback);
     - Heun, DPM2, DPM2 a, DPM++ SDE, DPM++ 2S a: step i's first call is schedule step 2i and its second
       (corrector / midpoint) call 2i + 1; the last step to sigma = 0 makes one call. `[a:b:0.5]` over N steps
       switches after call int(0.5 * 2N), which can fall between the two calls of one sampler step, and
       `[a|b]` alternates on every call, not every step; an integer `when` counts calls;
-    - samplers with their own call pattern (DPM fast: exactly `steps` calls; DPM adaptive: as many as its
-      error control needs; Restart: Heun steps on its own sigmas, going back up in noise) count calls too.
-      Past the schedule's last entry, `conditioning_at` gives the first entry, as A1111 does.
+    - samplers with their own call pattern count calls too: PLMS (one extra call on its first step), DPM fast
+      (exactly `steps` calls over its own solver grid), DPM adaptive (as many as its error control needs),
+      Restart (Heun steps on its own sigmas, going back up in noise). Past the schedule's last entry
+      `conditioning_at` gives the first entry, as A1111 does; only DPM adaptive gets there.
 
     A step derived from sigma was considered and rejected: Heun's corrector call is at exactly sigmas[i+1],
     the same sigma as the next step's first call, and DPM fast/adaptive/Restart call at sigmas off the grid

@@ -23,7 +23,8 @@ from difusi.samplers import build_sigmas, get_sampler, list_samplers
 from difusi.samplers.denoiser import DiscreteNoiseTable
 from difusi.samplers.noise import BrownianNoiseSampler
 
-STEPS = 5  # odd: int(0.5 * 2 * 5) = 5 != 2 * int(0.5 * 5) = 4, so per-call and per-step rules differ
+STEPS = 5  # odd: int(0.5 * 2 * 5) = 5 != 2 * int(0.5 * 5) = 4, so A1111's per-call rule and difusi's old
+# callback-advanced step differ for `[cat:dog:0.5]`
 SEED = 7
 CFG_SCALE = 5.0
 PROMPTS = {"edit": "a [cat:dog:0.5]", "alternate": "a [cat|dog]"}
@@ -100,7 +101,7 @@ def _ancestral_step(sigma_from, sigma_to, eta=1.0):
 
 
 def _dpmpp_sde(model, x, sigmas, noise, r=0.5):
-    """k-diffusion's sample_dpmpp_sde (eta 1, s_noise 1, r 1/2) with the pipeline's Brownian noise sampler."""
+    """k-diffusion's sample_dpmpp_sde (eta 1, s_noise 1, r 1/2), fed the pipeline's Brownian draws (`_replay`)."""
     def sigma_fn(t):
         return t.neg().exp()
 
@@ -132,7 +133,23 @@ def _dpmpp_sde(model, x, sigmas, noise, r=0.5):
 LOOPS = {"Euler": _euler, "Heun": _heun, "DPM2": _dpm_2, "DPM++ SDE": _dpmpp_sde}
 
 
-def _hand_written(model, sampler_name, prompt):
+def _replay(draws):
+    """A noise sampler returning the pipeline's Brownian draws in order ("the same noise sampler in both").
+
+    It checks that each query is the pipeline's up to float rounding: k-diffusion queries at sigma_fn(t_fn(sigma)),
+    difusi's sampler at sigma itself, one float32 ulp apart, which a Brownian tree turns into visibly different
+    increments; that difference is not what this file tests."""
+    queue = list(draws)
+
+    def noise(sigma, sigma_next):
+        (a, b), drawn = queue.pop(0)
+        torch.testing.assert_close((float(sigma), float(sigma_next)), (a, b), rtol=1e-5, atol=0)
+        return drawn
+
+    return noise
+
+
+def _hand_written(model, sampler_name, prompt, draws=()):
     """The loop of LOOPS[sampler_name] over eps-prediction CFG (Ho & Salimans 2022) with the rule's text per call.
 
     Returns (final latents, texts used per call)."""
@@ -141,10 +158,7 @@ def _hand_written(model, sampler_name, prompt):
     sigmas = build_sigmas(sampler, "Automatic", STEPS, table).float()
     shape = (model.latent_channels, 64 // model.vae_scale_factor, 64 // model.vae_scale_factor)
     x = image_noise([SEED], shape).noise * sigmas[0]
-    noise = None
-    if sampler.uses_brownian_noise:
-        positive = sigmas[sigmas > 0]
-        noise = BrownianNoiseSampler(x, positive.min(), positive.max(), [SEED])
+    noise = _replay(draws)
     encoded = {text: encode_prompt(model.text_encoders, text).context for text in (CAT, DOG, "")}
     texts = []
 
@@ -163,9 +177,15 @@ def _hand_written(model, sampler_name, prompt):
 
 
 def _pipeline(model, monkeypatch, sampler_name, prompt, **changes):
-    """txt2img's final latents and the cond context and batch size of every UNet call."""
-    calls, final = [], {}
+    """txt2img's final latents, the cond context and batch size of every UNet call, and its Brownian draws."""
+    calls, final, draws = [], {}, []
     original_forward, original_decode = model.unet.forward, pipeline.decode_latents
+
+    class RecordingBrownian(BrownianNoiseSampler):
+        def __call__(self, sigma, sigma_next):
+            drawn = super().__call__(sigma, sigma_next)
+            draws.append(((float(sigma), float(sigma_next)), drawn.clone()))
+            return drawn
 
     def recording_forward(sample, timestep, encoder_hidden_states=None, **kwargs):
         calls.append((encoder_hidden_states[-1].clone(), sample.shape[0]))  # rows are [uncond, cond]
@@ -176,12 +196,17 @@ def _pipeline(model, monkeypatch, sampler_name, prompt, **changes):
         return original_decode(vae, latents, scaling_factor)
 
     monkeypatch.setattr(pipeline, "decode_latents", keep_latents)
+    monkeypatch.setattr(pipeline, "BrownianNoiseSampler", RecordingBrownian)
+    patched_before = vars(model.unet).get("forward")
     model.unet.forward = recording_forward
     try:
         txt2img(model, _params(sampler_name, prompt, **changes))
     finally:
-        model.unet.forward = original_forward
-    return final["latents"], calls
+        if patched_before is None:
+            del model.unet.forward  # back to the class's forward, as the speed modes expect
+        else:
+            model.unet.forward = patched_before
+    return final["latents"], calls, draws
 
 
 @pytest.mark.parametrize("kind", list(PROMPTS))
@@ -190,8 +215,9 @@ def test_prompt_schedule_per_model_call_matches_a_hand_written_loop(tiny_models,
     model = tiny_models("sd1")
     prompt = PROMPTS[kind]
     expected_texts = EXPECTED_TEXTS[sampler_name][kind]
-    ours, calls = _pipeline(model, monkeypatch, sampler_name, prompt)  # first: txt2img prepares the model's fast path
-    reference, texts = _hand_written(model, sampler_name, prompt)  # on the same (prepared) modules
+    ours, calls, draws = _pipeline(model, monkeypatch, sampler_name, prompt)  # first: txt2img prepares the fast path
+    reference, texts = _hand_written(model, sampler_name, prompt, draws)  # on the same (prepared) modules
+    assert len(draws) == (2 * (STEPS - 1) if get_sampler(sampler_name).uses_brownian_noise else 0)
     assert texts == expected_texts, "the hand-written loop follows the rule written out above"
     with torch.inference_mode():
         encoded = {text: encode_prompt(model.text_encoders, text).context[0] for text in (CAT, DOG)}
@@ -203,26 +229,27 @@ def test_prompt_schedule_per_model_call_matches_a_hand_written_loop(tiny_models,
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
 
 
-def test_the_per_call_rule_differs_from_a_per_step_rule_for_second_order_samplers():
-    """The texts above are not what a one-step-per-sampler-step rule would give, so the tests above can fail."""
-    for kind, prompt in PROMPTS.items():
-        assert SECOND_ORDER[kind] != _per_step_texts(prompt), kind
-
-
-def _per_step_texts(prompt):
-    """What a Heun run would see if the step were the sampler step (both calls of step i -> step i)."""
+def _texts_by_step(prompt, steps_per_call):
     schedule = get_prompt_schedule(prompt, STEPS)
+    return [next(text for end, text in schedule if step <= end) for step in steps_per_call]
 
-    def text(step):
-        return next(text for end, text in schedule if step <= end)
 
-    return [text(i) for i in range(STEPS - 1) for _ in range(2)] + [text(STEPS - 1)]
+def test_other_step_rules_would_fail_these_tests():
+    """Two rules a second-order run could plausibly follow instead, each caught by one of the prompts: both calls
+    of step i use step i (a sampler-step rule), or the second call uses i + 1 (difusi's old rule, whose counter
+    the progress callback advanced between a step's two calls)."""
+    per_step = [i for i in range(STEPS - 1) for _ in range(2)] + [STEPS - 1]
+    callback_advanced = [0] + [i for i in range(1, STEPS) for _ in range(2)]
+    for steps_per_call in (per_step, callback_advanced):
+        assert any(SECOND_ORDER[kind] != _texts_by_step(prompt, steps_per_call) for kind, prompt in PROMPTS.items())
+    assert _texts_by_step(PROMPTS["edit"], callback_advanced) != SECOND_ORDER["edit"]
+    assert _texts_by_step(PROMPTS["alternate"], per_step) != SECOND_ORDER["alternate"]
 
 
 def test_ngms_skips_the_uncond_pass_on_odd_model_calls_of_a_second_order_sampler(tiny_models, monkeypatch):
     """A1111's NGMS parity is `CFGDenoiser.step % 2`, a call count: Heun skips on each step's second call."""
     model = tiny_models("sd1")
-    _, calls = _pipeline(model, monkeypatch, "Heun", "a cat", steps=3, s_min_uncond=100.0)
+    _, calls, _ = _pipeline(model, monkeypatch, "Heun", "a cat", steps=3, s_min_uncond=100.0)
     assert [batch for _, batch in calls] == [2, 1, 2, 1, 2]
 
 

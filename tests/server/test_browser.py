@@ -72,6 +72,25 @@ def test_form_lists_models_samplers_and_schedules(page, models):
     assert "Karras" in page.eval_on_selector_all("#scheduler option", "os => os.map(o => o.value)")
 
 
+def test_form_has_a_control_for_every_field_of_the_table(page, client):
+    """The form is built from GET /difusi/v1/fields: every request field has a control with the table's label,
+    range and default, and what the form sends is what the table declares."""
+    table = [f for f in client.get("/difusi/v1/fields", params={"kind": "txt2img"}).json()["fields"] if f["http"]]
+    for field in table:
+        assert page.locator(f"#{field['name']}").count() == 1, field["name"]
+        if field["widget"] == "number":
+            assert page.get_attribute(f"#{field['name']}", "max") == (None if field["max"] is None else
+                                                                    _js_number(field["max"])), field["name"]
+    sent = page.evaluate("readForm()")
+    defaults = {f["name"]: f["default"] for f in table if f["default"] not in (None, "")}
+    assert {name: sent[name] for name in defaults} == defaults
+    assert page.text_content("label[for=seed]") == next(f["label"] for f in table if f["name"] == "seed")
+
+
+def _js_number(value) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
 def test_generate_shows_images_with_infotext_and_seed_buttons(page):
     fill_form(page, prompt="a red circle on a blue background", negative_prompt="blurry", steps=3, width=64,
               height=64, seed=1234, batch_size=2, n_iter=1, cfg_scale=6, sampler_name="Euler")

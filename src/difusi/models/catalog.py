@@ -31,6 +31,12 @@ from difusi.models.sidecar import read_sidecar
 LISTED_SUFFIXES = (".safetensors", ".ckpt")
 
 
+def format_title(name: str, short: str | None) -> str:
+    """A1111's checkpoint title, "name [short hash]" (just the name when the hash is unknown): the one title builder,
+    used by `CheckpointInfo.title` and `LoadedModel.title` so listings, options and loaded models always agree."""
+    return f"{name} [{short}]" if short else name
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     """One checkpoint found on disk. `family` is "sd1"/"sd2"/"sdxl", or "unknown: <why>" for unusable files.
@@ -48,8 +54,8 @@ class CheckpointInfo:
 
     @property
     def title(self) -> str:
-        """A1111's title, "name [short hash]" (just the name when the hash is unknown): the one title builder."""
-        return f"{self.name} [{self.short_hash}]" if self.short_hash else self.name
+        """A1111's title, "name [short hash]" (`format_title`)."""
+        return format_title(self.name, self.short_hash)
 
     @property
     def relative_name(self) -> str:
@@ -212,6 +218,17 @@ def _without_suffix(name: str) -> str:
     return name.rsplit(".", 1)[0] if name.lower().endswith(SINGLE_FILE_SUFFIXES) else name
 
 
+def find_by_hash(model_hash: str, infos: Sequence[CheckpointInfo]) -> CheckpointInfo | None:
+    """The checkpoint whose 10-hex short hash or full sha256 is `model_hash` (an infotext's "Model hash"), else None.
+
+    Only hashes: a hash that is no sha256 form (A1111's old 8-hex hashes) matches nothing, never a file name.
+    """
+    hashed = _hash_query(model_hash)
+    if hashed is None:
+        return None
+    return next((info for info in infos if hashed in (info.short_hash.lower(), info.sha256.lower())), None)
+
+
 def find_checkpoint(query: str, infos: Sequence[CheckpointInfo], where: str = "the models folder") -> CheckpointInfo:
     """The checkpoint in `infos` that `query` names, by A1111's rules (see the module docstring); never a path lookup.
 
@@ -234,7 +251,8 @@ def resolve_checkpoint(query: str | Path, models_dir: str | Path | None = None) 
     `known_checkpoints(models_dir)` (difusi-mini and the models folder).
 
     For trusted callers only (Python API, CLI): a request from the network must go through `find_checkpoint`
-    over a listing, never here, since this accepts any path. Raises CheckpointError (NotFound/Ambiguous).
+    over a listing, never here, since this accepts any path. Raises CheckpointError (exactly that type, as the
+    API documents), caused by the CheckpointNotFoundError / AmbiguousCheckpointError that lists the checkpoints.
     """
     text = str(query).strip()
     direct = Path(text).expanduser()
@@ -247,8 +265,11 @@ def resolve_checkpoint(query: str | Path, models_dir: str | Path | None = None) 
     try:
         return find_checkpoint(text, known_checkpoints(models_dir), where).path
     except CheckpointNotFoundError as missing:
+        message = str(missing)
         if models_dir is None and (direct.suffix or "/" in text):  # meant as a path: say so
             titles = ", ".join(info.title for info in missing.available) or "none"
-            raise CheckpointNotFoundError(text, missing.available, where,
-                                          f"{text}: no such checkpoint file (nor a checkpoint name; known: {titles})") from None
-        raise
+            message = f"{text}: no such checkpoint file (nor a checkpoint name; known: {titles})"
+        # The API's documented type is CheckpointError itself; the detailed error stays reachable as __cause__.
+        raise CheckpointError(message) from missing
+    except AmbiguousCheckpointError as tie:
+        raise CheckpointError(str(tie)) from tie

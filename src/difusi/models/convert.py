@@ -21,6 +21,7 @@ import torch
 
 from difusi.errors import CheckpointError
 from difusi.models.families import (  # noqa: F401  (re-exported: the LDM layout's key prefixes)
+    ARCHITECTURES,
     SD1_CLIP_PREFIX,
     SD2_OPENCLIP_PREFIX,
     SDXL_CLIP_L_PREFIX,
@@ -36,7 +37,7 @@ StateDict = dict[str, Tensor]
 # Text-encoder (LDM prefix, kind) per architecture name, in pipeline order, from the family table.
 TEXT_ENCODER_PREFIXES: dict[str, list[tuple[str, str]]] = {
     family: [(layout.ldm_prefix, layout.kind) for layout in base_spec(family).text_encoders]
-    for family in ("sd1", "sd2", "sdxl")
+    for family in ARCHITECTURES
 }
 
 # Sub-module names inside one residual block: LDM name -> diffusers name.

@@ -254,12 +254,15 @@ FAMILIES: tuple[FamilySpec, ...] = (
         "sd1", "sd1", "SD 1.x", Detection(requires=(SD1_CLIP_PREFIX,)), text_encoders=(_SD1_CLIP,), honours_clip_skip=True,
         unet_heads=8, latent_rgb_factors=_SD1_FACTORS, diffusers_classes=_SD_CLASSES,
     ),
-    # Room for more: SDXL Turbo / Lightning share SDXL base's architecture (no shape tells them apart); a record
-    # with `variant_of="sdxl"` and its own native size or defaults is all they need.
+    # Room for more: SDXL Turbo / Lightning share SDXL base's architecture, so no shape tells them apart. They need
+    # one record each (`variant_of="sdxl"`, their own native size / defaults) plus the marker that picks it, e.g.
+    # safetensors metadata `modelspec.architecture`, read where `variant_for` picks "sd2-v" by prediction type today.
 )
 
 _BY_KEY = {spec.key: spec for spec in FAMILIES}
 _BASE_BY_FAMILY = {spec.family: spec for spec in FAMILIES if spec.supported and spec.key == spec.family}
+ARCHITECTURES: tuple[str, ...] = tuple(_BASE_BY_FAMILY)
+"""The architecture names difusi runs ("sdxl", "sd2", "sd1"): each has a plain record (key == family)."""
 
 
 def family_spec(key: str) -> FamilySpec:

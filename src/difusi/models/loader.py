@@ -19,6 +19,7 @@ import torch
 
 from difusi.errors import CheckpointError
 from difusi.models import convert
+from difusi.models.catalog import format_title
 from difusi.models.detect import ModelSpec, TextEncoderSpec, detect
 from difusi.models.families import FamilySpec, base_spec, detect_diffusers, variant_for
 from difusi.models.files import CheckpointFile, is_diffusers_folder, read_component_state_dict, read_json
@@ -82,8 +83,8 @@ class LoadedModel:
 
     @property
     def title(self) -> str:
-        """A1111's checkpoint title, "name [hash]"."""
-        return f"{self.name} [{self.short_hash}]"
+        """A1111's checkpoint title, "name [hash]" (the same builder as `CheckpointInfo.title`)."""
+        return format_title(self.name, self.short_hash)
 
     @property
     def is_sdxl(self) -> bool:

@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from difusi.models.families import OPENCLIP_PAD_ID, TextEncoderLayout, base_spec
+from difusi.models.families import ARCHITECTURES, OPENCLIP_PAD_ID, TextEncoderLayout, base_spec
 
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizers" / "clip"
 OPENCLIP_PAD_TOKEN = "!"  # id 0 in the CLIP vocabulary (OPENCLIP_PAD_ID)
@@ -40,7 +40,7 @@ def encoder_settings(layout: TextEncoderLayout) -> EncoderSettings:
 
 # Per architecture name, derived from the family table (kept for callers that only know "sd1"/"sd2"/"sdxl").
 FAMILY_ENCODERS: dict[str, list[EncoderSettings]] = {
-    family: [encoder_settings(layout) for layout in base_spec(family).text_encoders] for family in ("sd1", "sd2", "sdxl")
+    family: [encoder_settings(layout) for layout in base_spec(family).text_encoders] for family in ARCHITECTURES
 }
 
 

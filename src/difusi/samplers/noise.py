@@ -1,6 +1,7 @@
 """Per-image noise for stochastic samplers, so an image never depends on its batch (docs/ARCHITECTURE.md contract 2).
 
-`ImageNoiseSampler` draws each image's noise from that image's own CPU generator; `BrownianNoiseSampler`
+`ImageNoiseSampler` draws each image's noise from that image's own generator (a CPU or GPU `torch.Generator`,
+or the CUDA-emulating `PhiloxGenerator` of A1111's NV source, see `difusi.rng`); `BrownianNoiseSampler`
 gives each image its own torchsde Brownian tree (Li et al. 2020), so the noise an SDE sampler sees over an
 interval does not depend on how many steps cut it up (what makes DPM++ SDE results stable across step counts).
 """
@@ -12,14 +13,18 @@ from collections.abc import Sequence
 import torch
 import torchsde
 
+from difusi.rng import NoiseGenerator, draw
+
 
 class ImageNoiseSampler:
     """noise_sampler(sigma, sigma_next) -> N(0, I) shaped like x; image i's noise comes from generators[i].
 
-    Noise is drawn in float32 on the CPU (as the initial noise) and then moved to x's device and dtype.
+    Each draw is float32 on its generators' device (the CPU for CPU generators and NV's Philox ones, as the
+    initial noise; one job's generators share a device) and is then moved to x's device and dtype. A Philox generator's offset advances by one
+    per call, so after `difusi.rng.image_noise` the first call is NV draw 1, as in A1111.
     """
 
-    def __init__(self, generators: Sequence[torch.Generator], x: torch.Tensor):
+    def __init__(self, generators: Sequence[NoiseGenerator], x: torch.Tensor):
         if len(generators) != x.shape[0]:
             raise ValueError(f"need one generator per image: {len(generators)} generators for batch {x.shape[0]}")
         self.generators = list(generators)
@@ -27,7 +32,7 @@ class ImageNoiseSampler:
         self.device, self.dtype = x.device, x.dtype
 
     def __call__(self, sigma=None, sigma_next=None) -> torch.Tensor:
-        draws = [torch.randn(self.image_shape, generator=g, dtype=torch.float32) for g in self.generators]
+        draws = [draw(generator, self.image_shape) for generator in self.generators]
         return torch.cat(draws).to(self.device, self.dtype)
 
 

@@ -2,8 +2,10 @@
 
 Requests are pydantic models with every field optional and unknown fields allowed, because A1111
 clients send about 47 keys (many of them null or meaningless here); `to_txt2img_job` keeps what
-difusi understands and ignores the rest. Range checks are not repeated here: they live in
-`GenerationParams.validated`, so the API, the CLI and the library report the same limits.
+difusi understands and ignores the rest. The txt2img request model is generated from the field table
+(`difusi.params.FIELDS`), so a new field is in the API (and its OpenAPI schema) as soon as it is declared.
+Types are checked strictly here (no `true` for 1, no "20" for 20, no 64.0 for an integer); range checks
+are not repeated: they live in `GenerationParams.validated`, so every front end reports the same limits.
 
 Decisions that differ from A1111 (documented in the README):
 - `save_images` defaults to **true** (A1111's API defaults to false): images made through the API

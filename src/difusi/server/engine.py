@@ -71,25 +71,26 @@ class Engine:
             return list(self._checkpoints)
 
     def _scan(self) -> list[Any]:
-        from difusi.models import default_model_path, list_checkpoints
+        """The models folder's checkpoints (none reached through a symlink out of it), then difusi-mini and the
+        operator's --model file when they live elsewhere (`difusi.models.catalog.known_checkpoints`)."""
+        from difusi.models.catalog import known_checkpoints
 
-        found = [info for info in list_checkpoints(self.models_dir) if _inside(Path(info.path), self.models_dir)]
-        default = Path(default_model_path())
-        outside = ([_describe(default)] if default.exists() else []) + self._extra
-        for info in outside:
-            if not any(Path(known.path).resolve() == Path(info.path).resolve() for known in found):
+        known = known_checkpoints(self.models_dir)
+        found = [info for info in known if _inside(Path(info.path), self.models_dir)]
+        shipped = [info for info in known if _same_path(Path(info.path), _default_path())]
+        for info in shipped + self._extra:
+            if not any(_same_path(Path(listed.path), Path(info.path)) for listed in found):
                 found.append(info)
         return found
 
     def refresh(self) -> None:
+        """Forget the listing: the next `checkpoints()` rescans the models folder (A1111's refresh-checkpoints)."""
         with self._lock:
             self._checkpoints = None
 
     def _default_checkpoint(self) -> Any:
         """difusi-mini when shipped, else the first checkpoint in the models folder, else None."""
-        from difusi.models import default_model_path
-
-        default = Path(default_model_path()).resolve()
+        default = _default_path().resolve()
         found = self.checkpoints()
         for info in found:
             if Path(info.path).resolve() == default:
@@ -97,37 +98,36 @@ class Engine:
         return found[0] if found else None
 
     def _checkpoint_by_name(self, name: str, field: str = "sd_model_checkpoint", allow_path: bool = False) -> Any:
-        """Find a listed checkpoint by title "name [hash]", name, file name, short hash or listed path.
+        """The listed checkpoint `name` means, by the one resolver's A1111 rules (`models.catalog.find_checkpoint`).
 
         Only `allow_path` (the operator's `--model`, never a request) adds a file from outside the models folder:
-        a client must not make the server read, hash or load arbitrary files ("../", absolute paths).
+        a client must not make the server read, hash or load arbitrary files ("../", absolute paths, symlinks out).
         """
+        from difusi.models.catalog import AmbiguousCheckpointError, CheckpointNotFoundError, find_checkpoint
+
         wanted = name.strip()
-        bare = wanted.rsplit(" [", 1)[0] if wanted.endswith("]") else wanted
         listed = self.checkpoints()
-        # Most specific first, so "a.safetensors" or "a [hash]" never picks a.ckpt that merely shares the name "a".
-        passes = (
-            lambda info: wanted in (str(info.path), Path(info.path).name),
-            lambda info: wanted == title(info),
-            lambda info: wanted in (info.name, Path(info.path).stem),
-            lambda info: bare in (info.name, Path(info.path).stem),
-            lambda info: wanted.lower() in (info.short_hash or "", info.sha256 or ""),
-        )
-        for matches in passes:
-            hit = next((info for info in listed if matches(info)), None)
-            if hit is not None:
-                return hit
+        try:
+            return find_checkpoint(wanted, listed, str(self.models_dir))
+        except AmbiguousCheckpointError as tie:
+            raise ParamError(field, str(tie)) from None
+        except CheckpointNotFoundError:
+            pass
         path = Path(wanted).expanduser() if allow_path else None
-        if path is not None and path.exists():
+        if path is not None and _exists(path):
+            same = next((info for info in listed if _same_path(Path(info.path), path)), None)
+            if same is not None:
+                return same
             info = _describe(path)
             with self._lock:
                 self._extra.append(info)
                 self._checkpoints = None
             return info
-        known = ", ".join(title(info) for info in self.checkpoints()) or "none"
+        known = ", ".join(title(info) for info in listed) or "none"
         raise ParamError(field, f"unknown model {name!r}; available: {known} (POST /sdapi/v1/refresh-checkpoints after adding files)")
 
     def resolve_title(self, name: Any) -> str:
+        """The title of the listed checkpoint a request names (options endpoint, override_settings); ParamError if none."""
         if not isinstance(name, str) or not name.strip():
             raise ParamError("sd_model_checkpoint", f"must be a checkpoint name, got {name!r}")
         return title(self._checkpoint_by_name(name))
@@ -160,11 +160,16 @@ class Engine:
                 "outdir_samples": str(self.outputs_dir), **self._options}
 
     def set_options(self, values: dict[str, Any]) -> None:
-        """Store A1111 options; CLIP_stop_at_last_layers and samples_save act as defaults for later jobs."""
-        if "CLIP_stop_at_last_layers" in values:
-            clip = values["CLIP_stop_at_last_layers"]
-            if isinstance(clip, bool) or not isinstance(clip, int) or not 1 <= clip <= 12:
-                raise ParamError("CLIP_stop_at_last_layers", f"must be an integer in [1, 12], got {clip!r}")
+        """Store A1111 options; those that set job fields (CLIP_stop_at_last_layers, eta_ancestral, s_noise, ...)
+        and samples_save act as defaults for later jobs."""
+        from difusi.params import FIELDS, check_field
+
+        for spec in FIELDS.values():  # options that set job fields obey the field's own type and range
+            if spec.option and spec.http and values.get(spec.option) is not None:
+                try:
+                    check_field(spec, values[spec.option])
+                except ParamError as error:
+                    raise ParamError(spec.option, error.message) from None
         if "samples_save" in values and not isinstance(values["samples_save"], bool):
             raise ParamError("samples_save", f"must be true or false, got {values['samples_save']!r}")
         # Folders are the operator's choice (--outputs-dir): a client may not point writes elsewhere. A1111 clients
@@ -173,7 +178,12 @@ class Engine:
                               if not key.startswith("outdir") and key not in ("sd_checkpoint_hash",)})
 
     def param_defaults(self) -> dict[str, Any]:
-        return {"clip_skip": self._options.get("CLIP_stop_at_last_layers", 1)}
+        """Job-field defaults from the A1111 options that set fields (the field table's `option`, e.g.
+        CLIP_stop_at_last_layers -> clip_skip); a request's own values and override_settings come on top."""
+        from difusi.params import FIELDS
+
+        return {spec.name: self._options[spec.option] for spec in FIELDS.values()
+                if spec.option and spec.http and self._options.get(spec.option) is not None}
 
     def default_save_images(self) -> bool:
         return bool(self._options.get("samples_save", True))
@@ -290,18 +300,35 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def title(info: Any) -> str:
-    """A1111's checkpoint title: "name [short hash]"."""
-    return f"{info.name} [{info.short_hash}]" if getattr(info, "short_hash", None) else info.name
+    """A1111's checkpoint title, "name [short hash]": `CheckpointInfo.title` / `LoadedModel.title`, the one builder."""
+    return str(info.title)
 
 
 def _describe(path: Path) -> Any:
-    """A CheckpointInfo for a file outside the models folder (e.g. the shipped difusi-mini, a --model path)."""
-    from difusi.models import CheckpointInfo
-    from difusi.models.catalog import checkpoint_name
-    from difusi.models.hashing import file_sha256, short_hash
+    """A CheckpointInfo for a file outside the models folder (the operator's --model path)."""
+    from difusi.models.catalog import describe_checkpoint
 
-    sha = file_sha256(path)
-    return CheckpointInfo(checkpoint_name(path), path, short_hash(sha), sha, "")
+    return describe_checkpoint(path)
+
+
+def _default_path() -> Path:
+    from difusi.models import default_model_path
+
+    return Path(default_model_path())
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # NUL byte, name too long: no such file
+        return False
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):
+        return False
 
 
 def _history_item(entry: Any, outputs_dir: Path) -> dict[str, Any]:
