@@ -1,7 +1,9 @@
 """Sidecar overrides: `<stem>.difusi.json` next to a checkpoint (or `difusi.json` inside a diffusers folder).
 
 Shapes cannot tell everything (prediction type, native size, head counts, preview factors), so a
-small JSON file may state it. Recognised keys (all optional):
+small JSON file may state it. Without one, the detected family record's values apply
+(`difusi.models.families`; difusi-mini's record is recognised by its architecture). Recognised keys
+(all optional):
 
 - `name` (display name), `prediction_type` ("epsilon" | "v_prediction"), `native_size` (int px),
   `scaling_factor` (VAE latent scale), `latent_rgb_factors` ([latent_channels][3]), `latent_rgb_bias` ([3]);
