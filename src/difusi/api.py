@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from difusi.devices import check_offload, resolve_device, resolve_precision
 from difusi.models import LoadedModel, ModelCache, default_model_path, resolve_checkpoint
 from difusi.params import GenerationParams
 from difusi.pipeline import GenerationResult, txt2img
@@ -20,22 +21,32 @@ from difusi.pipeline import GenerationResult, txt2img
 _MODELS = ModelCache()
 
 
-def get_model(model: str | Path | None = None, models_dir: str | Path | None = None) -> LoadedModel:
+def get_model(model: str | Path | None = None, models_dir: str | Path | None = None, *, device: str = "auto",
+              precision: str = "auto", offload: str = "none") -> LoadedModel:
     """Load (or reuse) a checkpoint: None = difusi-mini; else a path, or anything the one resolver accepts
     (`difusi.models.resolve_checkpoint`: title, name, file name, sub-folder path, short or full hash) among
-    difusi-mini and `models_dir`'s checkpoints. Unknown or ambiguous names raise CheckpointError."""
+    difusi-mini and `models_dir`'s checkpoints. Unknown or ambiguous names raise CheckpointError.
+
+    `device` ("auto": CUDA, then MPS, then the CPU), `precision` ("auto", "fp32", "fp16", "bf16") and `offload`
+    ("none", "model", "sequential") are `difusi.devices`' choices; a bad or absent device raises ParamError
+    before any file is read. Asking again with other values reloads the model that way."""
+    resolve_device(device)
+    resolve_precision(precision)
+    check_offload(offload)
     path = default_model_path() if model is None else resolve_checkpoint(model, models_dir)
-    return _MODELS.get(path)
+    return _MODELS.get(path, device=device, precision=precision, offload=offload)
 
 
 def generate(prompt: str, *, model: str | Path | None = None, models_dir: str | Path | None = None,
-             **fields: Any) -> GenerationResult:
+             device: str = "auto", precision: str = "auto", offload: str = "none", **fields: Any) -> GenerationResult:
     """Generate images for `prompt`; `fields` are GenerationParams fields (A1111 names: seed, steps,
-    cfg_scale, sampler_name, scheduler, width, height, batch_size, n_iter, negative_prompt, ...).
+    cfg_scale, sampler_name, scheduler, width, height, batch_size, n_iter, negative_prompt, rng, ...).
+    `device`, `precision` and `offload` choose where and how the networks run (`get_model`); they never change
+    the infotext, and with the default CPU noise source (`rng="CPU"`) a seed makes the same composition anywhere.
 
     Raises ParamError (naming the field and the allowed range) for bad values and CheckpointError for
     a missing or unusable model.
     """
     params = GenerationParams(prompt=prompt, model=None if model is None else str(model), **fields)
     params.validated(native_size=512)  # bad values fail before a model is read (512 stands in for a missing size)
-    return txt2img(get_model(model, models_dir), params)
+    return txt2img(get_model(model, models_dir, device=device, precision=precision, offload=offload), params)

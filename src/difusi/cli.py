@@ -11,7 +11,6 @@ traceback); Ctrl-C stops after the current step, keeps every finished image and 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import difusi  # noqa: F401  (sets the offline hub environment before any Hugging Face import)
-from difusi import settings
+from difusi import settings, strict_json
 from difusi.budget import add_budget_flags, apply_budget_flags  # noqa: F401  (in budget.py so server needs no cli)
 from difusi.budget import with_budget_flags as _with_budget_flags
 from difusi.errors import CheckpointError, DifusiError, Interrupted, NumericalError, ParamError, StorageError
@@ -190,11 +189,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(f"{error.filename or ''}: {error.strerror or error}".lstrip(": "), code=EXIT_FAILURE)
 
 
+MINI_HELP = """usage: difusi mini {train,evaluate} ...
+
+Train or evaluate difusi-mini, the small model difusi ships.
+
+commands:
+  train      train difusi-mini from scratch (`difusi mini train --help`)
+  evaluate   score difusi-mini's prompt adherence (`difusi mini evaluate --help`)"""
+
+
 def _forward(command: str, rest: list[str]) -> int:
     if command == "serve":
         from difusi.server import main as serve_main
 
         return int(serve_main(rest) or 0)
+    if rest and rest[0] in ("-h", "--help"):
+        # Asking for help is not a mistake: show the two subcommands and succeed, like every other `--help`.
+        print(MINI_HELP)
+        return 0
     if not rest or rest[0] not in ("train", "evaluate"):
         _fail("mini: expected `train` or `evaluate`, e.g. `difusi mini train --help`")
     if rest[0] == "train":
@@ -263,16 +275,17 @@ def _generation_params(args: argparse.Namespace) -> tuple[GenerationParams, Any]
     return params, recipe
 
 
-def _read_image_infotext(path_text: str) -> str:
+def _read_image_infotext(path_text: str, label: str = "--from") -> str:
+    """The infotext of an image the user named (`label`: the flag or argument, for the one-line error)."""
     path = Path(path_text)
     if not path.is_file():
-        raise UsageError(f"--from: no such file: {path}")
+        raise UsageError(f"{label}: no such file: {path}")
     try:
         text = read_infotext(path)
     except OSError as error:
-        raise UsageError(f"--from: cannot read {path} as an image: {error}") from None
+        raise UsageError(f"{label}: cannot read {path} as an image: {error}") from None
     if not text:
-        raise UsageError(f"--from: {path} has no generation parameters (no PNG 'parameters' text)")
+        raise UsageError(f"{label}: {path} has no generation parameters (no PNG 'parameters' text)")
     return text
 
 
@@ -473,18 +486,11 @@ class _ProgressReporter:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    path = Path(args.image)
-    if not path.is_file():
-        raise UsageError(f"IMAGE: no such file: {path}")
-    try:
-        text = read_infotext(path)
-    except OSError as error:
-        raise UsageError(f"IMAGE: cannot read {path} as an image: {error}") from None
-    if not text:
-        raise UsageError(f"IMAGE: {path} has no generation parameters (no PNG 'parameters' text)")
+    text = _read_image_infotext(args.image, "IMAGE")
     if args.json:
         fields, unknown = parse_infotext(text)
-        print(json.dumps({"infotext": text, "fields": fields, "unsupported": unknown}, ensure_ascii=False, indent=2))
+        print(strict_json.dumps({"infotext": text, "fields": fields, "unsupported": unknown}, ensure_ascii=False,
+                                indent=2))
     else:
         print(text)
     return 0
@@ -532,8 +538,8 @@ def cmd_history(args: argparse.Namespace) -> int:
         entries = store.history(limit=args.limit, query=args.search)
     for entry in entries:
         if args.json:
-            row = {k: (str(v) if isinstance(v, Path) else v) for k, v in entry.__dict__.items()}
-            print(json.dumps(row, ensure_ascii=False, default=str))
+            # Strict JSON: the stored params hold s_tmax = inf, which json.dumps would write as `Infinity`.
+            print(strict_json.dumps(entry.__dict__, ensure_ascii=False, default=str))
             continue
         first_line = entry.prompt.split("\n", 1)[0]
         prompt = first_line if len(first_line) <= 60 else first_line[:57] + "..."

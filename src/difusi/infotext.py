@@ -204,6 +204,9 @@ class InfotextRecipe:
     """A1111 keys present in the text that difusi does not support (reported, never silently dropped)."""
     fields: dict[str, str] = field(default_factory=dict)
     """The raw A1111 key -> value mapping."""
+    notes: list[str] = field(default_factory=list)
+    """What difusi assumed to remake the image (e.g. the noise source of an A1111 text without "RNG"); front ends
+    show them."""
 
     def params(self, base: GenerationParams | None = None) -> GenerationParams:
         """GenerationParams with these values over `base` (defaults); raises ParamError for bad values."""
@@ -218,7 +221,8 @@ def recipe_from_infotext(text: str) -> InfotextRecipe:
 
     Legacy sampler names such as "DPM++ 2M Karras" become sampler "DPM++ 2M" + schedule "Karras" when the
     text has no explicit schedule (A1111's back-compat rule). An unknown sampler is kept as written so that
-    validation can name it.
+    validation can name it. A settings line without "RNG" means the CPU source when difusi wrote it (`Version:
+    difusi ...`) and A1111's default GPU source otherwise, remade with "NV" (see `notes`).
     """
     fields, ignored = parse_infotext(text)
     values: dict[str, Any] = {KEY_TO_FIELD[key]: value for key, value in fields.items() if key in KEY_TO_FIELD}
@@ -226,13 +230,29 @@ def recipe_from_infotext(text: str) -> InfotextRecipe:
         values["sampler_name"], values["scheduler"] = _split_legacy_sampler(
             values["sampler_name"], values.get("scheduler", "Automatic")
         )
+    notes: list[str] = []
+    if "RNG" not in fields and "Steps" in fields:  # a settings line without a noise source
+        values["rng"], note = _missing_rng(fields.get("Version", ""))
+        notes += [note] if note else []
     return InfotextRecipe(
         values=values,
         model_hash=fields.get("Model hash") or None,
         model_name=fields.get("Model") or None,
         ignored=ignored,
         fields=fields,
+        notes=notes,
     )
+
+
+def _missing_rng(version: str) -> tuple[str, str | None]:
+    """The noise source of an infotext without "RNG": difusi's own older images used the CPU generator; anything
+    else was made by A1111 (or a tool copying its format) with its default "GPU" source, which A1111 leaves out of
+    the text. Those noises are torch's CUDA generator's, which "NV" reproduces on any device (`difusi.philox`);
+    "GPU" itself would give CUDA's numbers only on an NVIDIA card, and the CPU's elsewhere."""
+    if version.strip().startswith("difusi"):
+        return "CPU", None
+    return "NV", ("no RNG in the parameters: A1111's default noise source (GPU, NVIDIA's generator) assumed and "
+                  "remade on any device with RNG: NV (pass --rng to choose another)")
 
 
 def _split_legacy_sampler(sampler_name: str, scheduler: str) -> tuple[str, str]:

@@ -25,8 +25,14 @@ from typing import Any
 
 from difusi.errors import ParamError
 
-SEED_MAX = 2**32 - 1
-"""Largest seed accepted; a random seed (-1) is drawn from [0, SEED_MAX - 1] as A1111 does."""
+SEED_MAX = 2**63 - 1
+"""Largest seed (and variation seed) accepted, for every image of a job: image i of seed s uses s + i, and A1111
+keeps counting past 2**32, so difusi must read back every seed it writes. 2**63 - 1 is the largest value every place
+a seed goes takes unchanged: torch's CPU generator and NV/GPU Philox (64-bit keys), torchsde's Brownian tree and the
+history database (SQLite INTEGER is a signed 64-bit number). A job whose last image seed would pass it is refused."""
+
+RANDOM_SEED_MAX = 2**32 - 2
+"""A random seed (-1) is drawn from [0, RANDOM_SEED_MAX], as A1111 does (so random seeds stay 32-bit)."""
 
 SIZE_MULTIPLE = 8
 
@@ -61,7 +67,8 @@ class FieldSpec:
     """Closed interval of allowed values (numbers only)."""
     multiple_of: int | None = None
     choices: str | None = None
-    """Named list the value must come from: "samplers", "schedulers" or "checkpoints" (checked by their registries)."""
+    """Named list the value must come from: "samplers", "schedulers", "checkpoints" or "rng_sources" (checked by their
+    registries)."""
     flags: tuple[str, ...] = ()
     """CLI spellings, canonical first; "PROMPT" is the positional argument; () = not on the command line."""
     metavar: str | None = None
@@ -152,6 +159,14 @@ class GenerationParams:
                                     group="variation", step=0.01)
     clip_skip: int = param(1, label="Clip skip", help="stop CLIP this many layers from the end", range=(1, 12),
                            flags=("--clip-skip",), infotext="Clip skip", option="CLIP_stop_at_last_layers")
+    rng: str = param("CPU", label="RNG",
+                     help="random number generator source: CPU (the same image on every device), GPU (torch's "
+                          "generator on the job's device, A1111's default) or NV (NVIDIA's GPU numbers, computed "
+                          "on any device)",
+                     choices="rng_sources", flags=("--rng",), infotext="RNG", infotext_when=INFOTEXT_ALWAYS,
+                     option="randn_source", group="advanced", widget="select")
+    """A1111's "Random number generator source" (`difusi.rng.RNG_SOURCES`); always written to the infotext, so an
+    A1111 user who pastes a difusi image gets the same noise source (A1111 omits its default "GPU")."""
     eta: float | None = param(None, label="Eta", help="ancestral/SDE noise amount (default: the sampler's)",
                               range=(0.0, 10.0), flags=("--eta",), infotext="Eta", option="eta_ancestral", step=0.01)
     s_churn: float = param(0.0, label="Sigma churn", help="Euler/Heun churn", range=(0.0, 1000.0),
@@ -231,9 +246,12 @@ class GenerationParams:
             check_field(spec, getattr(checked, spec.name))
         if checked.s_tmax < checked.s_tmin:
             raise ParamError("s_tmax", f"must be >= s_tmin ({format_value(checked.s_tmin)}), got {format_value(checked.s_tmax)}")
+        _check_last_seed("seed", checked.seed, checked.total_images)
+        _check_last_seed("subseed", checked.subseed, checked.total_images)
         _check_budget(checked)
         _check_prompt_syntax(checked)
         _check_sampler_and_schedule(checked)
+        _check_rng(checked)
         return checked
 
     @property
@@ -269,9 +287,10 @@ def field_table(kind: str | None = None) -> list[dict[str, Any]]:
 
 
 def resolve_seed(seed: int) -> int:
-    """-1 (or any negative) draws a random seed in [0, 2**32 - 2], as A1111; others pass through."""
+    """-1 (or any negative) draws a random seed in [0, RANDOM_SEED_MAX] = [0, 2**32 - 2], as A1111; others pass
+    through."""
     if seed is None or seed < 0:
-        return random.SystemRandom().randrange(0, SEED_MAX)
+        return random.SystemRandom().randint(0, RANDOM_SEED_MAX)
     return int(seed)
 
 
@@ -317,6 +336,15 @@ def _check_seed(name: str, value: Any) -> None:
         raise ParamError(name, f"must be -1 (random) or in [0, {SEED_MAX}], got {value}")
 
 
+def _check_last_seed(name: str, value: int, total_images: int) -> None:
+    """Image i uses seed + i (contract 2): the job's last seed must be in range too, or difusi would write a seed
+    into an image's infotext that it then refuses to read back."""
+    last_allowed = SEED_MAX - (total_images - 1)
+    if value > last_allowed:
+        raise ParamError(name, f"must be -1 (random) or in [0, {last_allowed}] for a job of {total_images} images "
+                               f"(image i uses {name} + i, at most {SEED_MAX}), got {value}")
+
+
 def _check_text(name: str, value: Any) -> None:
     if not isinstance(value, str):
         raise ParamError(name, "must be a string")
@@ -350,6 +378,12 @@ def _check_sampler_and_schedule(params: GenerationParams) -> None:
 
     get_sampler(params.sampler_name)  # raises ParamError("sampler_name", ...) listing valid names
     get_schedule(params.scheduler)  # raises ParamError("scheduler", ...); "Automatic" is a schedule too
+
+
+def _check_rng(params: GenerationParams) -> None:
+    from difusi.rng import check_source
+
+    check_source(params.rng)  # raises ParamError("rng", ...) naming CPU, GPU, NV
 
 
 def _convert(spec: FieldSpec, value: Any) -> Any:

@@ -30,6 +30,7 @@ from difusi.prompts.conditioning import (
     pad_to_same_length,
     sdxl_time_ids,
 )
+from difusi.prompts.parser import prompt_warnings, strip_extra_networks
 from difusi.rng import image_noise
 from difusi.samplers import build_sigmas, get_sampler
 from difusi.samplers.denoiser import CFGDenoiser, DiscreteNoiseTable, EpsDenoiser, VDenoiser
@@ -87,6 +88,10 @@ class GenerationResult:
     seeds: list[int] = field(default_factory=list)
     subseeds: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    """What the job did differently from how the request reads, one line each: prompt syntax A1111 reads as
+    literal text (`difusi.prompts.parser.prompt_warnings`), extra-network tags removed. Front ends show them
+    (HTTP `info["warnings"]`, the CLI's stderr)."""
 
     @property
     def infotexts(self) -> list[str]:
@@ -127,11 +132,14 @@ def txt2img(
     seeds = [seed + i for i in range(total)]
     subseeds = [subseed + i for i in range(total)]
     resolved = params.replace(seed=seed, subseed=subseed, sampler_name=sampler.name, scheduler=scheduler)
-    result = GenerationResult(params=resolved, seeds=seeds, subseeds=subseeds)
+    schedule_steps = _schedule_steps(sampler, params.steps)
+    clip_prompt, warnings = _prompt_for_clip(resolved, schedule_steps)
+    result = GenerationResult(params=resolved, seeds=seeds, subseeds=subseeds, warnings=warnings)
 
     table = DiscreteNoiseTable()
     sigmas = build_sigmas(sampler, scheduler, params.steps, table, family=model.family)
-    cond_schedule, uncond_schedule = _encode(model, resolved, _schedule_steps(sampler, params.steps))
+    # The infotext keeps the prompt as written (A1111 does too); only the text encoder sees it without the tags.
+    cond_schedule, uncond_schedule = _encode(model, resolved.replace(prompt=clip_prompt), schedule_steps)
     denoiser = _denoiser(model, table)
 
     for iteration in range(params.n_iter):
@@ -220,12 +228,15 @@ def _drop_late_skip(should_skip: StopFn | None) -> None:
 
 def _sample_batch(model, params, sampler, sigmas, denoiser, cond_schedule, uncond_schedule, seeds, subseeds, tracker):
     shape = (model.latent_channels, params.height // model.vae_scale_factor, params.width // model.vae_scale_factor)
-    drawn = image_noise(seeds, shape, subseeds, params.subseed_strength)
-    device = next(model.unet.parameters()).device
-    dtype = next(model.unet.parameters()).dtype
-    # float32 sigmas, as A1111 and diffusers: the denoiser scales x by them, and float64 would upcast x.
+    device = _execution_device(model)
+    # Noise comes from the job's source on the CPU (GPU source: the device's generator), whatever the device and
+    # precision, so the seed gives the same image everywhere (contract 2) and the infotext never names a device.
+    drawn = image_noise(seeds, shape, subseeds, params.subseed_strength, source=params.rng, device=device)
+    # Latents and sigmas stay float32 whatever the UNet's precision (cast at the UNet call, `_denoiser`), as A1111
+    # and diffusers: the sampler's updates x + (d * dt) lose the small steps in float16. float32, not float64,
+    # sigmas: the denoiser scales x by them, and float64 would upcast x.
     sigmas = sigmas.to(device=device, dtype=torch.float32)
-    x = drawn.noise.to(device=device, dtype=dtype) * sigmas[0]
+    x = drawn.noise.to(device=device, dtype=torch.float32) * sigmas[0]
     if sampler.uses_brownian_noise:
         positive = sigmas[sigmas > 0]
         noise_sampler = BrownianNoiseSampler(x, positive.min(), positive.max(), seeds)
@@ -237,6 +248,19 @@ def _sample_batch(model, params, sampler, sigmas, denoiser, cond_schedule, uncon
         guided, x, sigmas, extra_args={}, callback=tracker, disable=True, noise_sampler=noise_sampler,
         **_sampler_options(sampler, params),
     )
+
+
+def _prompt_for_clip(params: GenerationParams, steps: int) -> tuple[str, list[str]]:
+    """The positive prompt without A1111 extra-network tags, and the job's warnings about both prompts.
+
+    A1111 removes `<lora:...>`-style tags from the positive prompt only (a tag in the negative prompt is text there,
+    so it is here too). difusi cannot apply the networks yet; sending the tags to CLIP as words would be worse."""
+    prompt, tags = strip_extra_networks(params.prompt)
+    warnings = prompt_warnings(prompt, steps, "prompt") + prompt_warnings(params.negative_prompt, steps, "negative_prompt")
+    if tags:
+        warnings.append(f"prompt: removed {', '.join(tags)}: extra networks (LoRA, hypernetworks) are not supported "
+                        "yet, so the image is made without them")
+    return prompt, warnings
 
 
 def _schedule_steps(sampler: Any, steps: int) -> int:
@@ -331,12 +355,21 @@ def _encode(model, params: GenerationParams, steps: int | None = None):
     return cond, uncond
 
 
+def _execution_device(model) -> torch.device:
+    """Where latents live: the model's execution device (with offload its weights rest on the CPU between calls);
+    objects without one (test doubles) use their UNet's first parameter's device."""
+    device = getattr(model, "device", None)
+    return torch.device(device) if device is not None else next(model.unet.parameters()).device
+
+
 def _denoiser(model, table: DiscreteNoiseTable):
     unet = model.unet
+    dtype = next(unet.parameters()).dtype
 
     def network(x_in, t, context, pooled=None, time_ids=None):
-        added = {"text_embeds": pooled, "time_ids": time_ids} if pooled is not None else None
-        return unet(x_in, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+        # The one cast to the UNet's precision (fp16/bf16 on a GPU) and back: the sampler only sees float32.
+        added = None if pooled is None else {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
+        return unet(x_in.to(dtype), t, encoder_hidden_states=context.to(dtype), added_cond_kwargs=added).sample.float()
 
     wrapper = VDenoiser if model.prediction_type == "v_prediction" else EpsDenoiser
     return wrapper(network, table)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from PIL import Image
+
+log = logging.getLogger("difusi.vae")
 
 TILE_LATENT = 64
 """Latent tile edge for the tiled fallback (512 px for an 8x VAE)."""
@@ -14,15 +18,31 @@ TILED_ABOVE = 128 * 128
 
 
 def decode_latents(vae, latents: torch.Tensor, scaling_factor: float, tiled: bool | None = None) -> torch.Tensor:
-    """Decode scaled latents to images in [-1, 1], shape [B, 3, H, W].
+    """Decode scaled latents to images in [-1, 1], shape [B, 3, H, W] (float32).
 
     `tiled=None` decodes whole images up to TILED_ABOVE latent pixels and falls back to tiles above that,
     or when a whole decode runs out of memory. Tiles overlap and are blended with linear ramps, which hides
     seams; a tiled decode is close to, not equal to, a whole decode (GroupNorm sees only the tile).
+
+    A VAE in half precision (float16/bfloat16) whose decode gives NaN or infinity is converted to float32 for good
+    and the decode is redone, with one warning: A1111's "Automatically revert VAE to 32-bit floats" (its
+    `auto_vae_precision`, the automatic form of `--no-half-vae`). float16's largest value is 65504, and the
+    activations of SDXL's original VAE exceed it, so a float16 decode would save a black image. Staying in float32
+    afterwards (as A1111 does) spares every later image a wasted half-precision decode.
     """
-    latents = latents / scaling_factor
-    dtype = next(vae.parameters()).dtype
-    latents = latents.to(dtype)
+    latents = latents.float() / scaling_factor
+    decoded = _decode(vae, latents, tiled)
+    if next(vae.parameters()).dtype != torch.float32 and not torch.isfinite(decoded).all():
+        log.warning("the VAE gave NaN/inf in %s; decoding in float32 from now on (A1111's no-half-vae fallback)",
+                    str(next(vae.parameters()).dtype).removeprefix("torch."))
+        vae.to(torch.float32)
+        decoded = _decode(vae, latents, tiled)
+    return decoded
+
+
+def _decode(vae, latents: torch.Tensor, tiled: bool | None) -> torch.Tensor:
+    """One decode in the VAE's own dtype; float32 out."""
+    latents = latents.to(next(vae.parameters()).dtype)
     if tiled is None:
         tiled = latents.shape[-1] * latents.shape[-2] > TILED_ABOVE
     if not tiled:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from difusi.devices import Precision, check_offload, resolve_device, resolve_precision
 from difusi.errors import CheckpointError
 from difusi.models.loader import LoadedModel, load_model
 
@@ -31,7 +32,7 @@ def file_identity(path: str | Path) -> tuple[str, int, int]:
 
 
 class ModelCache:
-    """Holds at most one `LoadedModel`; thread-safe `get(path, device, dtype)`."""
+    """Holds at most one `LoadedModel`; thread-safe `get(path, device, precision, offload)`."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -43,14 +44,23 @@ class ModelCache:
         """The model held now, if any."""
         return self._model
 
-    def get(self, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
-        """The model at `path`: the cached one if file, device and dtype are unchanged, else a fresh load."""
-        key = (*file_identity(path), str(torch.device(device)), str(dtype))
+    def get(self, path: str | Path, device: str | torch.device = "auto", precision: str = "auto", offload: str = "none",
+            dtype: torch.dtype | None = None) -> LoadedModel:
+        """The model at `path`: the cached one if the file and the resolved device, precision (or `dtype`) and offload
+        mode are unchanged, else a fresh load (`load_model`'s arguments; the old model is freed first).
+
+        A changed device, precision or offload reloads from the file rather than moving the modules: it costs one
+        read, but a model converted in place (fp16 -> fp32, hooks installed) would otherwise carry the rounding or the
+        hooks of its previous placement."""
+        target = resolve_device(device)  # bad names fail here, before the file is touched
+        chosen = Precision.uniform(dtype) if dtype is not None else resolve_precision(precision, target)
+        check_offload(offload)
+        key = (*file_identity(path), str(target), chosen, offload)
         with self._lock:
             if self._key == key and self._model is not None:
                 return self._model
             self._release()
-            model = load_model(path, device=device, dtype=dtype)
+            model = load_model(path, device=target, precision=precision, offload=offload, dtype=dtype)
             self._key, self._model = key, model
             return model
 

@@ -31,6 +31,15 @@ from difusi.models.sidecar import read_sidecar
 LISTED_SUFFIXES = (".safetensors", ".ckpt")
 
 
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_MODEL_NAME = "difusi-mini"
+
+
+def default_model_path() -> Path:
+    """The shipped default model, difusi-mini (an SD1-layout single file; its family record needs no sidecar)."""
+    return ASSETS_DIR / "models" / f"{DEFAULT_MODEL_NAME}.safetensors"
+
+
 def format_title(name: str, short: str | None) -> str:
     """A1111's checkpoint title, "name [short hash]" (just the name when the hash is unknown): the one title builder,
     used by `CheckpointInfo.title` and `LoadedModel.title` so listings, options and loaded models always agree."""
@@ -150,8 +159,6 @@ def list_checkpoints(models_dir: str | Path) -> list[CheckpointInfo]:
 
 def known_checkpoints(models_dir: str | Path | None) -> list[CheckpointInfo]:
     """What a user can name: the shipped difusi-mini first (when present), then the models folder's checkpoints."""
-    from difusi.models.loader import default_model_path
-
     listed = list_checkpoints(models_dir) if models_dir is not None else []
     default = default_model_path()
     if not default.exists() or any(_same_file(info.path, default) for info in listed):

@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
+from difusi.devices import Precision, check_offload, resolve_device, resolve_precision
 from difusi.errors import CheckpointError
 from difusi.models import convert
-from difusi.models.catalog import format_title
+from difusi.models.catalog import default_model_path, format_title  # noqa: F401  (default_model_path: re-exported)
 from difusi.models.detect import ModelSpec, TextEncoderSpec, detect
 from difusi.models.families import FamilySpec, base_spec, detect_diffusers, variant_for
 from difusi.models.files import CheckpointFile, is_diffusers_folder, read_component_state_dict, read_json
@@ -28,15 +29,6 @@ from difusi.models.sidecar import read_sidecar
 from difusi.models.text_encoders import encoder_settings, wrap_text_encoder
 
 log = logging.getLogger("difusi.models")
-
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
-DEFAULT_MODEL_NAME = "difusi-mini"
-
-
-def default_model_path() -> Path:
-    """The shipped default model, difusi-mini (an SD1-layout single file with a sidecar)."""
-    return ASSETS_DIR / "models" / f"{DEFAULT_MODEL_NAME}.safetensors"
-
 
 @dataclass(eq=False)
 class LoadedModel:
@@ -58,7 +50,17 @@ class LoadedModel:
     family_spec: FamilySpec | None = field(default=None, repr=False)
     """The family record (`difusi.models.families`): key "sd1", "sd2", "sd2-v", "sdxl" or "difusi-mini"."""
     dtype: torch.dtype = torch.float32
+    """The UNet's dtype (kept for older callers; `precision` has every network's)."""
     device: torch.device = torch.device("cpu")
+    """The execution device: where latents live and the networks compute (with offload their weights rest on
+    the CPU between calls, so read this, not a parameter's device)."""
+    precision: Precision = Precision.uniform(torch.float32)
+    offload: str = "none"
+    """Memory mode (`difusi.devices.OFFLOAD_MODES`); hooks in `offload_hooks` when one is active."""
+    offload_hooks: Any = field(default=None, repr=False)
+    """The `difusi.models.offload.Offload` installed (None for "none" and on the CPU, where it is a no-op)."""
+    compiled: bool = False
+    """Whether `difusi.speed.compile.compile_unet` wrapped the UNet with torch.compile."""
     unet_config: dict[str, Any] = field(default_factory=dict)
     vae_config: dict[str, Any] = field(default_factory=dict)
     text_encoder_configs: list[dict[str, Any]] = field(default_factory=list)
@@ -179,7 +181,24 @@ def _finish(module: Any, device: str | torch.device) -> Any:
     module.to(device)
     module.eval()
     module.requires_grad_(False)
+    _use_sdpa(module)
     return module
+
+
+def _use_sdpa(module: Any) -> None:
+    """PyTorch's fused scaled-dot-product attention (`F.scaled_dot_product_attention`) on every device: diffusers'
+    `AttnProcessor2_0` for the UNet and VAE, transformers' "sdpa" implementation for CLIP. Both are diffusers' and
+    transformers' defaults today; setting them explicitly keeps a changed default or a saved config from
+    silently bringing back the slower, memory-hungry explicit softmax(QK^T)V."""
+    processors = getattr(module, "attn_processors", None)
+    if processors:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        if not all(isinstance(p, AttnProcessor2_0) for p in processors.values()):
+            module.set_attn_processor(AttnProcessor2_0())
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "_attn_implementation") and config._attn_implementation != "sdpa":
+        config._attn_implementation = "sdpa"
 
 
 # ----------------------------------------------------------------------------- prediction type
@@ -215,29 +234,61 @@ def guess_sd2_prediction(unet: Any) -> str:
 # ----------------------------------------------------------------------------- entry point
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(path: str | Path, device: str | torch.device = "auto", precision: str = "auto", offload: str = "none",
+               dtype: torch.dtype | None = None) -> LoadedModel:
     """Load a single-file LDM checkpoint (.safetensors / .ckpt) or a diffusers folder, fully offline.
 
-    Weights stored in another precision (e.g. fp16 files) are cast to `dtype`. Raises
-    `CheckpointError` for missing/unreadable/unsafe files and `UnsupportedModelError` for
-    families difusi does not run yet (the message names what was detected).
+    `device` is resolved by `difusi.devices.resolve_device` ("auto": CUDA, then MPS, then the CPU) and
+    `precision` by `difusi.devices.resolve_precision` ("auto": float16 on CUDA/MPS, float32 on the CPU); `dtype`,
+    when given, overrides `precision` with one dtype for every network (the older form of this call). Weights
+    stored in another precision (e.g. fp16 files) are cast on reading. `offload` is a memory mode
+    (`difusi.devices.OFFLOAD_MODES`, see `difusi.models.offload`; a no-op on the CPU). Bad device, precision or
+    offload values raise `ParamError` before the file is read; `CheckpointError` for missing/unreadable/unsafe
+    files and `UnsupportedModelError` for families difusi does not run yet (the message names what was detected).
     """
+    target = resolve_device(device)
+    chosen = Precision.uniform(dtype) if dtype is not None else resolve_precision(precision, target)
+    check_offload(offload)
+    # With an offload mode every network is built on the CPU; `_place` then hands each to the device its mode says.
+    build_on = torch.device("cpu") if offload != "none" else target
     path = Path(path).expanduser()
     if is_diffusers_folder(path):
-        return _load_diffusers_folder(path, device, dtype)
-    reader = CheckpointFile(path)
-    try:
-        return _load_single_file(reader, device, dtype)
-    finally:
-        reader.close()
+        model = _load_diffusers_folder(path, build_on, chosen)
+    else:
+        reader = CheckpointFile(path)
+        try:
+            model = _load_single_file(reader, build_on, chosen)
+        finally:
+            reader.close()
+    return _place(model, target, offload)
 
 
-def _load_single_file(reader: CheckpointFile, device: str | torch.device, dtype: torch.dtype) -> LoadedModel:
+def _place(model: LoadedModel, device: torch.device, offload: str) -> LoadedModel:
+    """Record the execution device and install the offload hooks (`difusi.models.offload`)."""
+    from difusi.models.offload import apply_offload
+
+    model.device, model.offload = device, offload
+    models = [getattr(encoder, "model", encoder) for encoder in model.text_encoders]
+    model.offload_hooks = apply_offload(model.unet, model.vae, models, offload, device)
+    return model
+
+
+def _component_dtypes(family: FamilySpec, precision: Precision) -> list[tuple[str, torch.dtype]]:
+    """(LDM key prefix, dtype) per network: UNet, VAE, then the family's text encoders."""
+    return [(convert.UNET_PREFIX, precision.unet), (convert.VAE_PREFIX, precision.vae),
+            *((layout.ldm_prefix, precision.text_encoder) for layout in family.text_encoders)]
+
+
+def _load_single_file(reader: CheckpointFile, device: str | torch.device, precision: Precision) -> LoadedModel:
     sidecar = read_sidecar(reader.path)
     spec = detect(reader.shapes, sidecar)
     family = spec.family_spec or base_spec(spec.family)
-    wanted = (convert.UNET_PREFIX, convert.VAE_PREFIX, *(layout.ldm_prefix for layout in family.text_encoders))
-    state = {k: reader.tensor(k, dtype) for k in reader.shapes if k.startswith(wanted)}
+    prefixes = _component_dtypes(family, precision)
+    state = {}
+    for key in reader.shapes:
+        dtype = next((dtype for prefix, dtype in prefixes if key.startswith(prefix)), None)
+        if dtype is not None:
+            state[key] = reader.tensor(key, dtype)  # cast while reading: one copy per tensor, in its final dtype
     unet_sd, vae_sd, text_sds = convert.split_ldm_checkpoint(state, spec.family, spec.unet_config, spec.vae_config)
     del state
     name = sidecar.get("name") or reader.path.name.rsplit(".", 1)[0]
@@ -250,11 +301,11 @@ def _load_single_file(reader: CheckpointFile, device: str | torch.device, dtype:
     prediction = sidecar.get("prediction_type") or _prediction_from_file(reader)
     if prediction is None:
         prediction = guess_sd2_prediction(unet) if family.guess_v_prediction else family.prediction_type
-    return _assemble(reader.path, name, spec, prediction, unet, vae, texts, sidecar, device, dtype)
+    return _assemble(reader.path, name, spec, prediction, unet, vae, texts, sidecar, device, precision)
 
 
 def _assemble(path: Path, name: str, spec: ModelSpec, prediction: str, unet: Any, vae: Any, texts: list[Any],
-              sidecar: Mapping[str, Any], device: str | torch.device, dtype: torch.dtype) -> LoadedModel:
+              sidecar: Mapping[str, Any], device: str | torch.device, precision: Precision) -> LoadedModel:
     """The LoadedModel: family record defaults (variant picked by prediction type), sidecar values over them."""
     family = variant_for(spec.family_spec or base_spec(spec.family), prediction)
     same_latents = spec.latent_channels == family.latent_channels
@@ -283,8 +334,9 @@ def _assemble(path: Path, name: str, spec: ModelSpec, prediction: str, unet: Any
         latent_rgb_factors=sidecar.get("latent_rgb_factors", factors),
         latent_rgb_bias=sidecar.get("latent_rgb_bias", bias),
         family_spec=family,
-        dtype=dtype,
+        dtype=precision.unet,
         device=torch.device(device),
+        precision=precision,
         unet_config=dict(spec.unet_config),
         vae_config=dict(spec.vae_config),
         text_encoder_configs=[dict(t.config) for t in spec.text_encoders],
@@ -308,7 +360,7 @@ def _component_config(folder: Path) -> dict[str, Any]:
     return {k: v for k, v in read_json(folder / "config.json").items() if not k.startswith("_") and k not in drop}
 
 
-def _load_diffusers_folder(root: Path, device: str | torch.device, dtype: torch.dtype) -> LoadedModel:
+def _load_diffusers_folder(root: Path, device: str | torch.device, precision: Precision) -> LoadedModel:
     """A diffusers pipeline folder: configs from its JSON files, weights from its component folders."""
     index = read_json(root / "model_index.json")
     for part in ("unet", "vae"):
@@ -318,23 +370,28 @@ def _load_diffusers_folder(root: Path, device: str | torch.device, dtype: torch.
     unet_config = _component_config(root / "unet") | sidecar.get("unet", {})
     vae_config = _component_config(root / "vae") | sidecar.get("vae", {})
     family = detect_diffusers(root, index, unet_config)
-    cast = lambda sd: {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}  # noqa: E731
-    unet = _finish(_build_on_meta(_unet_class(), unet_config, cast(read_component_state_dict(root / "unet")), f"{root} UNet"), device)
-    vae = _finish(_build_on_meta(_vae_class(), vae_config, cast(read_component_state_dict(root / "vae")), f"{root} VAE"), device)
+    def cast(sd: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+
+    unet = _finish(_build_on_meta(_unet_class(), unet_config, cast(read_component_state_dict(root / "unet"), precision.unet),
+                                  f"{root} UNet"), device)
+    vae = _finish(_build_on_meta(_vae_class(), vae_config, cast(read_component_state_dict(root / "vae"), precision.vae),
+                                 f"{root} VAE"), device)
     specs, texts = [], []
     for layout in family.text_encoders:
         folder = layout.diffusers_folder
         config = _component_config(root / folder) | sidecar.get("text_encoder", {})
         spec = TextEncoderSpec(kind="clip", config=config, with_projection=layout.with_projection)
         specs.append(spec)
-        texts.append(_finish(_build_text_encoder(spec, cast(read_component_state_dict(root / folder)), f"{root}/{folder}"), device))
+        texts.append(_finish(_build_text_encoder(spec, cast(read_component_state_dict(root / folder), precision.text_encoder),
+                                                 f"{root}/{folder}"), device))
     scheduler = root / "scheduler" / "scheduler_config.json"
     prediction = sidecar.get("prediction_type") or (read_json(scheduler).get("prediction_type") if scheduler.is_file() else None)
     levels = len(vae_config["block_out_channels"])
     spec = ModelSpec(family.family, unet_config, vae_config, specs, levels, vae_config.get("latent_channels", 4),
                      family_spec=family)
     return _assemble(root, sidecar.get("name") or root.name, spec, prediction or family.prediction_type, unet, vae, texts,
-                     sidecar, device, dtype)
+                     sidecar, device, precision)
 
 
 def free_model(model: LoadedModel | None) -> None:

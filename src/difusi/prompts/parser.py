@@ -30,10 +30,19 @@ Consequences of the grammar that users meet, all as in A1111:
   ``1.0`` = the last step); without one it is an absolute step number (``5``). The step is
   truncated to an integer and capped at ``steps`` (A1111's default "new" scheduling, v1.6+).
 
-Where difusi is stricter than A1111 (which silently treats these as literal text or crashes):
-a three-part group ``[from:to:when]`` whose ``when`` is not a number, a negative ``when``, and
-an emphasis weight that is not a finite number (``(x:1.2.3)``) raise
-:class:`~difusi.errors.ParamError` with field ``"prompt"``.
+* A group ``[from:to:when]`` (or ``[to:when]``) whose ``when`` is not a number (``[red:blue:soon]``)
+  is not prompt editing: A1111's grammar does not match it, so its brackets and colons are literal
+  text. difusi does the same and says so: :func:`prompt_warnings` returns one line per such group,
+  and one when the whole prompt does not parse (the fallback above). Front ends show these
+  warnings with the result (``GenerationResult.warnings``, the HTTP ``info``, the CLI's stderr).
+
+Where difusi is stricter than A1111 (which silently uses the ``to`` text from the first step, or
+crashes): a negative ``when`` (``[a:b:-1]``) and an emphasis weight that is not a finite number
+(``(x:1.2.3)``) raise :class:`~difusi.errors.ParamError` with field ``"prompt"``.
+
+A1111's *extra networks* (``<lora:name:0.8>``, ``<hypernet:name>``, any ``<word:args>``) are removed
+from the prompt before these passes by :func:`strip_extra_networks` (``modules/extra_networks.py``,
+positive prompt only, as A1111); difusi does not apply them yet, and the pipeline warns.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ from dataclasses import dataclass
 
 from difusi.errors import ParamError
 
-__all__ = ["BREAK", "parse_prompt_attention", "get_prompt_schedule"]
+__all__ = ["BREAK", "parse_prompt_attention", "get_prompt_schedule", "prompt_warnings", "strip_extra_networks"]
 
 BREAK = "BREAK"
 """Text of the chunk-break marker; it comes with weight -1.0 (see :func:`parse_prompt_attention`)."""
@@ -193,7 +202,7 @@ class _NotAGroup(Exception):
 
 
 class _Unparsable(Exception):
-    """The prompt as a whole does not parse; A1111 then uses it unchanged for every step."""
+    """The prompt as a whole does not parse; A1111 then uses it unchanged for every step. The message says why."""
 
 
 class _ScheduleParser:
@@ -203,6 +212,8 @@ class _ScheduleParser:
         self.text = text
         self.steps = steps
         self.pos = 0
+        self.warnings: list[str] = []
+        """Groups that look like prompt editing but are literal text (A1111's reading), for `prompt_warnings`."""
 
     def parse(self) -> tuple:
         nodes: list = []
@@ -219,7 +230,7 @@ class _ScheduleParser:
                 nodes.append(char)
                 self.pos += 1
             elif char == "|":
-                raise _Unparsable
+                raise _Unparsable("a '|' outside an alternation [a|b]")
             else:
                 nodes.append(self._plain())
         return tuple(nodes)
@@ -227,7 +238,7 @@ class _ScheduleParser:
     def _plain(self) -> str:
         match = _PLAIN.match(self.text, self.pos)
         if match is None:  # a backslash with nothing escapable after it
-            raise _Unparsable
+            raise _Unparsable("a backslash at the end of the prompt or before a line break")
         self.pos = match.end()
         return match.group(0)
 
@@ -243,7 +254,7 @@ class _ScheduleParser:
 
     def _group(self, depth: int) -> list:
         if depth > _MAX_DEPTH:
-            raise _Unparsable
+            raise _Unparsable(f"brackets nested more than {_MAX_DEPTH} deep")
         start = self.pos
         opener = self.text[self.pos]
         self.pos += 1
@@ -278,18 +289,23 @@ class _ScheduleParser:
             return [_Alternation(tuple(parts))]
         if set(separators) != {":"} or len(separators) > 2:
             raise _NotAGroup
-        when = self._when(parts[-1], source, must_be_number=len(parts) == 3)
+        when = self._when(parts[-1], source)
         before = parts[0] if len(parts) == 3 else ()
         return [_Edit(before=before, after=parts[-2], when=when)]
 
-    def _when(self, nodes: tuple, source: str, must_be_number: bool) -> int:
+    def _when(self, nodes: tuple, source: str) -> int:
         """The step after which an edit switches, by A1111's rules (see module docstring)."""
         is_text = all(isinstance(node, str) for node in nodes)
         match = _WHEN.fullmatch("".join(nodes)) if is_text else None
         if match is None:
-            if must_be_number:
-                raise ParamError("prompt", f"{_WHEN_HELP}; got {source!r}")
-            raise _NotAGroup  # '[a:b]' with a non-number is ordinary text, as in A1111
+            # Not a number: A1111's grammar has no rule for this group, so it is ordinary text there ('[a:b]',
+            # '[red:blue:soon]'). Same here, but said out loud: the user most likely meant prompt editing.
+            written = "".join(node for node in nodes if isinstance(node, str)) if is_text else "a bracket group"
+            self.warnings.append(
+                f"{source!r} is not prompt editing ({written.strip()!r} is not a step number or fraction "
+                "such as 10 or 0.5); it is used as literal text, as A1111 does"
+            )
+            raise _NotAGroup
         number = match.group(1)
         value = float(number)
         if value < 0:
@@ -320,19 +336,60 @@ def get_prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     [(5, 'a fantasy landscape'), (20, 'a cyberpunk landscape')]
 
     Raises:
-        ParamError: field ``"steps"`` when ``steps`` < 1; field ``"prompt"`` for a bad ``when``.
+        ParamError: field ``"steps"`` when ``steps`` < 1; field ``"prompt"`` for a negative ``when``.
+        A ``when`` that is not a number is literal text (see :func:`prompt_warnings`).
     """
+    return _schedule(prompt, steps)[0]
+
+
+def prompt_warnings(prompt: str, steps: int, field: str = "prompt") -> list[str]:
+    """What :func:`get_prompt_schedule` read differently from how the prompt looks, one line each, prefixed with
+    ``field``: bracket groups that look like prompt editing but are literal text (``[red:blue:soon]``), and a
+    prompt whose editing syntax does not parse at all (then it is used as written for every step). A1111 does
+    the same silently; difusi reports it so a typo in ``when`` is not a mystery. Empty for ordinary prompts.
+
+    Raises the same ParamError as :func:`get_prompt_schedule`.
+    """
+    return [f"{field}: {warning}" for warning in _schedule(prompt, steps)[1]]
+
+
+def _schedule(prompt: str, steps: int) -> tuple[list[tuple[int, str]], list[str]]:
+    """`get_prompt_schedule` plus its warnings (without the field prefix), from one parse."""
     if not isinstance(prompt, str):
         raise ParamError("prompt", f"must be a string, got {type(prompt).__name__}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ParamError("steps", f"must be an integer >= 1, got {steps!r}")
+    parser = _ScheduleParser(prompt, steps)
     try:
-        nodes = _ScheduleParser(prompt, steps).parse()
-    except _Unparsable:
-        return [(steps, prompt)]
+        nodes = parser.parse()
+    except _Unparsable as reason:
+        # A1111: on a lark parse error, get_learned_conditioning_prompt_schedules returns [[steps, prompt]].
+        return [(steps, prompt)], [f"the prompt-editing syntax does not parse ({reason}); the whole prompt is used "
+                                   "as written for every step, as A1111 does"]
     end_steps = {steps}
     _collect_switch_steps(nodes, steps, end_steps)
-    return [(step, _text_at(nodes, step)) for step in sorted(end_steps)]
+    # A group inside a group that failed is parsed again from the outer bracket on: report each source once.
+    warnings = list(dict.fromkeys(parser.warnings))
+    return [(step, _text_at(nodes, step)) for step in sorted(end_steps)], warnings
+
+
+# A1111's extra-network syntax (modules/extra_networks.py `re_extra_net`): '<' word ':' anything but '>' '>'.
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+
+
+def strip_extra_networks(prompt: str) -> tuple[str, list[str]]:
+    """Remove A1111 extra-network tags (``<lora:name:0.8>``, ``<hypernet:name:1>``, any ``<word:args>``) from a
+    prompt, as A1111 does before it parses prompt editing; returns ``(text without the tags, [tags removed])``.
+
+    A1111 then applies the networks; difusi does not support them yet, and the tags must not reach CLIP as text
+    (they would steer the image with the words "lora" and the file name). A1111 parses them in the positive prompt
+    only (a tag in the negative prompt is text there); callers follow that.
+
+    >>> strip_extra_networks("a cat <lora:detail:0.8>, sharp")
+    ('a cat , sharp', ['<lora:detail:0.8>'])
+    """
+    tags = [match.group(0) for match in _EXTRA_NETWORK.finditer(prompt)]
+    return (_EXTRA_NETWORK.sub("", prompt), tags) if tags else (prompt, [])
 
 
 def _collect_switch_steps(nodes: tuple, steps: int, into: set[int]) -> None:

@@ -8,6 +8,7 @@ interval does not depend on how many steps cut it up (what makes DPM++ SDE resul
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -43,13 +44,24 @@ class BrownianNoiseSampler:
     `seeds` is one seed per image; a single int builds one tree for the whole batch (fast for large
     statistical batches, but then images depend on the batch). sigma and sigma_next may also be
     per-image tensors of shape [B].
+
+    torchsde quantises a tree's times to its tolerance grid (`round(t, -log10(tol))`: 6 decimals for 1e-6),
+    its two ends included, and warns about any query outside the rounded ends before clamping it. The sampler's
+    sigmas are float32 values (14.614641189575195 for SD's sigma_max), never on that grid, so a query at the first
+    sigma fell just outside the tree's end (14.614641) on every step of every SDE run. Queries are therefore put
+    on the tree's own grid here (`_tree_time`): torchsde would round and clamp them to exactly these times anyway,
+    so the noise is bit-identical to before, minus the warnings.
     """
 
     def __init__(self, x: torch.Tensor, sigma_min: float, sigma_max: float, seeds: int | Sequence[int],
                  tol: float = 1e-6):
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
-        if not 0 <= self.sigma_min < self.sigma_max:
-            raise ValueError(f"need 0 <= sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        # sigma_min == sigma_max is a one-step schedule: its only step ends at sigma 0, which SDE samplers take
+        # without noise, so the tree is never asked (torchsde accepts an empty interval, as A1111 relies on).
+        if not 0 <= self.sigma_min <= self.sigma_max:
+            raise ValueError(f"need 0 <= sigma_min <= sigma_max, got {sigma_min}, {sigma_max}")
+        self._round = (lambda t: t) if tol == 0 else (lambda t: round(t, -int(math.log10(tol))))  # torchsde's rule
+        self._tree_min, self._tree_max = self._round(self.sigma_min), self._round(self.sigma_max)
         self.device, self.dtype = x.device, x.dtype
         self.batched = not isinstance(seeds, int)
         shapes = [(1, *x.shape[1:])] * x.shape[0] if self.batched else [tuple(x.shape)]
@@ -66,7 +78,15 @@ class BrownianNoiseSampler:
         lo, hi = sorted((min(max(a, self.sigma_min), self.sigma_max), min(max(b, self.sigma_min), self.sigma_max)))
         if hi <= lo:
             raise ValueError(f"Brownian noise needs two different sigmas inside [{self.sigma_min}, {self.sigma_max}]")
-        return tree(lo, hi) / (hi - lo) ** 0.5
+        # The increment is scaled by the sigmas the sampler asked for (unchanged published results); only the tree
+        # is asked on its own grid, where it would have rounded and clamped the times to anyway.
+        return tree(self._tree_time(lo), self._tree_time(hi)) / (hi - lo) ** 0.5
+
+    def _tree_time(self, sigma: float) -> float:
+        """A time on the tree's grid and inside its rounded ends: what torchsde would use for `sigma`, so the tree
+        answers the same without warning that the query lay outside [t0, t1]. Rounding is monotone and the ends are
+        on the grid, so clamping after rounding equals torchsde's clamping before it."""
+        return min(max(self._round(sigma), self._tree_min), self._tree_max)
 
     def __call__(self, sigma, sigma_next) -> torch.Tensor:
         a, b = torch.as_tensor(sigma, dtype=torch.float64), torch.as_tensor(sigma_next, dtype=torch.float64)

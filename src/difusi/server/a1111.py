@@ -23,12 +23,14 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from dataclasses import field as dataclass_field
 from typing import Annotated, Any
 
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, create_model
 from pydantic_core import PydanticCustomError
 
+from difusi import strict_json
 from difusi.errors import ParamError
 from difusi.params import FIELDS, TXT2IMG, FieldSpec, GenerationParams
 
@@ -88,6 +90,69 @@ Txt2ImgRequest = create_model(
     __doc__="Body of `POST /sdapi/v1/txt2img` (and `/difusi/v1/jobs`): every txt2img field of the field table.",
     **{name: _request_field(spec) for name, spec in FIELDS.items() if spec.http and TXT2IMG in spec.kinds},
 )
+
+
+HONOURED_KEYS: frozenset[str] = frozenset(Txt2ImgRequest.model_fields)
+"""Request keys difusi acts on: the field table's txt2img fields plus the request-only keys of `_RequestBase`.
+Derived, never listed by hand, so a field declared in `difusi.params` stops being reported as ignored at once."""
+
+HONOURED_OVERRIDES: frozenset[str] = frozenset(
+    {"sd_model_checkpoint"} | {spec.option for spec in FIELDS.values() if spec.option and spec.http}
+)
+"""`override_settings` keys difusi applies per job (the checkpoint, and the A1111 options that set fields)."""
+
+_DEPENDS_ON: dict[str, str] = {"script_args": "script_name", "refiner_switch_at": "refiner_checkpoint",
+                               "denoising_strength": "enable_hr", "firstpass_image": "enable_hr"}
+"""Keys that do nothing in A1111 unless another key is set (A1111 clients send them with every request):
+they count as ignored only when their master key does. `hr_*` and `firstphase_*` keys depend on `enable_hr`."""
+
+_NO_EFFECT: dict[str, Any] = {
+    "seed_resize_from_h": lambda v: isinstance(v, int | float) and v <= 0,  # A1111's -1 = "no resize"
+    "seed_resize_from_w": lambda v: isinstance(v, int | float) and v <= 0,
+    "override_settings_restore_afterwards": lambda v: True,  # difusi's overrides never outlive their job
+    "refiner_checkpoint": lambda v: v in ("None", "none"),  # A1111 reads these as "no refiner"
+    "do_not_save_grid": lambda v: v is True,  # difusi never makes grids: what the client asked for
+    "disable_extra_networks": lambda v: v is True,  # difusi strips <lora:...> tags without applying them
+    "sd_vae": lambda v: v in ("Automatic", "None"),  # (an override_settings key) the checkpoint's own VAE
+}
+"""Values beyond null/false/0/""/[]/{} that ask for nothing difusi fails to do (A1111's own "off" values)."""
+
+
+def _means_nothing(key: str, value: Any) -> bool:
+    if value is None or value is False or value == "" or value == [] or value == {}:
+        return True
+    if isinstance(value, int | float) and not isinstance(value, bool) and value == 0:
+        return True
+    check = _NO_EFFECT.get(key)
+    return bool(check is not None and check(value))
+
+
+def _master_of(key: str) -> str | None:
+    if key.startswith(("hr_", "firstphase_")):
+        return "enable_hr"
+    return _DEPENDS_ON.get(key)
+
+
+def ignored_fields(request: Txt2ImgRequest) -> list[str]:
+    """The keys of `request` that asked for something difusi does not do, in request order.
+
+    A1111 clients send about 47 keys, mostly null/false/0/""/[]/{} or A1111's own "off" values; only a key that
+    difusi does not honour (`HONOURED_KEYS`) and that was sent with a value that means something is listed, so
+    the answer tells a client exactly which requests were dropped (`enable_hr`, `restore_faces`, `styles`, ...).
+    Unapplied `override_settings` keys are listed as `override_settings.<key>`.
+    """
+    extra = request.model_extra or {}
+    ignored = []
+    for key, value in extra.items():
+        master = _master_of(key)
+        if master is not None and _means_nothing(master, extra.get(master)):
+            continue  # e.g. hr_scale: 2 without enable_hr does nothing in A1111 either
+        if key not in HONOURED_KEYS and not _means_nothing(key, value):
+            ignored.append(key)
+    for key, value in (request.override_settings or {}).items():
+        if key not in HONOURED_OVERRIDES and not _means_nothing(key, value):
+            ignored.append(f"override_settings.{key}")
+    return ignored
 
 
 class Txt2ImgResponse(BaseModel):
@@ -152,6 +217,8 @@ class Txt2ImgJob:
     send_images: bool
     request: dict[str, Any]
     """The request as sent, echoed back as `parameters` (A1111 does the same)."""
+    ignored: list[str] = dataclass_field(default_factory=list)
+    """Request keys sent with a meaning difusi does not act on yet (`ignored_fields`); reported in `info`."""
 
 
 def to_txt2img_job(request: Txt2ImgRequest, defaults: dict[str, Any] | None = None, save_default: bool = True) -> Txt2ImgJob:
@@ -181,6 +248,7 @@ def to_txt2img_job(request: Txt2ImgRequest, defaults: dict[str, Any] | None = No
         save_images=bool(sent.get("save_images", save_default)),
         send_images=bool(sent.get("send_images", True)),
         request=sent,
+        ignored=ignored_fields(request),
     )
 
 
@@ -257,7 +325,8 @@ def build_info(
 
 
 def info_json(info: dict[str, Any]) -> str:
-    return json.dumps(info, ensure_ascii=False)
+    """The `info` string: strict JSON (a non-finite number is null, never `Infinity`; difusi.strict_json)."""
+    return json.dumps(strict_json.to_strict(info), ensure_ascii=False, allow_nan=False)
 
 
 def decode_image(data: str, field: str = "image") -> Image.Image:

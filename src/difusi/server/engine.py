@@ -16,6 +16,7 @@ from difusi.errors import Interrupted, ParamError
 from difusi.params import GenerationParams
 from difusi.server import a1111
 from difusi.server.queue import Job
+from difusi.strict_json import to_strict
 
 DEFAULT_NATIVE_SIZE = 512
 """Stand-in native size for validating a request before its model is loaded (width/height omitted)."""
@@ -202,6 +203,16 @@ class Engine:
             self._load(info)
             self._current = info
             return title(info)
+        if job.kind == "unload_model":  # A1111 /unload-checkpoint: free the weights; the next job loads them again
+            self._loaded = None
+            self._preview_cache = None
+            self._cache.clear()
+            return None
+        if job.kind == "reload_model":  # A1111 /reload-checkpoint: the current model back in memory
+            if self._current is None:
+                raise ParamError("sd_model_checkpoint", f"no model available: put a checkpoint in {self.models_dir}")
+            self._load(self._current)
+            return title(self._current)
         raise ValueError(f"unknown job kind {job.kind!r}")
 
     def _load(self, info: Any) -> Any:
@@ -246,12 +257,13 @@ class Engine:
         except Interrupted as stopped:
             partial = getattr(stopped, "result", None)
             outcome.interrupted = True
-            outcome.info = self._info(partial, params, model, outcome, timestamp)
+            outcome.info = self._info(partial, params, model, outcome, timestamp, spec)
             return outcome  # the queue marks the job "interrupted"; A1111 answers 200 with the images so far
-        outcome.info = self._info(result, params, model, outcome, timestamp)
+        outcome.info = self._info(result, params, model, outcome, timestamp, spec)
         return outcome
 
-    def _info(self, result: Any, params: GenerationParams, model: Any, outcome: Txt2ImgOutcome, timestamp: str) -> dict:
+    def _info(self, result: Any, params: GenerationParams, model: Any, outcome: Txt2ImgOutcome, timestamp: str,
+              spec: a1111.Txt2ImgJob) -> dict:
         resolved = result.params if result is not None and result.params is not None else params
         return a1111.build_info(
             resolved,
@@ -264,6 +276,9 @@ class Engine:
             interrupted=outcome.interrupted,
             image_seeds=[image.seed for image in outcome.images],
             files=list(outcome.files),
+            # Until those features exist, say what was not done rather than drop it silently (issue 19).
+            warnings=list(getattr(result, "warnings", None) or []),
+            ignored_fields=list(spec.ignored),
         )
 
     # -- live previews -----------------------------------------------------------------------------------------------
@@ -339,5 +354,6 @@ def _history_item(entry: Any, outputs_dir: Path) -> dict[str, Any]:
         "sampler_name": entry.sampler, "scheduler": entry.scheduler, "steps": entry.steps,
         "cfg_scale": entry.cfg_scale, "width": entry.width, "height": entry.height,
         "model_name": entry.model_name, "model_hash": entry.model_hash, "infotext": entry.infotext,
-        "params": entry.params,
+        # Stored params hold s_tmax = inf: strict JSON writes it as null (difusi.strict_json), not `Infinity`.
+        "params": to_strict(entry.params),
     }

@@ -202,9 +202,14 @@ class JobQueue:
             self._thread = None
 
     # -- submitting and reading -------------------------------------------------------------------------
-    def submit(self, kind: str, payload: Any = None) -> Job:
-        """Append a job; raises QueueFull when `max_pending` jobs are already waiting."""
+    def submit(self, kind: str, payload: Any = None, **progress: Any) -> Job:
+        """Append a job; raises QueueFull when `max_pending` jobs are already waiting.
+
+        `progress` sets `JobProgress` fields known before the job runs (txt2img: `n_iter`, `total_images`), so a
+        job reads right from the moment it is queued, not only once the worker has loaded its model."""
         job = Job(kind, payload)
+        if progress:
+            job.report(**progress)  # before the job is visible to the worker or any reader
         with self._cond:
             if self._stopping:
                 raise QueueFull("the server is shutting down")

@@ -6,6 +6,7 @@ The engine and the queue come from `request.app.state` (`EngineDep`, `QueueDep`)
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from fastapi import APIRouter
@@ -17,6 +18,7 @@ from difusi.server.routes_common import (
     EngineDep,
     QueueDep,
     job_error,
+    not_implemented,
     png_base64_with_infotext,
     prepare_txt2img,
     submit,
@@ -25,8 +27,22 @@ from difusi.server.routes_common import (
 
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
 
-EMPTY_LISTS = ("sd-vae", "upscalers", "latent-upscale-modes", "loras", "prompt-styles", "face-restorers")
+EMPTY_LISTS = ("sd-vae", "upscalers", "latent-upscale-modes", "loras", "prompt-styles", "face-restorers",
+               "hypernetworks", "realesrgan-models", "script-info", "extensions")
 """A1111 listings difusi has nothing for; clients probe them, so they answer `[]` rather than 404."""
+
+NOT_IMPLEMENTED = {  # A1111 endpoint (modules/api/api.py) -> what it does, for the 501 message
+    "img2img": "POST /sdapi/v1/img2img (image to image, inpainting)",
+    "extra-single-image": "POST /sdapi/v1/extra-single-image (upscaling, face restoration)",
+    "extra-batch-images": "POST /sdapi/v1/extra-batch-images (upscaling, face restoration)",
+    "interrogate": "POST /sdapi/v1/interrogate (CLIP / DeepDanbooru captions)",
+    "create/embedding": "POST /sdapi/v1/create/embedding (textual inversion)",
+    "create/hypernetwork": "POST /sdapi/v1/create/hypernetwork",
+    "train/embedding": "POST /sdapi/v1/train/embedding (textual inversion training)",
+    "train/hypernetwork": "POST /sdapi/v1/train/hypernetwork",
+}
+"""A1111 actions difusi does not have yet: they answer 501 with a JSON body naming them, not a bare 404, so a
+client can tell "this server cannot do that" from "wrong URL"."""
 
 
 @router.post("/txt2img", response_model=a1111.Txt2ImgResponse, responses=a1111.ERROR_RESPONSES)
@@ -75,6 +91,73 @@ def _empty_list() -> list[Any]:
 
 for _name in EMPTY_LISTS:
     router.add_api_route(f"/{_name}", _empty_list, methods=["GET"], summary=f"{_name} (none)")
+
+
+def _not_implemented_route(what: str) -> Any:
+    def handler() -> None:
+        raise not_implemented(what)
+
+    return handler
+
+
+for _name, _what in NOT_IMPLEMENTED.items():
+    router.add_api_route(f"/{_name}", _not_implemented_route(_what), methods=["POST"], status_code=501,
+                         summary=f"{_name} (not implemented: 501)", responses={501: {"model": a1111.ErrorResponse}})
+
+
+@router.get("/embeddings")
+def embeddings() -> dict[str, dict[str, Any]]:
+    """A1111's textual-inversion listing; difusi loads none."""
+    return {"loaded": {}, "skipped": {}}
+
+
+@router.post("/refresh-embeddings")
+def refresh_embeddings() -> None:
+    """Nothing to rescan: difusi has no embeddings folder (A1111 clients call this before listing)."""
+
+
+@router.post("/refresh-vae")
+def refresh_vae() -> None:
+    """Nothing to rescan: difusi uses each checkpoint's own VAE."""
+
+
+@router.get("/memory")
+def memory() -> dict[str, Any]:
+    """A1111's memory report: `ram` (this process's RSS as `used`, the machine's total) and `cuda` (torch's
+    allocator statistics, or `{"error": "unavailable"}` without a GPU)."""
+    return {"ram": _ram(), "cuda": _cuda_memory()}
+
+
+@router.get("/cmd-flags")
+def cmd_flags(engine: EngineDep, queue: QueueDep) -> dict[str, Any]:
+    """The server's settings under A1111's flag names where one exists (`ckpt_dir`, `ckpt`, `data_dir`), plus
+    difusi's own. Credentials are never included (A1111 returns its --api-auth string here; difusi does not)."""
+    current = engine.current_title()
+    path = next((item["filename"] for item in engine.sd_models() if current and item["title"] == current), None)
+    return {"api": True, "nowebui": False, "ckpt_dir": str(engine.models_dir), "ckpt": path,
+            "data_dir": str(engine.outputs_dir), "device": str(engine.device), "queue_size": queue.max_pending}
+
+
+@router.post("/unload-checkpoint", responses=a1111.ERROR_RESPONSES)
+async def unload_checkpoint(queue: QueueDep) -> dict[str, Any]:
+    """Free the model's memory (after the jobs already queued); the next job, or reload-checkpoint, loads it again."""
+    await _run_model_job(queue, "unload_model")
+    return {}
+
+
+@router.post("/reload-checkpoint", responses=a1111.ERROR_RESPONSES)
+async def reload_checkpoint(queue: QueueDep) -> dict[str, Any]:
+    """Load the current checkpoint into memory again (A1111's answer to unload-checkpoint)."""
+    await _run_model_job(queue, "reload_model")
+    return {}
+
+
+async def _run_model_job(queue: JobQueue, kind: str) -> None:
+    # Only the worker thread touches the model, so these go through the queue like a model switch.
+    job = submit(queue, kind, None)
+    await wait_for_job(job)
+    if job.status in (FAILED, CANCELLED):
+        raise job_error(job)
 
 
 @router.get("/options")
@@ -150,6 +233,56 @@ def progress_body(engine: Any, queue: JobQueue, job: Job | None, skip_image: boo
     image = None if skip_image else engine.preview_png_b64(job)
     textinfo = p.textinfo or (f"Sampling step {p.step}/{p.steps}, batch {p.iteration + 1}/{p.n_iter}" if p.steps else "Loading model")
     return {"progress": job.fraction(), "eta_relative": job.eta_seconds(), "state": state, "current_image": image, "textinfo": textinfo}
+
+
+def _ram() -> dict[str, Any]:
+    """RAM in A1111's shape: `used` = this process's resident memory, `total` = the machine's, `free` = total - used
+    (A1111's own arithmetic). psutil when installed, else Linux's /proc; `{"error": ...}` where neither works."""
+    try:
+        import psutil  # optional: not a difusi dependency
+    except ImportError:
+        psutil = None
+    try:
+        if psutil is not None:
+            used, total = psutil.Process().memory_info().rss, psutil.virtual_memory().total
+        else:
+            used, total = _proc_kib("/proc/self/status", "VmRSS") * 1024, _proc_kib("/proc/meminfo", "MemTotal") * 1024
+    except (OSError, ValueError) as error:
+        import resource  # no /proc (macOS): peak RSS only, and no total
+        try:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        except (OSError, ValueError):
+            return {"error": str(error)}
+        return {"error": f"total memory unknown ({error})", "used": peak * (1 if sys.platform == "darwin" else 1024)}
+    return {"free": total - used, "used": used, "total": total}
+
+
+def _proc_kib(path: str, key: str) -> int:
+    with open(path, encoding="ascii") as lines:
+        for line in lines:
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1])
+    raise ValueError(f"{key} not in {path}")
+
+
+def _cuda_memory() -> dict[str, Any]:
+    import torch
+
+    try:
+        if not torch.cuda.is_available():
+            return {"error": "unavailable"}
+        free, total = torch.cuda.mem_get_info()
+        stats = torch.cuda.memory_stats()
+
+        def pair(name: str) -> dict[str, int]:
+            return {"current": stats.get(f"{name}.all.current", 0), "peak": stats.get(f"{name}.all.peak", 0)}
+
+        return {"system": {"free": free, "used": total - free, "total": total}, "active": pair("active_bytes"),
+                "allocated": pair("allocated_bytes"), "reserved": pair("reserved_bytes"),
+                "inactive": pair("inactive_split_bytes"),
+                "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)}}
+    except RuntimeError as error:  # a broken driver must not make the memory report a 500
+        return {"error": str(error)}
 
 
 def _png_info(data: str) -> dict[str, Any]:

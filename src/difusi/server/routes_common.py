@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import logging
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -20,6 +21,8 @@ from fastapi import Depends, Request
 from difusi.errors import CheckpointError, NumericalError, ParamError, StorageError
 from difusi.server import a1111
 from difusi.server.queue import CANCELLED, Job, JobQueue
+
+log = logging.getLogger("difusi.server")
 
 
 class ApiError(Exception):
@@ -66,7 +69,11 @@ async def wait_for_job(job: Job) -> None:
 
 
 def submit(queue: JobQueue, kind: str, payload: Any) -> Job:
-    """Queue a job; `QueueFull` becomes a 503 through the app's error handler."""
+    """Queue a job; `QueueFull` becomes a 503 through the app's error handler. A txt2img job reports its
+    requested batch count and image total from the start (GET /difusi/v1/jobs/{id} of a queued job)."""
+    if isinstance(payload, a1111.Txt2ImgJob):
+        params = payload.params
+        return queue.submit(kind, payload, n_iter=params.n_iter, total_images=params.total_images)
     return queue.submit(kind, payload)
 
 
@@ -77,7 +84,15 @@ def prepare_txt2img(engine: Any, body: a1111.Txt2ImgRequest) -> a1111.Txt2ImgJob
         spec.checkpoint = engine.resolve_title(spec.checkpoint)
     # The native size is only known once the model is loaded; validate the rest now with a stand-in.
     spec.params.validated(native_size=engine.native_size_hint(spec.checkpoint))
+    if spec.ignored:  # one line per request; the client reads the same list in `info["ignored_fields"]`
+        log.warning("txt2img: ignoring request fields difusi does not support yet: %s", ", ".join(spec.ignored))
     return spec
+
+
+def not_implemented(what: str) -> ApiError:
+    """The 501 of an A1111 endpoint difusi does not have (yet), naming it, instead of a bare 404."""
+    return ApiError(501, "NotImplemented", f"{what} is not implemented in difusi yet (difusi does txt2img only); "
+                                           "see GET /docs for what this server offers")
 
 
 def job_error(job: Job) -> ApiError:

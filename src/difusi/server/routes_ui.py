@@ -27,6 +27,19 @@ def index() -> Response:
     return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
+@router.get("/favicon.ico")
+def favicon() -> Response:
+    """The tab icon: browsers ask for /favicon.ico whatever the page links, and a 404 there is noise in every log."""
+    return FileResponse(STATIC_DIR / "favicon.ico", media_type="image/x-icon",
+                        headers={"Cache-Control": "public, max-age=86400"})
+
+
+@router.get("/internal/ping")
+def ping() -> dict[str, str]:
+    """A1111's liveness probe (its UI registers it, modules/ui.py): an empty JSON object once the server answers."""
+    return {}
+
+
 @router.get("/docs")
 def docs(request: Request) -> Response:
     """Swagger UI over the app's OpenAPI schema: local files when `install_ui` found them, else the CDN."""

@@ -1,0 +1,90 @@
+"""Opt-in `torch.compile` of the UNet (`--compile`): for GPUs, where it can pay; off by default everywhere.
+
+On the 2-core CPU it did not pay (bench/cpu_speed.py: 0.81x the exact path after a 287 s cold compile), so it is
+never switched on by itself. On CUDA, inductor fuses the UNet's pointwise work around the attention and
+convolution kernels. Mode "max-autotune-no-cudagraphs" tunes matmul/conv choices without CUDA graphs, which would
+pin input buffers and break the per-batch shapes and the DeepCache/ToMe patches.
+
+Compilation is lazy (the first call compiles); the compiled kernels are kept on disk under
+`$DIFUSI_CACHE_DIR/inductor` (torch's `TORCHINDUCTOR_CACHE_DIR`), so a second process warms up much faster. If
+compiling fails (no compiler, an unsupported op, a torch without inductor), the UNet falls back to eager mode with
+one warning and the job goes on: `--compile` never costs an image.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("difusi.speed")
+
+COMPILE_MODE = "max-autotune-no-cudagraphs"
+
+
+def inductor_cache_dir() -> Path:
+    """Where inductor keeps compiled kernels: `$DIFUSI_CACHE_DIR/inductor` (default `~/.cache/difusi/inductor`)."""
+    root = os.environ.get("DIFUSI_CACHE_DIR") or str(Path.home() / ".cache" / "difusi")
+    return Path(root).expanduser() / "inductor"
+
+
+class _CompiledForward:
+    """The UNet's forward through torch.compile, falling back to the eager forward (for good) on the first error."""
+
+    def __init__(self, eager: Any, mode: str):
+        self.eager = eager
+        self.compiled: Any = None
+        self.failed = False
+        self.warmup_seconds: float | None = None
+        try:
+            self.compiled = torch.compile(eager, mode=mode, dynamic=False)
+        except Exception as error:  # noqa: BLE001  (any failure to set up compilation means: run eagerly)
+            self._fall_back(error)
+
+    def _fall_back(self, error: BaseException) -> None:
+        self.failed = True
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        log.warning("torch.compile failed (%s: %s); the UNet runs uncompiled", type(error).__name__, first_line[:200])
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failed or self.compiled is None:
+            return self.eager(*args, **kwargs)
+        started = time.perf_counter() if self.warmup_seconds is None else None
+        try:
+            result = self.compiled(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001  (a compile error surfaces at the first call)
+            self._fall_back(error)
+            return self.eager(*args, **kwargs)
+        if started is not None:
+            self.warmup_seconds = time.perf_counter() - started
+            log.info("torch.compile warm-up (first UNet call): %.1f s", self.warmup_seconds)
+        return result
+
+
+def compile_unet(model: Any) -> None:
+    """Route `model.unet`'s forward through `torch.compile` (idempotent); sets `model.compiled`.
+
+    The module itself stays in place (its parameters, hooks and the speed patches keep working); only its
+    `forward` is replaced by a wrapper that compiles on the first call and falls back to eager with one
+    warning if compilation fails then or now.
+    """
+    unet = model.unet
+    if isinstance(unet.__dict__.get("forward"), _CompiledForward):
+        model.compiled = True
+        return
+    cache = inductor_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    wrapper = _CompiledForward(unet.forward, COMPILE_MODE)
+    unet.forward = wrapper
+    model.compiled = not wrapper.failed
+
+
+def compile_state(model: Any) -> _CompiledForward | None:
+    """The compile wrapper on `model.unet` (for warm-up time and fallback state), None when not compiled."""
+    forward = model.unet.__dict__.get("forward")
+    return forward if isinstance(forward, _CompiledForward) else None
