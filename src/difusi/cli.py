@@ -28,6 +28,7 @@ import difusi  # noqa: F401  (sets the offline hub environment before any Huggin
 from difusi import settings, strict_json
 from difusi.budget import add_budget_flags, apply_budget_flags  # noqa: F401  (in budget.py so server needs no cli)
 from difusi.budget import with_budget_flags as _with_budget_flags
+from difusi.devices import add_device_flags  # in devices.py so the server needs no cli
 from difusi.errors import CheckpointError, DifusiError, Interrupted, NumericalError, ParamError, StorageError
 from difusi.infotext import KEY_TO_FIELD, parse_infotext, read_infotext, recipe_from_infotext
 from difusi.params import FIELDS, FieldSpec, GenerationParams, format_value
@@ -137,7 +138,7 @@ def _add_generate(commands: Any) -> None:
                      help="also write the image to FILE.png (FILE-1.png, FILE-2.png... for several); never overwrites")
     gen.add_argument("--models-dir", default=None, help="folder of checkpoints (default: see settings)")
     gen.add_argument("--outputs-dir", default=None, help="folder for images and history (default: see settings)")
-    gen.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_device_flags(gen)
     add_budget_flags(gen)
 
 
@@ -229,16 +230,34 @@ def _describe_param_error(error: ParamError, origins: dict[str, str]) -> str:
 # ----------------------------------------------------------------------------- generate
 
 
+def _check_device_flags(args: argparse.Namespace) -> Any:
+    """The --device this machine can run, before anything else happens: one line naming what it has, exit 2."""
+    from difusi.devices import resolve_device
+
+    try:
+        return resolve_device(args.device)
+    except ParamError as error:
+        raise UsageError(f"--device: {error.message}") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    device = _check_device_flags(args)
     params, recipe = _generation_params(args)
     params.validated(native_size=512)  # fail fast, before loading a model (512 only stands in for a missing size)
     output_paths = _output_paths(args.output, params.total_images)
     model_path = _choose_model(args, recipe)
     store_dir = settings.outputs_dir(args.outputs_dir)
     store_dir.mkdir(parents=True, exist_ok=True)  # an unusable outputs folder fails now, not after generating
+    # What was assumed to remake the image, once the command line is known to be good (an error stays one line).
+    for note in recipe.notes if recipe is not None and args.rng is None else []:  # --rng given: nothing assumed
+        print(f"difusi: note: {note}", file=sys.stderr)
     from difusi.models import load_model
 
-    model = load_model(model_path, device=args.device)
+    model = load_model(model_path, device=device, precision=args.precision, offload=args.offload)
+    if args.compile:
+        from difusi.speed.compile import compile_unet
+
+        compile_unet(model)
     from difusi.store import OutputStore
 
     with OutputStore(store_dir) as store:
@@ -380,15 +399,24 @@ def _run(model: Any, params: GenerationParams, store: Any, output_paths: list[Pa
     previous = signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGINT, _stop_handler(stop))
     try:
-        txt2img(model, params, progress=bar.update, should_stop=_announce_stop(stop, bar), on_image=on_image)
-    except Interrupted:
+        result = txt2img(model, params, progress=bar.update, should_stop=_announce_stop(stop, bar), on_image=on_image)
+    except Interrupted as stopped:
         bar.close()
+        _print_warnings(getattr(stopped, "result", None))
         print(f"difusi: interrupted: {len(saved)} of {params.total_images} images saved", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGINT, previous)
         bar.close()
+    _print_warnings(result)
     return 0
+
+
+def _print_warnings(result: Any) -> None:
+    """The job's warnings (prompt syntax read as literal text, extra-network tags removed) on stderr, so stdout
+    stays the list of saved files."""
+    for warning in getattr(result, "warnings", None) or []:
+        print(f"difusi: warning: {warning}", file=sys.stderr)
 
 
 def _stop_handler(stop: threading.Event) -> Callable[[int, Any], None]:

@@ -23,12 +23,17 @@ device this machine lacks is one `ParamError` line naming what it has, never a t
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from difusi.errors import ParamError
+
+if TYPE_CHECKING:
+    import torch
+# torch is imported inside the functions: the CLI builds its parser (and these flags' choices) from this module,
+# and `difusi info` or a bad flag must not pay torch's import time.
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 """What `--device` accepts (for help texts and messages)."""
@@ -38,11 +43,19 @@ OFFLOAD_MODES = ("none", "model", "sequential")
 while they run (A1111 `--medvram`-like). `sequential`: every network's blocks visit the device one at a time
 (diffusers' `enable_sequential_cpu_offload`, for cards with about 4 GB)."""
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 _DEVICE_RE = re.compile(r"^(cpu|mps|cuda)(?::(\d+))?$")
 
 
 def _cuda_count() -> int:
+    import torch
+
     try:
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
     except (AssertionError, RuntimeError):  # a broken driver: as good as no CUDA
@@ -50,6 +63,8 @@ def _cuda_count() -> int:
 
 
 def _mps_available() -> bool:
+    import torch
+
     backend = getattr(torch.backends, "mps", None)
     try:
         return bool(backend is not None and backend.is_available())
@@ -76,6 +91,8 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     Raises `ParamError("device", ...)` with one line saying what this machine has, e.g.
     "'cuda' is not available here (torch built without CUDA); this machine has: cpu".
     """
+    import torch
+
     if isinstance(name, torch.device):
         name = str(name)
     if name is None or (isinstance(name, str) and name.strip().lower() == "auto"):
@@ -121,7 +138,7 @@ class Precision:
     @property
     def name(self) -> str:
         """"fp32", "fp16", "bf16" when uniform, else "unet=fp16,text_encoder=fp16,vae=fp32"-style."""
-        names = {dtype: name for name, dtype in _DTYPES.items()}
+        names = {dtype: name for name, dtype in _dtypes().items()}
         parts = (self.unet, self.text_encoder, self.vae)
         if len(set(parts)) == 1:
             return names.get(self.unet, str(self.unet))
@@ -135,13 +152,15 @@ def resolve_precision(precision: str = "auto", device: str | torch.device = "cpu
     "auto" is float16 for all networks on CUDA and MPS (the VAE with its float32 NaN fallback) and float32 on the
     CPU. A bad value raises `ParamError("precision", ...)`.
     """
+    import torch
+
     if not isinstance(precision, str) or precision.strip().lower() not in PRECISIONS:
         raise ParamError("precision", f"must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     text = precision.strip().lower()
     if text == "auto":
         kind = torch.device(device).type
         return Precision.uniform(torch.float16 if kind in ("cuda", "mps") else torch.float32)
-    return Precision.uniform(_DTYPES[text])
+    return Precision.uniform(_dtypes()[text])
 
 
 def check_offload(offload: str) -> str:
@@ -149,3 +168,19 @@ def check_offload(offload: str) -> str:
     if offload not in OFFLOAD_MODES:
         raise ParamError("offload", f"must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
     return offload
+
+
+def add_device_flags(parser: argparse.ArgumentParser) -> None:
+    """--device, --precision, --offload and --compile, shared by `difusi generate` and `difusi serve` (here, not in
+    the CLI, so the server needs no import of it). Validate with `resolve_device` before loading anything."""
+    parser.add_argument("--device", default="auto", help="torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, "
+                                                         "cuda:N or mps (default auto)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="network precision: auto (fp16 on CUDA/MPS with a float32 VAE fallback, fp32 on the "
+                             "CPU), fp32, fp16 or bf16 (default auto)")
+    parser.add_argument("--offload", default="none", choices=OFFLOAD_MODES,
+                        help="GPU memory mode: none, model (text encoders and VAE visit the GPU only while they "
+                             "run) or sequential (one block at a time, for ~4 GB cards) (default none)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the UNet through torch.compile (for CUDA; slow to warm up, falls back with a "
+                             "warning if it fails)")

@@ -25,11 +25,13 @@ from typing import Any
 
 from difusi.errors import ParamError
 
-SEED_MAX = 2**63 - 1
+SEED_MAX = 2**53 - 1
 """Largest seed (and variation seed) accepted, for every image of a job: image i of seed s uses s + i, and A1111
-keeps counting past 2**32, so difusi must read back every seed it writes. 2**63 - 1 is the largest value every place
-a seed goes takes unchanged: torch's CPU generator and NV/GPU Philox (64-bit keys), torchsde's Brownian tree and the
-history database (SQLite INTEGER is a signed 64-bit number). A job whose last image seed would pass it is refused."""
+keeps counting past 2**32, so difusi must read back every seed it writes (a job whose last image seed would pass
+SEED_MAX is refused, naming the field). 2**53 - 1 is JavaScript's Number.MAX_SAFE_INTEGER: the largest range every
+consumer of difusi's JSON keeps exact (the web UI's numbers, JSON.parse, OpenAPI's float bounds), well inside what
+the seed's other users take (torch's CPU generator and NV/GPU Philox: 64-bit keys; torchsde's Brownian tree; the
+history database's signed 64-bit INTEGER)."""
 
 RANDOM_SEED_MAX = 2**32 - 2
 """A random seed (-1) is drawn from [0, RANDOM_SEED_MAX], as A1111 does (so random seeds stay 32-bit)."""

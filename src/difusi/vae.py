@@ -35,7 +35,8 @@ def decode_latents(vae, latents: torch.Tensor, scaling_factor: float, tiled: boo
     if next(vae.parameters()).dtype != torch.float32 and not torch.isfinite(decoded).all():
         log.warning("the VAE gave NaN/inf in %s; decoding in float32 from now on (A1111's no-half-vae fallback)",
                     str(next(vae.parameters()).dtype).removeprefix("torch."))
-        vae.to(torch.float32)
+        # nn.Module's own `to`: diffusers' override adds a warning about keep-in-fp32 modules that do not apply here.
+        torch.nn.Module.to(vae, torch.float32)
         decoded = _decode(vae, latents, tiled)
     return decoded
 

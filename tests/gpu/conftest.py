@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from gpu_helpers import DRY
+from gpu_helpers import CUDA, DRY
 
 import difusi  # noqa: F401  (sets HF_HUB_OFFLINE before any Hugging Face import)
 
@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if here not in Path(str(item.fspath)).parents:
             continue  # only this folder's tests; a run of the whole suite collects others too
         if DRY and not cuda:
-            if item.get_closest_marker("cuda_only"):
+            if item.get_closest_marker("cuda_only") and CUDA == "cuda":
                 item.add_marker(dry)
         elif not cuda:
             item.add_marker(no_cuda)

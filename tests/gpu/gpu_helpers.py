@@ -25,12 +25,36 @@ without a GPU; tests that only mean something on CUDA are skipped (marker `cuda_
 MEASUREMENTS = os.environ.get("DIFUSI_GPU_MEASUREMENTS")
 """JSON file that collects every number the tests measured (pixel differences, peak memory)."""
 
+CUDA = os.environ.get("DIFUSI_GPU_TEST_CUDA_DEVICE", "cuda")
+"""The device of the `cuda_only` tests. Set DIFUSI_GPU_TEST_CUDA_DEVICE=cpu (with the dry run) to walk their code
+on the CPU before a GPU session: their assertions about CUDA may then fail, but no call may crash."""
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def compare_device() -> str:
     """The device the tests compare against the CPU: CUDA, or the CPU itself in the dry run."""
     return "cuda" if torch.cuda.is_available() and not DRY else "cpu"
+
+
+def on_cuda() -> bool:
+    return torch.device(CUDA).type == "cuda"
+
+
+def reset_peak() -> None:
+    """Start a peak-memory measurement from an empty cache (no-op off CUDA)."""
+    if on_cuda():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_allocated() -> int:
+    """Bytes of peak allocated CUDA memory since `reset_peak` (0 off CUDA)."""
+    if not on_cuda():
+        return 0
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
 
 
 def record(name: str, value: Any) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gpu_helpers import record
+from gpu_helpers import CUDA, record
 
 from difusi.rng import randn
 
@@ -22,7 +22,7 @@ OFFSETS = (0, 1, 2)
 
 def test_known_answer_on_this_gpu() -> None:
     """The issue's known answer: seed 0, randn(3, 4) on CUDA starts -0.92466259, -0.42534415, -2.6438457, 0.14518388."""
-    first_row = torch.randn((3, 4), generator=torch.Generator("cuda").manual_seed(0), device="cuda")[0].cpu()
+    first_row = torch.randn((3, 4), generator=torch.Generator(CUDA).manual_seed(0), device=CUDA)[0].cpu()
     expected = torch.tensor([-0.92466259, -0.42534415, -2.6438457, 0.14518388])
     assert torch.allclose(first_row, expected, atol=1e-6), first_row
 
@@ -33,7 +33,7 @@ def test_nv_equals_cuda_randn(seed: int, shape: tuple[int, ...]) -> None:
     worst = {}
     for offset in OFFSETS:
         nv = randn(shape, seed, source="NV", offset=offset).double().numpy()
-        cuda = randn(shape, seed, source="GPU", offset=offset, device="cuda").cpu().double().numpy()
+        cuda = randn(shape, seed, source="GPU", offset=offset, device=CUDA).cpu().double().numpy()
         error = np.abs(nv - cuda)
         worst[offset] = {"max_abs": float(error.max()), "max_rel": float((error / np.maximum(np.abs(cuda), 1e-30)).max()),
                          "over_1e-6": int((error > 1e-6).sum()), "count": int(error.size)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gpu_helpers import DRY, compare_device, free, load, pixel_difference, pixels, record, tf32_state, with_rng
+from gpu_helpers import CUDA, DRY, compare_device, free, load, pixel_difference, pixels, record, tf32_state, with_rng
 
 from difusi.params import GenerationParams
 from difusi.pipeline import txt2img
@@ -27,9 +27,10 @@ _cpu_runs: dict[tuple[str, str], tuple[np.ndarray, list[str]]] = {}
 
 
 def job(sampler: str = "Euler a") -> GenerationParams:
-    """Ancestral sampler: its later noise must come from the CPU generators too, not only the initial noise."""
+    """Ancestral sampler: its later noise must come from the CPU generators too, not only the initial noise.
+    64 px: difusi-mini's native size; the tiny random checkpoints have no sidecar and would default to 512 px."""
     return GenerationParams(prompt="a red circle on a blue background", negative_prompt="blurry", seed=1234,
-                            sampler_name=sampler, steps=10, cfg_scale=7.0, batch_size=2)
+                            sampler_name=sampler, steps=10, cfg_scale=7.0, batch_size=2, width=64, height=64)
 
 
 def cpu_run(checkpoints: dict, name: str, params: GenerationParams, key: str) -> tuple[np.ndarray, list[str]]:
@@ -67,7 +68,7 @@ def test_device_image_equals_cpu_image(checkpoints: dict, name: str, precision: 
 def test_gpu_noise_source_on_cuda_equals_nv_on_cpu(checkpoints: dict, name: str) -> None:
     """An A1111 "GPU"-seeded job made on CUDA is remade on a CPU with NV: same composition, within 2/255."""
     params = job()
-    model = load(checkpoints[name], "cuda", "fp32")
+    model = load(checkpoints[name], CUDA, "fp32")
     on_gpu = pixels(txt2img(model, with_rng(params, "GPU")))
     free(model)
     model = load(checkpoints[name], "cpu", "fp32")
@@ -84,7 +85,7 @@ def test_sdxl_layout_runs_on_cuda_in_fp16(checkpoints: dict) -> None:
     params = GenerationParams(prompt="a red circle", seed=7, sampler_name="DPM++ 2M", steps=6, cfg_scale=5.0,
                               width=64, height=64)
     reference, _ = cpu_run(checkpoints, "tiny-sdxl", params, "sdxl")
-    model = load(checkpoints["tiny-sdxl"], "cuda", "fp16")
+    model = load(checkpoints["tiny-sdxl"], CUDA, "fp16")
     ours = pixels(txt2img(model, params))
     free(model)
     difference = pixel_difference(ours, reference)

@@ -74,7 +74,9 @@ CASES: list[Case] = [
         f"must be at most {MAX_PROMPT_CHARS} characters"),
     cli("cli-prompt-undecodable", "a prompt with undecodable bytes (argv b'\\xff' -> U+DCFF)", ["a \udcff cat"],
         "PROMPT", "must be valid Unicode text"),
-    cli("cli-prompt-bad-when", "prompt '[cat:dog:soon]'", ["[cat:dog:soon]"], "PROMPT", "soon"),
+    # A `when` that is not a number ('[cat:dog:soon]') is literal text since issue 19, as in A1111 (see
+    # http-prompt-not-editing); a negative one is still refused (A1111 would use 'dog' from the first step).
+    cli("cli-prompt-bad-when", "prompt '[cat:dog:-1]'", ["[cat:dog:-1]"], "PROMPT", "got negative '-1'"),
     cli("cli-prompt-deep", "prompt with 5000 nested '('", ["(" * 5000 + "cat"], "PROMPT", "after nesting; at most 1000"),
     cli("cli-sampler-unknown", "--sampler Eulerr", ["a cat", "--sampler", "Eulerr"], "--sampler", "Eulerr"),
     cli("cli-scheduler-unknown", "--scheduler Karass", ["a cat", "--scheduler", "Karass"], "--scheduler", "Karass"),
@@ -147,7 +149,8 @@ CASES: list[Case] = [
          "batch_size", BUDGET_HINT),
     http("http-prompt-huge", f"prompt of {MAX_PROMPT_CHARS + 1} characters", {"prompt": LONG}, 422, "prompt",
          "must be at most"),
-    http("http-prompt-bad-when", "prompt '[cat:dog:soon]'", {"prompt": "[cat:dog:soon]"}, 422, "prompt", "soon"),
+    http("http-prompt-not-editing", "prompt '[cat:dog:soon]' (accepted as literal text, as A1111; a warning in info)",
+         {**SMALL, "prompt": "[cat:dog:soon]"}, 200, None, "[cat:dog:soon]\nSteps: 2"),
     http("http-prompt-deep", "prompt with 3000 nested '['", {**SMALL, "prompt": "[" * 3000 + "x" + "]" * 3000}, 200,
          None, "Steps: 2"),
     http("http-prompt-deep-round", "prompt with 3000 nested '('", {"prompt": "(" * 3000 + "x" + ")" * 3000}, 422,

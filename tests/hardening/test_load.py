@@ -26,7 +26,7 @@ INVALID = [  # (body change, field named in the 422)
     ({"steps": 0}, "steps"),
     ({"sampler_name": "no such sampler"}, "sampler_name"),
     ({"width": 4096, "height": 4096}, "width"),
-    ({"prompt": "[a:b:soon]"}, "prompt"),
+    ({"prompt": "[a:b:-1]"}, "prompt"),  # ("[a:b:soon]" is literal text since issue 19, as in A1111)
 ]
 
 

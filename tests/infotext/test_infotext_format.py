@@ -42,7 +42,7 @@ def test_contract_three_example_exactly():
     assert text == (
         "{prompt}\nNegative prompt: {negative}\n"
         "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 123, Size: 512x512, "
-        "Model hash: 1a2b3c4d5e, Model: name, Version: difusi X.Y"
+        "Model hash: 1a2b3c4d5e, Model: name, RNG: CPU, Version: difusi X.Y"
     )
 
 
@@ -51,7 +51,7 @@ def test_empty_negative_prompt_omits_the_line_as_a1111():
     assert text.split("\n") == [
         "a cat",
         "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 5, Size: 512x512, "
-        "Model hash: 0123456789, Model: m, Version: difusi 1.0",
+        "Model hash: 0123456789, Model: m, RNG: CPU, Version: difusi 1.0",
     ]
 
 
@@ -69,7 +69,7 @@ def test_optional_keys_appear_only_when_used():
     assert settings_line == (
         "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 7, Size: 576x448, "
         'Model hash: abcdef0123, Model: "my, model: v2", Variation seed: 99, Variation seed strength: 0.3, '
-        "Clip skip: 2, Eta: 0.5, Sigma noise: 0.95, Note: hi, Version: difusi 0.1"
+        "Clip skip: 2, RNG: CPU, Eta: 0.5, Sigma noise: 0.95, Note: hi, Version: difusi 0.1"
     )
 
 

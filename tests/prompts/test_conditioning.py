@@ -280,5 +280,5 @@ def test_alternation_shares_one_encoding_per_text(sd1):
 def test_bad_when_surfaces_as_param_error(sd1):
     _, _, encoder = sd1
     with pytest.raises(ParamError) as error:
-        encode_prompt_schedule([encoder], "[cat:dog:soon]", 10)
+        encode_prompt_schedule([encoder], "[cat:dog:-1]", 10)  # a non-number `when` is text, as A1111
     assert error.value.field == "prompt"

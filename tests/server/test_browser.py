@@ -70,6 +70,9 @@ def test_form_lists_models_samplers_and_schedules(page, models):
     samplers = page.eval_on_selector_all("#sampler_name option", "os => os.map(o => o.value)")
     assert {"Euler", "Euler a", "DPM++ 2M"} <= set(samplers) and page.input_value("#sampler_name") == "DPM++ 2M"
     assert "Karras" in page.eval_on_selector_all("#scheduler option", "os => os.map(o => o.value)")
+    # The RNG select is filled from /difusi/v1/rng-sources (app.js CHOICE_SOURCES), defaulting to the table's CPU.
+    assert page.eval_on_selector_all("#rng option", "os => os.map(o => o.value)") == ["CPU", "GPU", "NV"]
+    assert page.input_value("#rng") == "CPU"
 
 
 def test_form_has_a_control_for_every_field_of_the_table(page, client):
@@ -203,3 +206,99 @@ def test_model_select_switches_the_server_model(page, client, models):
         assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == other
     finally:
         client.post("/sdapi/v1/options", json={"sd_model_checkpoint": before})
+
+
+# -- issue 19, defect 11: what a new user hit in the web UI --------------------------------------------------------
+def _open(browser, url: str, width: int = 1280, height: int = 900):
+    """A page on `url` that records JavaScript errors and failed responses (status >= 400)."""
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"JavaScript: {error}"))
+    page.on("response", lambda response: problems.append(f"{response.status} {response.url}")
+            if response.status >= 400 else None)
+    page.goto(url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    return context, page, problems
+
+
+def test_prompt_placeholder_is_a_hint_and_an_empty_prompt_generates_as_in_a1111(page):
+    placeholder = page.get_attribute("#prompt", "placeholder")
+    assert placeholder.startswith("Prompt (") and "Ctrl+Enter" in placeholder  # reads as a hint, not a prompt
+    assert page.input_value("#prompt") == ""
+    fill_form(page, steps=1, width=64, height=64, seed=77, sampler_name="Euler")
+    page.click("#generate")  # A1111 generates with an empty prompt too (an unconditioned image)
+    page.wait_for_function("document.querySelector('#infotext').textContent.includes('Seed: 77,')")
+    assert page.text_content("#infotext").startswith("Steps: 1,")  # no prompt line: the prompt really was empty
+
+
+def test_failed_model_switch_error_goes_away_after_a_successful_switch(page, client, models):
+    before = client.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
+    other = next(t for t in page.eval_on_selector_all("#model option", "os => os.map(o => o.value)")
+                 if t.startswith(models.other.stem))
+    page.evaluate("document.querySelector('#model').add(new Option('no-such-model [0123456789]'))")
+    try:
+        page.select_option("#model", "no-such-model [0123456789]")
+        page.wait_for_selector("#error:not([hidden])")
+        assert "unknown model" in page.text_content("#error")
+        page.select_option("#model", other)
+        page.wait_for_function(f"document.querySelector('#server-status').textContent === {json.dumps('Model: ' + other)}")
+        assert page.is_hidden("#error") and page.text_content("#error") == ""
+        assert "invalid" not in (page.get_attribute("#model", "class") or "")
+    finally:
+        client.post("/sdapi/v1/options", json={"sd_model_checkpoint": before})
+
+
+def test_a_new_job_clears_the_previous_result_and_warnings(page):
+    fill_form(page, prompt="[red:blue:soon] ball", steps=1, width=64, height=64, seed=31, sampler_name="Euler")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#infotext').textContent.includes('Seed: 31,')")
+    assert "is not prompt editing" in page.text_content("#warnings") and page.is_visible("#warnings")
+    fill_form(page, prompt="interrupt me", steps=1000, n_iter=1)
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#progress-text').textContent.startsWith('Step')")
+    assert page.text_content("#infotext") == "" and page.is_hidden("#warnings")  # nothing of the previous job
+    assert page.locator("#results img").count() == 0 and page.is_hidden("#main-image")
+    page.click("#interrupt")
+    page.wait_for_function("document.querySelector('#progress-text').textContent === 'Interrupted'")
+
+
+def test_narrow_viewport_does_not_overflow_and_nothing_is_missing(browser, server):
+    context, page, problems = _open(browser, server.url, width=420, height=800)
+    try:
+        widths = page.evaluate("""() => ({page: document.documentElement.scrollWidth,
+            header: document.querySelector('.topbar').scrollWidth,
+            right: Math.max(...[...document.querySelectorAll('.topbar *')].map(e => e.getBoundingClientRect().right))})""")
+        shot(page, "narrow-420")
+        assert widths["page"] <= 420 and widths["header"] <= 420 and widths["right"] <= 420, widths
+        assert page.is_visible("#model") and page.is_visible("#generate")
+    finally:
+        context.close()
+    assert problems == []  # no JavaScript error and no 404 (the favicon included)
+
+
+def test_favicon_is_served(client):
+    response = client.get("/favicon.ico")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/x-icon"
+    assert response.content[:4] == b"\x00\x00\x01\x00"  # an ICO file
+
+
+def test_history_load_more_pages_by_offset(browser, start_server):
+    fresh = start_server()  # its own outputs folder: exactly the 50 images below
+    with fresh.client() as http:
+        body = {"prompt": "many", "steps": 1, "width": 64, "height": 64, "sampler_name": "Euler", "batch_size": 50,
+                "seed": 1}
+        assert http.post("/sdapi/v1/txt2img", json=body).status_code == 200
+    context, page, problems = _open(browser, fresh.url)
+    try:
+        page.wait_for_function("document.querySelectorAll('#history .card').length === 48")
+        assert page.is_visible("#history-more")
+        page.click("#history-more")
+        page.wait_for_function("document.querySelectorAll('#history .card').length === 50")
+        assert page.is_hidden("#history-more")
+        seeds = page.eval_on_selector_all("#history .card", "cs => cs.map(c => c.querySelector('.muted').textContent)")
+        assert len(set(seeds)) == 50  # the second page continues the first: no card twice
+    finally:
+        context.close()
+    assert problems == []

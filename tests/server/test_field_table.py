@@ -35,6 +35,8 @@ def sample_value(spec: FieldSpec):
         return "Karras"
     if spec.choices == "checkpoints":
         return "difusi-mini"
+    if spec.choices == "rng_sources":
+        return "NV"  # A1111's CUDA emulation: computed on the CPU, so the real server below can make the images
     if spec.type is str:
         return f"a {spec.name} text, (red:1.2)"
     low, high = spec.range

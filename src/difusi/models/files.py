@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
+import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,31 +119,76 @@ def _looks_like_safetensors(path: Path) -> bool:
 def read_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A `.ckpt`/`.pt` state dict via `torch.load(weights_only=True)`; memory-mapped for zip-format files.
 
-    Lightning checkpoints wrap the weights in `{"state_dict": ...}`; that wrapper is removed.
+    Lightning checkpoints wrap the weights in `{"state_dict": ...}`; that wrapper is removed. Every failure is a
+    CheckpointError in difusi's words: what the file is and why it is refused. torch's own text is not passed on:
+    it is cut off mid-sentence at the first line, asks users to file issues with PyTorch, and advises
+    `weights_only=False`, i.e. running whatever code an untrusted file contains.
     """
     try:
         loaded = _torch_load(path)
     except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "Weights only load failed" in text and ("GLOBAL" in text or "global" in text):
+        needed = _GLOBAL_NAME.search(str(exc))
+        if needed is not None:
             raise CheckpointError(
-                f"{path}: refused to load: this pickle needs code to be run to load it (e.g. a custom class or "
-                f"function); it was NOT executed. Convert it to .safetensors with a tool you trust. Detail: "
-                f"{_unpickler_detail(text)}"
+                f"{path}: refused to load: this pickle asks to run code while loading ({needed.group(1)}: a "
+                f"function or class, not tensor data); it was NOT executed. difusi reads only the tensors of a "
+                f"pickled checkpoint, so a file that needs more cannot be used: get a .safetensors version of "
+                f"this model instead"
             ) from exc
-        raise CheckpointError(f"{path}: not a checkpoint (not a safetensors file or a torch pickle): {_unpickler_detail(text)}") from exc
+        raise CheckpointError(f"{path}: {_describe_unreadable(path)}") from exc
     except Exception as exc:  # the unpickler raises anything (IndexError, KeyError, ...) on bytes that are not a pickle
-        raise CheckpointError(
-            f"{path}: not a readable checkpoint (not a torch pickle, or truncated/corrupt): {type(exc).__name__}: "
-            f"{_first_line(str(exc))}"
-        ) from exc
+        raise CheckpointError(f"{path}: {_describe_unreadable(path)}") from exc
     return _unwrap_state_dict(path, loaded)
+
+
+_GLOBAL_NAME = re.compile(r"GLOBAL ([\w.]+)")
+"""The callable a refused pickle names, in torch's weights-only refusal ("... GLOBAL posix.system ...")."""
+
+
+def _describe_unreadable(path: Path) -> str:
+    """What a file that is not a loadable torch pickle is, judged from its first bytes (torch's error only says
+    which byte its safe unpickler stopped at): "not a checkpoint" for another kind of file, "not a readable
+    checkpoint" for one that may be a damaged checkpoint (empty, truncated, corrupt)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            head = handle.read(512)
+    except OSError as exc:
+        return f"not a readable checkpoint: cannot read it ({exc.strerror or exc})"
+    lowered = head.lstrip().lower()
+    if size == 0:
+        return "not a readable checkpoint: the file is empty (0 bytes)"
+    if head.startswith(b"version https://git-lfs"):
+        return "not a checkpoint: it is a Git LFS pointer (a small text stub), not the weights; fetch them with " \
+               "`git lfs pull`"
+    if lowered.startswith((b"<!doctype html", b"<html")):
+        return "not a checkpoint: it is an HTML page (a failed or blocked download?), not model weights"
+    if head.startswith(b"PK\x03\x04"):
+        return "not a readable checkpoint: it is a zip archive, but not a complete torch checkpoint (truncated or corrupt)"
+    if _is_text(head):
+        return "not a checkpoint: it is a text file, not model weights (neither a safetensors file nor a torch pickle)"
+    return (f"not a readable checkpoint: neither a safetensors file nor a torch pickle that difusi's safe loader can "
+            f"read ({size} bytes; truncated, corrupt, or another kind of file)")
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # a multi-byte character cut at the end of the sample is still text
+            return False
+        text = head[: exc.start].decode("utf-8")
+    return all(char.isprintable() or char in "\t\r\n" for char in text)
 
 
 def _torch_load(path: Path) -> Any:
     if zipfile.is_zipfile(path):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format cannot be mmapped
+    with warnings.catch_warnings():
+        # A legacy file pickled with protocol > 2 makes torch warn "please file an issue": torch's words to its own
+        # developers, not to a user; whether the file loads or is refused is what difusi reports.
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format cannot be mmapped
 
 
 def _unwrap_state_dict(path: Path, loaded: Any) -> dict[str, torch.Tensor]:
@@ -153,20 +200,6 @@ def _unwrap_state_dict(path: Path, loaded: Any) -> dict[str, torch.Tensor]:
     if not tensors:
         raise CheckpointError(f"{path}: not a checkpoint: the pickle holds no tensors")
     return tensors
-
-
-def _unpickler_detail(text: str) -> str:
-    """torch's weights-only refusal starts with advice about `weights_only` that does not apply to a file that is
-    not a pickle at all; the useful part is the `WeightsUnpickler error: ...` line."""
-    for line in text.splitlines():
-        if "WeightsUnpickler error" in line:
-            return line.strip()[:300]
-    return _first_line(text)
-
-
-def _first_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[0][:300] if lines else text[:300]
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -60,6 +60,8 @@ class _Unit:
                     if pin and master.device.type == "cpu":
                         master = master.pin_memory()  # pinned pages: faster, asynchronous host-to-device copies
                     is_param = name in owner._parameters
+                    if is_param:
+                        master = nn.Parameter(master, requires_grad=False)
                     self.slots.append((owner, name, is_param, master))
         self.loaded = False
         self.loads = 0
@@ -85,9 +87,14 @@ class _Unit:
             if current is not None and current.dtype != master.dtype:
                 # The network was converted since (the VAE's float32 NaN fallback): adopt the new dtype as master.
                 master = current.data.to("cpu")
+                master = nn.Parameter(master, requires_grad=False) if is_param else master
                 self.slots[index] = (owner, name, is_param, master)
             if is_param:
-                owner._parameters[name].data = place(master)
+                # A new Parameter, not `.data =`: torch refuses to re-point a tensor at another device type (meta),
+                # and inference needs no gradient bookkeeping on the copy.
+                placed = place(master)
+                owner._parameters[name] = placed if isinstance(placed, nn.Parameter) else \
+                    nn.Parameter(placed, requires_grad=False)
             else:
                 owner._buffers[name] = place(master)
 

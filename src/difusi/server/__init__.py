@@ -12,6 +12,8 @@ Modules: `app` (`create_app`: error handlers, auth, CORS), `routes_a1111` (/sdap
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -34,7 +36,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--outputs-dir", default=None, help="folder for images and history (default: settings)")
     parser.add_argument("--model", default=None, help="checkpoint to start with (default: difusi-mini)")
     parser.add_argument("--queue-size", type=int, default=32, help="jobs allowed to wait before 503 (default 32)")
-    parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu; e.g. cuda)")
+    from difusi.devices import add_device_flags
+
+    add_device_flags(parser)  # --device (default auto), --precision, --offload, --compile: as `difusi generate`
     parser.add_argument("--cors-allow-origins", default=None, metavar="ORIGIN[,ORIGIN2]",
                         help="allow browser pages from these origins to call the API (default: no CORS headers)")
     from difusi.budget import add_budget_flags
@@ -67,6 +71,13 @@ def serve(args: argparse.Namespace) -> int:
     if args.queue_size < 1:
         print(f"difusi serve: --queue-size must be at least 1, got {args.queue_size}", file=sys.stderr)
         return 2
+    from difusi.devices import resolve_device
+
+    try:  # a device this machine lacks refuses to start, rather than answering every job with a 500
+        device = resolve_device(args.device)
+    except DifusiError as error:
+        print(f"difusi serve: --device: {error.message}", file=sys.stderr)
+        return 2
     try:
         from difusi.budget import apply_budget_flags, current_budget
 
@@ -74,14 +85,90 @@ def serve(args: argparse.Namespace) -> int:
         current_budget()  # a broken DIFUSI_MAX_* or config value fails now, not at the first request
         auth = parse_auth(args.api_auth)
         origins = [o.strip() for o in args.cors_allow_origins.split(",") if o.strip()] if args.cors_allow_origins else None
-        app = create_app(models_dir=args.models_dir, outputs_dir=args.outputs_dir, checkpoint=args.model,
-                         queue_size=args.queue_size, auth=auth, device=args.device, cors_origins=origins)
     except (ValueError, DifusiError) as error:
         print(f"difusi serve: {error}", file=sys.stderr)
         return 2
     host = bind_address(args)
-    shown = "127.0.0.1" if host == "0.0.0.0" else host
+    try:
+        # Bind before loading anything (and before saying where we serve): a port in use or a bad --host is one line
+        # naming the address and the cause, not an announcement followed by uvicorn's multi-line error and exit 3.
+        # uvicorn is then handed these very sockets, so no other process can take the port in between.
+        sockets = listen_sockets(host, args.port)
+    except BindError as error:
+        print(f"difusi serve: {error}", file=sys.stderr)
+        return error.exit_code
+    try:
+        from difusi.server.engine import Engine
+
+        engine = Engine(models_dir=args.models_dir, outputs_dir=args.outputs_dir, checkpoint=args.model,
+                        device=str(device), precision=args.precision, offload=args.offload, compile=args.compile)
+        app = create_app(engine, queue_size=args.queue_size, auth=auth, cors_origins=origins)
+    except (ValueError, DifusiError) as error:
+        _close(sockets)
+        print(f"difusi serve: {error}", file=sys.stderr)
+        return 2
+    shown = _url_host("127.0.0.1" if host == "0.0.0.0" else "::1" if host == "::" else host)
     print(f"difusi: serving the web UI at http://{shown}:{args.port}/ and the API docs at http://{shown}:{args.port}/docs",
           file=sys.stderr)
-    uvicorn.run(app, host=host, port=args.port, log_level="info")
+    try:
+        uvicorn.Server(uvicorn.Config(app, host=host, port=args.port, log_level="info")).run(sockets=sockets)
+    finally:
+        _close(sockets)
     return 0
+
+
+class BindError(OSError):
+    """The server cannot listen where it was asked to; the message names the address and the cause."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+        """2 for a --host that is no address of this machine (a usage error), 1 for the rest (port in use, ...)."""
+
+
+def listen_sockets(host: str, port: int) -> list[socket.socket]:
+    """Bound TCP sockets for every address `host` resolves to (as asyncio's `create_server` binds), ready for
+    `uvicorn.Server.run(sockets=...)`, which starts listening on them; raises BindError."""
+    where = f"{_url_host(host)}:{port}"
+    try:
+        resolved = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as error:
+        cause = error.strerror if isinstance(error, socket.gaierror) else str(error)
+        raise BindError(f"cannot listen on {where}: --host {host!r} is not a known address ({cause})", 2) from None
+    sockets: list[socket.socket] = []
+    for family, kind, protocol, _, address in dict.fromkeys(resolved):  # dict: drop duplicate entries, keep order
+        sock = socket.socket(family, kind, protocol)
+        sockets.append(sock)
+        try:
+            # As uvicorn and asyncio do: a port left in TIME_WAIT by a previous server can be reused at once (an
+            # active listener still cannot be).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # as asyncio's create_server (uvicorn's own bind): IPv6 only, no dual stack
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+        except OSError as error:
+            _close(sockets)
+            raise BindError(f"cannot listen on {where}: {_bind_cause(error)}",
+                            2 if error.errno == errno.EADDRNOTAVAIL else 1) from None
+    return sockets
+
+
+def _bind_cause(error: OSError) -> str:
+    """Why a bind failed, in words a user can act on."""
+    if error.errno == errno.EADDRINUSE:
+        return "the port is already in use (another server is listening on it); choose another with --port"
+    if error.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need administrator rights); choose another with --port"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return "that address does not belong to this machine; check --host"
+    return error.strerror or str(error)
+
+
+def _url_host(host: str) -> str:
+    """An IPv6 address goes in brackets in a URL (http://[::1]:7860/)."""
+    return f"[{host}]" if ":" in host else host
+
+
+def _close(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()

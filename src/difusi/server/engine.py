@@ -38,16 +38,23 @@ class Engine:
     """Model cache + pipeline + output store behind the job queue."""
 
     def __init__(self, models_dir: str | Path | None = None, outputs_dir: str | Path | None = None,
-                 checkpoint: str | None = None, device: str = "cpu"):
+                 checkpoint: str | None = None, device: str = "auto", *, precision: str = "auto",
+                 offload: str = "none", compile: bool = False):
+        from difusi.devices import check_offload, resolve_device, resolve_precision
         from difusi.models import ModelCache
         from difusi.store import OutputStore
+
+        # Device, precision and memory mode are the operator's (`difusi serve` flags), checked before anything
+        # else: a device this machine lacks is a ParamError here, never a 500 on every job later.
+        self.device = str(resolve_device(device))
+        resolve_precision(precision)
+        self.precision, self.offload, self.compile = precision, check_offload(offload), compile
 
         self.models_dir = settings.models_dir(models_dir)
         self.outputs_dir = settings.outputs_dir(outputs_dir)
         self.store = OutputStore(self.outputs_dir)
         self.store.recover()  # after a crash: every image on disk back in the history, dead temp files gone
         self._cache = ModelCache()
-        self.device = device
         self._lock = threading.Lock()
         self._checkpoints: list[Any] | None = None
         self._extra: list[Any] = []  # checkpoints named by path outside the models folder (listed too)
@@ -216,7 +223,11 @@ class Engine:
         raise ValueError(f"unknown job kind {job.kind!r}")
 
     def _load(self, info: Any) -> Any:
-        model = self._cache.get(info.path, device=self.device)
+        model = self._cache.get(info.path, device=self.device, precision=self.precision, offload=self.offload)
+        if self.compile:
+            from difusi.speed.compile import compile_unet
+
+            compile_unet(model)  # idempotent: once per loaded model
         self._loaded = model
         return model
 

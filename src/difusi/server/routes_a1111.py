@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
 from difusi.server import a1111
@@ -93,15 +93,14 @@ for _name in EMPTY_LISTS:
     router.add_api_route(f"/{_name}", _empty_list, methods=["GET"], summary=f"{_name} (none)")
 
 
-def _not_implemented_route(what: str) -> Any:
-    def handler() -> None:
-        raise not_implemented(what)
+def _not_implemented(request: Request) -> None:
+    # One handler for all of them, naming the endpoint from the matched route (routes close over nothing).
+    name = request.scope["route"].path.removeprefix(f"{router.prefix}/")
+    raise not_implemented(NOT_IMPLEMENTED.get(name, f"POST {router.prefix}/{name}"))
 
-    return handler
 
-
-for _name, _what in NOT_IMPLEMENTED.items():
-    router.add_api_route(f"/{_name}", _not_implemented_route(_what), methods=["POST"], status_code=501,
+for _name in NOT_IMPLEMENTED:
+    router.add_api_route(f"/{_name}", _not_implemented, methods=["POST"], status_code=501,
                          summary=f"{_name} (not implemented: 501)", responses={501: {"model": a1111.ErrorResponse}})
 
 

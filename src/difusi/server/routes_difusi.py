@@ -164,3 +164,12 @@ def job_fields(kind: str | None = None) -> dict[str, Any]:
     if kind is not None and kind not in JOB_KINDS:
         raise ApiError(422, "ParamError", f"kind: must be one of {', '.join(JOB_KINDS)}, got {kind!r}", "kind")
     return {"kinds": list(JOB_KINDS), "fields": field_table(kind)}
+
+
+@router.get("/rng-sources")
+def rng_sources() -> list[str]:
+    """A1111's random number generator sources (the `rng` field's choices, `difusi.rng.RNG_SOURCES`): the web UI
+    fills the RNG select from this list, as it fills the sampler select from /sdapi/v1/samplers."""
+    from difusi.rng import RNG_SOURCES
+
+    return list(RNG_SOURCES)

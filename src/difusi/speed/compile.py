@@ -35,7 +35,8 @@ def inductor_cache_dir() -> Path:
 class _CompiledForward:
     """The UNet's forward through torch.compile, falling back to the eager forward (for good) on the first error."""
 
-    def __init__(self, eager: Any, mode: str):
+    def __init__(self, model: Any, eager: Any, mode: str):
+        self.model = model
         self.eager = eager
         self.compiled: Any = None
         self.failed = False
@@ -47,6 +48,7 @@ class _CompiledForward:
 
     def _fall_back(self, error: BaseException) -> None:
         self.failed = True
+        self.model.compiled = False
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         log.warning("torch.compile failed (%s: %s); the UNet runs uncompiled", type(error).__name__, first_line[:200])
 
@@ -66,7 +68,8 @@ class _CompiledForward:
 
 
 def compile_unet(model: Any) -> None:
-    """Route `model.unet`'s forward through `torch.compile` (idempotent); sets `model.compiled`.
+    """Route `model.unet`'s forward through `torch.compile` (idempotent); `model.compiled` says whether the UNet
+    runs compiled (False again after a fallback).
 
     The module itself stays in place (its parameters, hooks and the speed patches keep working); only its
     `forward` is replaced by a wrapper that compiles on the first call and falls back to eager with one
@@ -78,10 +81,11 @@ def compile_unet(model: Any) -> None:
         return
     cache = inductor_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
-    wrapper = _CompiledForward(unet.forward, COMPILE_MODE)
-    unet.forward = wrapper
-    model.compiled = not wrapper.failed
+    # Set, not setdefault: torch itself fills TORCHINDUCTOR_CACHE_DIR with /tmp/torchinductor_<user> when inductor's
+    # cache is first looked at, which a reboot wipes; difusi's cache folder survives it.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    model.compiled = True
+    unet.forward = _CompiledForward(model, unet.forward, COMPILE_MODE)
 
 
 def compile_state(model: Any) -> _CompiledForward | None:

@@ -5,6 +5,9 @@
 
 const $ = (id) => document.getElementById(id);
 const POLL_MS = 250;
+const HISTORY_PAGE = 48;  // history cards per request; "Load more" asks for the next page by offset
+// A hint, not an example: an example prompt in grey reads as if it were filled in (A1111 writes the same kind).
+const PROMPT_HINT = "Prompt (press Ctrl+Enter to generate)";
 // Field metadata comes from the server (GET /difusi/v1/fields): nothing about a job field is hard-coded here.
 const GROUPS = [  // form sections in order; "open" ones are always visible, the rest fold away
   { name: "prompt", open: true }, { name: "sampling", open: true }, { name: "size", open: true },
@@ -14,6 +17,7 @@ const GROUPS = [  // form sections in order; "open" ones are always visible, the
 const CHOICE_SOURCES = {  // where a field's "choices" list comes from
   samplers: { url: "/sdapi/v1/samplers", value: (s) => s.name },
   schedulers: { url: "/sdapi/v1/schedulers", value: (s) => s.label || s.name },
+  rng_sources: { url: "/difusi/v1/rng-sources", value: (s) => s },
 };
 
 const ui = { jobId: null, shown: null, results: [], pngParams: null, fields: [] };
@@ -102,7 +106,8 @@ function inputFor(field) {
   element.title = field.help;
   if (field.widget === "textarea") {
     element.rows = field.name === "prompt" ? 4 : 2;
-    if (field.name === "prompt") element.placeholder = "a red circle on a blue background";
+    if (field.name === "prompt") element.placeholder = PROMPT_HINT;
+    else if (field.name === "negative_prompt") element.placeholder = "Negative prompt (optional)";
   } else if (element.tagName === "INPUT") {
     element.type = "number";
     if (field.min !== null) element.min = String(field.min);
@@ -158,6 +163,7 @@ async function switchModel() {
   const select = $("model");
   const wanted = select.value;
   setStatus(`Loading ${wanted}…`);
+  showError(null);  // an earlier failed switch (or job) must not stay on screen once this one succeeds
   select.disabled = true;
   try {
     await api("/sdapi/v1/options", { json: { sd_model_checkpoint: wanted } });
@@ -220,6 +226,7 @@ async function generate(event) {
     return;
   }
   ui.jobId = job.id;
+  clearResults();  // the previous job's image and infotext are not this job's
   $("generate").disabled = true;
   $("interrupt").disabled = false;
   setProgress(0, job.position ? `Queued (${job.position} ahead)` : "Starting…");
@@ -284,8 +291,26 @@ function imageSource(entry) {
   return entry.url || `data:image/png;base64,${entry.image}`;
 }
 
+function clearResults() {
+  ui.results = [];
+  ui.shown = null;
+  $("results").replaceChildren();
+  $("main-image").hidden = true;
+  $("main-image").removeAttribute("src");
+  $("stage-empty").hidden = false;
+  $("infotext").textContent = "";
+  showWarnings([]);
+}
+
+// The job's warnings (prompt syntax used as literal text, removed <lora:...> tags): A1111 is silent, difusi says it.
+function showWarnings(lines) {
+  $("warnings").textContent = lines.join("\n");
+  $("warnings").hidden = !lines.length;
+}
+
 function showResults(result, state) {
   ui.results = result.images;
+  showWarnings((result.info && result.info.warnings) || []);
   const thumbs = result.images.map((entry, index) => {
     const img = document.createElement("img");
     img.src = imageSource(entry);
@@ -314,17 +339,23 @@ function selectResult(index) {
 }
 
 // ---- history ---------------------------------------------------------------------------------------------
-async function loadHistory() {
+// `more`: append the next page (offset = cards shown) instead of reloading the first one.
+async function loadHistory(more = false) {
   const query = $("history-search").value.trim();
+  const offset = more === true ? $("history").children.length : 0;
   let data;
   try {
-    data = await api(`/difusi/v1/history?limit=48${query ? `&query=${encodeURIComponent(query)}` : ""}`);
+    data = await api(`/difusi/v1/history?limit=${HISTORY_PAGE}&offset=${offset}` +
+      (query ? `&query=${encodeURIComponent(query)}` : ""));
   } catch (error) {
     showError(error);
     return;
   }
-  $("history").replaceChildren(...data.items.map(historyCard));
-  $("history-empty").hidden = data.items.length > 0;
+  const cards = data.items.map(historyCard);
+  if (offset) $("history").append(...cards); else $("history").replaceChildren(...cards);
+  $("history-empty").hidden = $("history").children.length > 0;
+  // A full page may have more behind it; a short one is the end (one extra request at most when it is exact).
+  $("history-more").hidden = data.items.length < HISTORY_PAGE;
 }
 
 function historyCard(item) {
@@ -412,8 +443,9 @@ async function start() {
   $("txt2img").addEventListener("submit", generate);
   $("interrupt").addEventListener("click", interrupt);
   $("model").addEventListener("change", switchModel);
-  $("history-refresh").addEventListener("click", loadHistory);
-  $("history-search").addEventListener("input", () => { clearTimeout(ui.searchTimer); ui.searchTimer = setTimeout(loadHistory, 250); });
+  $("history-refresh").addEventListener("click", () => loadHistory());
+  $("history-more").addEventListener("click", () => loadHistory(true));
+  $("history-search").addEventListener("input", () => { clearTimeout(ui.searchTimer); ui.searchTimer = setTimeout(() => loadHistory(), 250); });
   $("pnginfo-close").addEventListener("click", () => { $("pnginfo").hidden = true; });
   $("pnginfo-use").addEventListener("click", () => { if (ui.pngParams) { fillForm(ui.pngParams); window.scrollTo({ top: 0 }); } });
   $("pnginfo-file").addEventListener("change", (event) => { if (event.target.files[0]) showPngInfo(event.target.files[0]); });
