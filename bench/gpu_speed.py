@@ -427,7 +427,8 @@ def table(results: dict[str, Any]) -> str:
     for r in results.get("runs", []):
         reference = base.get((r["arch"], r["batch"]))
         ratio = f"{reference / r['s_per_image']:.2f}x" if reference and r.get("steps") == about.get("steps") else ""
-        lines.append(f"| {r['arch']} | {r['px']} | {r['batch']} | {r['mode']} | {r['pipeline']} | "
+        mode = r["mode"] + (" (fell back to eager)" if r.get("compiled") is False else "")
+        lines.append(f"| {r['arch']} | {r['px']} | {r['batch']} | {mode} | {r['pipeline']} | "
                      f"{r['s_per_image']:.3f} | {r['it_s']:.2f} | {ratio} | {r.get('warmup_s', '')} | "
                      f"{r.get('peak_allocated_mib', '')} |")
     for key, label in (("skipped", "Skipped"), ("errors", "Errors")):

@@ -135,6 +135,12 @@ try:
                     if hasattr(torch.cuda, "driver_version") else None)
 except Exception as error:  # report, do not stop: the summary says what broke
     info["torch_error"] = repr(error)
+try:
+    import subprocess
+    query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"]
+    info["nvidia_smi"] = subprocess.run(query, capture_output=True, text=True, timeout=20).stdout.strip()
+except (OSError, subprocess.SubprocessError) as error:
+    info["nvidia_smi"] = f"unavailable: {error!r}"
 for name in ("diffusers", "transformers", "safetensors", "numpy", "torchsde", "huggingface_hub", "PIL"):
     try:
         info[name] = __import__(name).__version__
@@ -213,7 +219,7 @@ tests["counts"] = {key: len(value) for key, value in tests.items()}
 bench = load(out / "gpu-bench.json")
 result = {
     "dry_run": dry, "budget_s": int(budget), "wall_s": int(wall),
-    "ok": all(p["status"] in ("ok", "skipped") for p in phases) and not tests["failed"],
+    "ok": all(p["status"] in ("ok", "skipped") for p in phases) and not tests["failed"] and not bench.get("errors"),
     "phases": phases, "env": load(work / "env.json"), "tests": tests,
     "measurements": load(work / "measurements.json"),
     "bench": bench, "cuda_randn_reference": (out / "cuda_randn_reference.json").exists(),
@@ -249,7 +255,9 @@ PY
 
 phase_python_path() {
     if [[ "$DRY" == 1 ]]; then
-        export PYTHONPATH="$SITE:$ROOT/src:$WORK/overlay"
+        # DIFUSI_GPU_CHECK_EXTRA_PATH: folders of the GPU machine's versions of packages (e.g. transformers 5.17 and
+        # huggingface_hub 1.33 installed with `pip install --target`), to try them here before a GPU session.
+        export PYTHONPATH="$SITE${DIFUSI_GPU_CHECK_EXTRA_PATH:+:$DIFUSI_GPU_CHECK_EXTRA_PATH}:$ROOT/src:$WORK/overlay"
     else
         export PYTHONPATH="$SITE:$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
     fi

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests" / "hardening")]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests" / "hardening"), str(ROOT / "tests")]  # tests/: loopback.py
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from gpu_helpers import CUDA, DRY, compare_device, free, load, pixel_difference, pixels, record, tf32_state, with_rng
 
 from difusi.params import GenerationParams
@@ -56,11 +57,27 @@ def test_device_image_equals_cpu_image(checkpoints: dict, name: str, precision: 
     record(f"pipeline/{name}/{compare_device()}-{precision}_vs_cpu-fp32", {**difference, "tf32": tf32_state()})
     assert result.infotexts == infotexts, "the infotext must not change with the device or precision"
     if precision == "fp32":
+        if compare_device() == "cuda":
+            record(f"pipeline/{name}/cuda-fp32-no-tf32_vs_cpu-fp32", _without_tf32(checkpoints, name, params, reference))
         assert difference["max"] <= 2, f"{difference} ({tf32_state()})"
     elif precision == "fp16":
         assert difference["mean"] <= 2 and difference["max"] <= FP16_MAX, difference
     else:
         assert np.isfinite(ours).all()
+
+
+def _without_tf32(checkpoints: dict, name: str, params: GenerationParams, reference: np.ndarray) -> dict:
+    """The same fp32 job with TF32 off for convolutions and matmuls: how much of the CUDA-CPU gap TF32 makes
+    (torch enables TF32 for cuDNN convolutions by default). Measured, not asserted."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        model = load(checkpoints[name], "cuda", "fp32")
+        ours = pixels(txt2img(model, params))
+        free(model)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    return pixel_difference(ours, reference)
 
 
 @pytest.mark.cuda_only

@@ -100,8 +100,8 @@ def _not_implemented(request: Request) -> None:
 
 
 for _name in NOT_IMPLEMENTED:
-    router.add_api_route(f"/{_name}", _not_implemented, methods=["POST"], status_code=501,
-                         summary=f"{_name} (not implemented: 501)", responses={501: {"model": a1111.ErrorResponse}})
+    # Left out of the OpenAPI schema: the schema lists what this server offers, and these are exactly what it does not.
+    router.add_api_route(f"/{_name}", _not_implemented, methods=["POST"], status_code=501, include_in_schema=False)
 
 
 @router.get("/embeddings")
