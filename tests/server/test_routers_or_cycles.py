@@ -226,7 +226,8 @@ def test_routes_live_in_routers_that_read_app_state():
 
     first, second = create_app(FakeEngine("first")), create_app(FakeEngine("second"))  # one router, two apps
     schema_paths = set(first.openapi()["paths"])
-    routed = {re.sub(r":\w+}", "}", route.path) for router in routers[:2] for route in router.routes}  # {p:path} -> {p}
+    routed = {re.sub(r":\w+}", "}", route.path) for router in routers[:2] for route in router.routes
+              if route.include_in_schema}  # {p:path} -> {p}; the 501 stand-ins are left out of the schema on purpose
     assert routed <= schema_paths
     for app, name in ((first, "first"), (second, "second")):
         client = TestClient(app)  # no `with`: the lifespan (queue worker) does not run
