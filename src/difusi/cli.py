@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"difusi {difusi.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_generate(commands)
+    _add_batch(commands)
+    _add_xyz(commands)
     info = commands.add_parser("info", help="print the parameters stored in an image")
     info.add_argument("image", metavar="IMAGE", help="a PNG written by difusi, A1111 or a compatible tool")
     info.add_argument("--json", action="store_true", help="print the parsed fields as JSON")
@@ -167,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "generate": _with_budget_flags(cmd_generate),
+        "batch": _with_budget_flags(cmd_batch),
+        "xyz": _with_budget_flags(cmd_xyz),
         "info": cmd_info,
         "models": cmd_models,
         "samplers": cmd_samplers,
@@ -510,6 +514,136 @@ class _ProgressReporter:
             self.bar = None
 
 
+# ----------------------------------------------------------------------------- batch
+
+
+def _add_batch(commands: Any) -> None:
+    batch = commands.add_parser(
+        "batch", help="run every row of a JSONL, CSV or A1111 prompts file as a job",
+        description="Run a batch file: JSON Lines or CSV (A1111 field names) or A1111's prompts-from-file text "
+        "(one prompt per line, optional --steps 20 --seed 5 ... per line). Field flags are defaults for every "
+        "row. Rows are checked before any model loads; rows already done (same job id in the history) are "
+        "skipped, so a stopped batch can be re-run.")
+    batch.add_argument("file", metavar="FILE", help="batch file: .jsonl, .json, .csv or .txt")
+    fast = batch.add_argument_group(SPEED_GROUP)
+    for spec in FIELDS.values():
+        if spec.flags and not spec.flags[0].isupper():  # the prompt comes from the rows
+            _add_field_flag(fast if spec.group == "speed" else batch, spec)
+    batch.add_argument("--skip-invalid", action="store_true",
+                       help="report bad rows and run the others (default: a bad row stops the batch)")
+    batch.add_argument("--workers", type=_positive_int_type, default=None, metavar="N",
+                       help="run on a local Ray cluster of N workers")
+    batch.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                       help="run on an existing Ray cluster (HOST:PORT or auto; default $RAY_ADDRESS)")
+    batch.add_argument("--models-dir", default=None, help="folder of checkpoints (default: see settings)")
+    batch.add_argument("--outputs-dir", default=None, help="folder for images and history (default: see settings)")
+    add_device_flags(batch)
+    add_budget_flags(batch)
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """`difusi batch FILE`: exit 0 all rows done, 1 some failed, 2 bad input (before any model loads), 130 stopped.
+    stdout lists each saved image (`PATH  seed=N  row=R`); progress and the summary go to stderr."""
+    from difusi.batch import BatchError, BatchInterrupted, build_jobs, make_runner, read_rows, run_batch
+
+    device = _check_device_flags(args)
+    args._origins = {}
+    defaults = {name: getattr(args, name) for name in FIELD_FLAGS if getattr(args, name, None) is not None}
+    GenerationParams.from_mapping(defaults)[0].validated(native_size=512)  # a bad flag names the flag, not a row
+    models_dir = settings.models_dir(args.models_dir)
+    if args.model is not None:
+        _resolve_model_flag(args.model, models_dir)  # an unknown --model names the flag, not every row
+    try:
+        rows = read_rows(Path(args.file))
+        jobs, invalid = build_jobs(rows, defaults, skip_invalid=args.skip_invalid, models_dir=models_dir)
+    except BatchError as error:
+        raise UsageError(f"{args.file}: {error}") from None
+    except ParamError as error:  # the file itself (missing, unreadable, unknown format)
+        raise UsageError(f"FILE: {error.message}") from None
+    store_dir = settings.outputs_dir(args.outputs_dir)
+    store_dir.mkdir(parents=True, exist_ok=True)  # an unusable outputs folder fails now, not after generating
+    runner = make_runner(args.workers, args.ray_address, device=str(device), precision=args.precision,
+                         offload=args.offload, compile=args.compile)
+    from difusi.store import OutputStore
+
+    reporter = _BatchReporter()
+    try:
+        with OutputStore(store_dir) as store:
+            summary = run_batch(jobs, runner, store, progress=reporter.update, models_dir=models_dir)
+    except BatchInterrupted as stopped:
+        reporter.close()
+        _print_batch_summary(stopped.summary, invalid, interrupted=True)
+        return EXIT_INTERRUPTED
+    finally:
+        reporter.close()
+        runner.close()
+    _print_batch_summary(summary, invalid)
+    return EXIT_FAILURE if summary.failed or invalid else 0
+
+
+def _print_batch_summary(summary: Any, invalid: list[Any], *, interrupted: bool = False) -> None:
+    failed = sorted([*invalid, *summary.failed])
+    state = "interrupted" if interrupted else "done"
+    print(f"difusi: batch {state}: {summary.done} done, {summary.skipped} skipped (already done), "
+          f"{len(failed)} failed; {summary.images} images written", file=sys.stderr, flush=True)
+    for failure in failed:
+        job = f" (job {failure.job_id})" if failure.job_id else ""
+        reason = failure.reason.removeprefix(f"row {failure.row}: ")
+        print(f"difusi: failed: row {failure.row}{job}: {reason}", file=sys.stderr, flush=True)
+
+
+class _BatchReporter:
+    """tqdm bar over the batch's images on a terminal (done/total, rate, ETA); plain throttled lines otherwise.
+    Each saved image is one stdout line, as `difusi generate` prints them."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.bar: Any = None
+        self.started = time.perf_counter()
+        self.last_line = 0.0
+        self.last_state: tuple[int, int, int] | None = None
+        self.shown = 0
+
+    def update(self, progress: Any) -> None:
+        if progress.path is not None:
+            if self.bar is not None:
+                self.bar.clear()
+            print(f"{progress.path}  row={progress.row}", flush=True)
+        if self.tty:
+            self._update_bar(progress)
+        else:
+            self._print_line(progress)
+
+    def _update_bar(self, progress: Any) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=progress.images_total, initial=0, unit="img", file=sys.stderr, dynamic_ncols=True,
+                            leave=False)
+        self.bar.set_description(f"jobs {progress.jobs_done}/{progress.jobs_total}"
+                                 + (f", {progress.failed} failed" if progress.failed else ""), refresh=False)
+        self.bar.update(max(0, progress.images_done - self.shown))
+        self.shown = progress.images_done
+
+    def _print_line(self, progress: Any) -> None:
+        now = time.perf_counter()
+        state = (progress.images_done, progress.jobs_done, progress.failed)
+        final = progress.jobs_done + progress.failed >= progress.jobs_total
+        if state == self.last_state or (not final and now - self.last_line < 1.0):
+            return
+        rate = progress.images_done / max(now - self.started, 1e-9)
+        eta = (progress.images_total - progress.images_done) / rate if rate else 0.0
+        self.last_line, self.last_state = now, state
+        failed = f", {progress.failed} failed" if progress.failed else ""
+        print(f"difusi: {progress.images_done}/{progress.images_total} images, jobs {progress.jobs_done}/"
+              f"{progress.jobs_total}{failed}, {rate:.2f} img/s  ETA {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 # ----------------------------------------------------------------------------- info, models, samplers, history
 
 
@@ -575,6 +709,98 @@ def cmd_history(args: argparse.Namespace) -> int:
     if not entries and not args.json:
         print("no images" + (f" matching {args.search!r}" if args.search else ""), file=sys.stderr)
     return 0
+
+
+# ----------------------------------------------------------------------------- xyz (X/Y/Z plot)
+
+
+XYZ_AXIS_HELP = ("TYPE=VALUES: TYPE a field (steps, cfg_scale, sampler_name, seed, ...; A1111 labels such as "
+                 "'CFG Scale' too), 'Prompt S/R' or 'Checkpoint name'; VALUES comma-separated (CSV quotes), "
+                 "ranges 1-5, 1-5 (+2), 10-40 [4], 0.5-1.5 [3]")
+
+
+def _add_xyz(commands: Any) -> None:
+    plot = commands.add_parser(
+        "xyz", help="X/Y/Z plot: sweep up to three fields, one labelled grid per Z value (A1111's script)",
+        description="Run every combination of the axes' values as a batch, save each cell's image with its "
+        "infotext, and print the path of each grid (one per Z value; A1111's layout). Field flags set the "
+        "values every cell starts from.")
+    plot.add_argument("--x", required=True, metavar="TYPE=VALUES", help="X axis (columns); " + XYZ_AXIS_HELP)
+    plot.add_argument("--y", default=None, metavar="TYPE=VALUES", help="Y axis (rows)")
+    plot.add_argument("--z", default=None, metavar="TYPE=VALUES", help="Z axis (one grid per value)")
+    plot.add_argument("--no-legend", action="store_true", help="draw the grids without axis labels")
+    plot.add_argument("--margin", type=_int_type, default=0, metavar="PX", help="pixels between cells (default 0)")
+    fast = plot.add_argument_group(SPEED_GROUP)
+    for spec in FIELDS.values():
+        if spec.flags:
+            _add_field_flag(fast if spec.group == "speed" else plot, spec)
+    plot.add_argument("--workers", type=_positive_int_type, default=None, metavar="N",
+                      help="run the cells on a local Ray cluster of N workers")
+    plot.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                      help="run the cells on an existing Ray cluster (HOST:PORT or auto)")
+    plot.add_argument("--models-dir", default=None, help="folder of checkpoints (default: see settings)")
+    plot.add_argument("--outputs-dir", default=None, help="folder for images and history (default: see settings)")
+    add_device_flags(plot)
+    add_budget_flags(plot)
+
+
+def cmd_xyz(args: argparse.Namespace) -> int:
+    """`difusi xyz`: cells through a batch runner (in-process, or Ray), cell PNGs in the outputs folder and history,
+    grids under `<outputs>/xyz-grids/`; stdout is the grid paths, one per line."""
+    from difusi.batch import xyz
+
+    device = _check_device_flags(args)
+    if args.prompt is None:
+        raise UsageError("PROMPT: required")
+    args._origins = {}
+    values = {name: getattr(args, name) for name in FIELD_FLAGS if getattr(args, name, None) is not None}
+    params, _ = GenerationParams.from_mapping(values)
+    params.validated(native_size=512)  # the defaults every cell starts from, checked before the axes
+    models_dir = settings.models_dir(args.models_dir)
+    axes = []
+    for name in ("x", "y", "z"):
+        try:
+            axes.append(xyz.parse_axis(getattr(args, name), name, prompt=params.prompt,
+                                       negative_prompt=params.negative_prompt, models_dir=models_dir))
+        except ParamError as error:
+            raise UsageError(f"--{name}: {error.message}") from None
+    if args.model is not None:
+        _resolve_model_flag(args.model, models_dir)  # an unknown --model is one line now, not per cell later
+    store_dir = settings.outputs_dir(args.outputs_dir)
+    store_dir.mkdir(parents=True, exist_ok=True)
+    runner = _xyz_runner(args, device)
+    from difusi.store import OutputStore
+
+    cells = 0
+
+    def on_cell(cell: Any) -> None:
+        nonlocal cells
+        cells += 1
+        for path in cell.paths:
+            print(f"difusi: cell {cells}: {path}  seed={cell.seed}", file=sys.stderr, flush=True)
+
+    try:
+        with OutputStore(store_dir) as store:
+            result = xyz.xyz_plot(params, axes[0], axes[1], axes[2], runner=runner, store=store,
+                                  models_dir=models_dir, draw_legend=not args.no_legend, margin=args.margin,
+                                  on_cell=on_cell)
+    except xyz.CellError as error:  # the command line was fine, a cell's run failed: exit 1, like generate
+        _fail(str(error), code=EXIT_FAILURE)
+    finally:
+        runner.close()
+    for grid, text in zip(result.grids, result.grid_infotexts, strict=True):
+        print(xyz.save_grid(grid, text, store_dir), flush=True)
+    if result.z_grid is not None:  # A1111's grid of grids: every Z grid side by side under its Z label
+        print(xyz.save_grid(result.z_grid, result.infotext, store_dir), flush=True)
+    return 0
+
+
+def _xyz_runner(args: argparse.Namespace, device: Any) -> Any:
+    """In-process unless --workers / --ray-address / RAY_ADDRESS ask for Ray: the batch command's own rule."""
+    from difusi.batch import make_runner
+
+    return make_runner(args.workers, args.ray_address, device=str(device), precision=args.precision,
+                       offload=args.offload, compile=args.compile)
 
 
 if __name__ == "__main__":

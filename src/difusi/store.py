@@ -14,6 +14,15 @@ A process killed (SIGKILL, power cut) inside that order can leave two things, an
 both (`recover`): a temp file of a dead writer (its pid is in the name) is removed, and a published image whose
 row was not yet inserted gets its row from the infotext it carries. So after a crash every image on disk is
 complete and in the history, and every row has its file. SQLite runs in WAL mode, so a kill mid-insert rolls back.
+
+Batch jobs (`difusi.batch`) save images they receive as PNG bytes (`save_encoded`, same order, the bytes written
+unchanged) and mark each row with `job_id`, `job_image` (the image's 0-based index in its job) and `job_images` (how
+many images the job makes). A job is done when all of its indexes have rows (`done_job_ids`), so a job stopped
+half-way is finished later without saving its first images twice (`saved_job_images`). Databases made before these
+columns existed get them on first open (ALTER TABLE ADD COLUMN; old rows have NULL there: no job). The PNG does not
+carry its job id, so before a batch image is published under its final name the name and job are noted in the table
+`pending_jobs`; a row that `recover` rebuilds for that file takes its job from there, and the note is removed once
+the image's row is in. So a kill between publishing and the row insert does not make a re-run save the image twice.
 """
 
 from __future__ import annotations
@@ -26,13 +35,14 @@ import json
 import os
 import re
 import sqlite3
+import struct
 import tempfile
 import threading
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from PIL import Image
 
@@ -70,10 +80,21 @@ CREATE TABLE IF NOT EXISTS images (
     model_name TEXT,
     model_hash TEXT,
     infotext TEXT NOT NULL,
-    params_json TEXT NOT NULL
+    params_json TEXT NOT NULL,
+    job_id TEXT,
+    job_image INTEGER,
+    job_images INTEGER
 );
 CREATE INDEX IF NOT EXISTS images_created ON images (created_at);
+CREATE TABLE IF NOT EXISTS pending_jobs (path TEXT NOT NULL, job_id TEXT NOT NULL, job_image INTEGER NOT NULL,
+                                         job_images INTEGER NOT NULL);
 """
+
+_JOB_COLUMNS = {"job_id": "TEXT", "job_image": "INTEGER", "job_images": "INTEGER"}
+"""Columns for batch jobs (module docstring); added to older databases when they are opened. No index: the few
+queries on them run once per batch, and every page counts for a history that must fit where images barely do."""
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class SavableImage(Protocol):
@@ -124,6 +145,7 @@ class OutputStore:
         self.outputs_dir = Path(outputs_dir)
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        self._pending_noted = False  # plain saves skip the pending-job bookkeeping until a batch image is saved
 
     # -- saving ----------------------------------------------------------------------------------------
 
@@ -141,27 +163,51 @@ class OutputStore:
         except sqlite3.Error as error:
             raise StorageError(_storage_message(self.outputs_dir / DB_NAME, f"history database: {error}", None)) from error
 
-    def _save(self, generated: SavableImage, now: dt.datetime | None) -> Path:
+    def save_encoded(self, png: bytes, infotext: str, params: GenerationParams, seed: int, subseed: int, job_id: str,
+                     index: int, *, now: dt.datetime | None = None) -> Path:
+        """Write one image received as PNG bytes (a batch job's), exactly those bytes, then its history row with
+        `job_id` and `index`; same order and errors as `save`. `params` are the job's (its total image count is
+        recorded; width/height left None are read from the PNG header)."""
+        if not png.startswith(_PNG_SIGNATURE) or len(png) < 24:
+            raise ValueError("save_encoded: not PNG bytes")
+        width, height = struct.unpack(">II", png[16:24])  # IHDR, the first chunk of every PNG
+        image_params = params.replace(seed=seed, subseed=subseed, width=params.width or width,
+                                      height=params.height or height)
+        generated = _Recovered(params=image_params, seed=seed, subseed=subseed, infotext=infotext)
+        job = {"job_id": job_id, "job_image": index, "job_images": params.total_images}
+        try:
+            return self._save(generated, now, lambda handle: handle.write(png), job)
+        except OSError as error:
+            raise StorageError(_storage_message(self.outputs_dir, error.strerror or str(error), error.errno),
+                               error.errno) from error
+        except sqlite3.Error as error:
+            raise StorageError(_storage_message(self.outputs_dir / DB_NAME, f"history database: {error}", None)) from error
+
+    def _save(self, generated: SavableImage, now: dt.datetime | None,
+              encode: Callable[[BinaryIO], Any] | None = None, job: dict[str, Any] | None = None) -> Path:
         now = now or dt.datetime.now().astimezone()
         with self._lock:
             self._connection()  # opens (and repairs) the history before this image exists on disk
         folder = self.outputs_dir / now.strftime("%Y-%m-%d")
         folder.mkdir(parents=True, exist_ok=True)
-        temp = self._write_temp(folder, generated)
+        if encode is None:
+            def encode(handle: BinaryIO) -> None:
+                write_png(generated.image, handle, generated.infotext)
+        temp = self._write_temp(folder, encode)
         try:
-            path = self._publish(temp, folder, generated.seed, generated.params.prompt)
+            path = self._publish(temp, folder, generated.seed, generated.params.prompt, job)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
-        self._insert(path, generated, now)
+        self._insert(path, generated, now, job)
         return path
 
-    def _write_temp(self, folder: Path, generated: SavableImage) -> Path:
+    def _write_temp(self, folder: Path, encode: Callable[[BinaryIO], Any]) -> Path:
         fd, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=".png", dir=folder)
         temp = Path(name)
         try:
             with os.fdopen(fd, "wb") as handle:
-                write_png(generated.image, handle, generated.infotext)
+                encode(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
         except BaseException:
@@ -169,18 +215,35 @@ class OutputStore:
             raise
         return temp
 
-    def _publish(self, temp: Path, folder: Path, seed: int, prompt: str) -> Path:
+    def _publish(self, temp: Path, folder: Path, seed: int, prompt: str, job: dict[str, Any] | None = None) -> Path:
         slug = prompt_slug(prompt)
         suffix = f"-{seed}" + (f"-{slug}" if slug else "") + ".png"
         with self._lock, self._process_lock():
             number = next_number(folder)
             while True:
                 final = folder / f"{number:05d}{suffix}"
+                self._note_pending(final, job)
                 try:
                     _link_no_overwrite(temp, final)
                     return final
                 except FileExistsError:
+                    self._note_pending(final, None)  # another writer's file: not our job
                     number = max(number + 1, next_number(folder))
+
+    def _note_pending(self, final: Path, job: dict[str, Any] | None) -> None:
+        """Note (or, with None, forget) the batch job of an image about to be published at `final` (module
+        docstring); a plain image notes nothing. Called under `self._lock`, with the history open."""
+        if job is None and not self._pending_noted:
+            return
+        db = self._db
+        assert db is not None
+        path = final.relative_to(self.outputs_dir).as_posix()
+        with db:
+            db.execute("DELETE FROM pending_jobs WHERE path = ?", (path,))
+            if job is not None:
+                self._pending_noted = True
+                db.execute("INSERT INTO pending_jobs (path, job_id, job_image, job_images) VALUES (?, ?, ?, ?)",
+                           (path, job["job_id"], job["job_image"], job["job_images"]))
 
     @contextlib.contextmanager
     def _process_lock(self) -> Iterator[None]:
@@ -202,6 +265,7 @@ class OutputStore:
             db = sqlite3.connect(self.outputs_dir / DB_NAME, timeout=30, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            _add_job_columns(db)
             db.create_function("casefold", 1, lambda s: s.casefold() if isinstance(s, str) else s, deterministic=True)
             db.row_factory = sqlite3.Row
             self._db = db
@@ -219,6 +283,8 @@ class OutputStore:
         from difusi.infotext import read_infotext, recipe_from_infotext
 
         known = {row[0] for row in db.execute("SELECT path FROM images")}
+        pending = {row[0]: {"job_id": row[1], "job_image": row[2], "job_images": row[3]}
+                   for row in db.execute("SELECT path, job_id, job_image, job_images FROM pending_jobs")}
         for folder in sorted(p for p in self.outputs_dir.iterdir() if p.is_dir() and _DAY.match(p.name)):
             for entry in sorted(folder.iterdir()):
                 if entry.name.startswith(TEMP_PREFIX):
@@ -237,12 +303,20 @@ class OutputStore:
                     continue
                 made = dt.datetime.fromtimestamp(entry.stat().st_mtime).astimezone()
                 image = _Recovered(params=params, seed=params.seed, subseed=params.subseed, infotext=text)
-                _write_row(db, self._row(entry, image, made), recovered=True)
+                row = self._row(entry, image, made)
+                row.update(pending.get(relative, {}))  # a batch image keeps its job (module docstring)
+                _write_row(db, row, recovered=True)
+        if pending:  # notes whose image has its row are done with; others may belong to a writer still running
+            with db:
+                db.execute("DELETE FROM pending_jobs WHERE path IN (SELECT path FROM images)")
 
-    def _insert(self, path: Path, generated: SavableImage, now: dt.datetime) -> None:
+    def _insert(self, path: Path, generated: Any, now: dt.datetime, job: dict[str, Any] | None = None) -> None:
         row = self._row(path, generated, now)
+        row.update(job or {})
         with self._lock:
             _write_row(self._connection(), row)
+            if job is not None:
+                self._note_pending(path, None)
 
     def _row(self, path: Path, generated: SavableImage, now: dt.datetime) -> dict[str, Any]:
         params = generated.params
@@ -284,8 +358,30 @@ class OutputStore:
             rows = self._connection().execute(sql, args).fetchall()
         return [self._entry(row) for row in rows]
 
+    def done_job_ids(self) -> set[str]:
+        """Ids of batch jobs whose every image has its file and history row (module docstring)."""
+        if not (self.outputs_dir / DB_NAME).exists():
+            return set()
+        sql = ("SELECT job_id FROM images WHERE job_id IS NOT NULL GROUP BY job_id "
+               "HAVING COUNT(DISTINCT job_image) >= MAX(job_images)")
+        with self._lock:
+            return {row[0] for row in self._connection().execute(sql)}
+
+    def saved_job_images(self) -> dict[str, set[int]]:
+        """Batch job id -> the 0-based indexes of its images already saved (done or not)."""
+        if not (self.outputs_dir / DB_NAME).exists():
+            return {}
+        saved: dict[str, set[int]] = {}
+        with self._lock:
+            for job_id, index in self._connection().execute(
+                    "SELECT job_id, job_image FROM images WHERE job_id IS NOT NULL"):
+                saved.setdefault(job_id, set()).add(index)
+        return saved
+
     def _entry(self, row: sqlite3.Row) -> HistoryEntry:
         values = dict(row)
+        for name in _JOB_COLUMNS:  # batch bookkeeping, not part of a HistoryEntry
+            values.pop(name, None)
         values["path"] = self.outputs_dir / values["path"]
         values["params"] = json.loads(values.pop("params_json"))
         return HistoryEntry(**values)
@@ -301,6 +397,20 @@ class OutputStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _add_job_columns(db: sqlite3.Connection) -> None:
+    """Give a database made before batch jobs their columns (another process may be adding them at the same time)."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(images)")}
+    for name, kind in _JOB_COLUMNS.items():
+        if name in present:
+            continue
+        try:
+            with db:
+                db.execute(f"ALTER TABLE images ADD COLUMN {name} {kind}")
+        except sqlite3.OperationalError as error:
+            if "duplicate column" not in str(error):
+                raise
 
 
 def _write_row(db: sqlite3.Connection, row: dict[str, Any], *, recovered: bool = False) -> None:

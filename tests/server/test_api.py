@@ -110,7 +110,7 @@ def test_samplers_schedulers_scripts(client):
     assert "k_euler_a" in euler_a["aliases"]
     schedulers = client.get("/sdapi/v1/schedulers").json()
     assert {"Automatic", "Karras"} <= {s["label"] for s in schedulers}
-    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["x/y/z plot"], "img2img": []}
 
 
 def test_sd_models_lists_both_checkpoints_with_their_hashes(client, models):

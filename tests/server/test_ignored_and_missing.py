@@ -43,7 +43,8 @@ def test_honoured_keys_come_from_the_field_table_and_the_request_base():
     ({"enable_hr": False, "hr_scale": 2, "hr_upscaler": "Latent"}, []),  # hires settings without hires: no effect
     ({"restore_faces": True, "tiling": True}, ["restore_faces", "tiling"]),
     ({"styles": ["cinematic"], "alwayson_scripts": {"controlnet": {"args": []}}}, ["styles", "alwayson_scripts"]),
-    ({"script_name": "x/y/z plot", "script_args": [1, 2]}, ["script_name", "script_args"]),
+    ({"script_name": "prompt matrix", "script_args": [1, 2]}, ["script_name", "script_args"]),
+    ({"script_name": "X/Y/Z plot", "script_args": [1, 2]}, []),  # honoured (difusi.batch.xyz)
     ({"script_name": None, "script_args": [1, 2]}, []),
     ({"seed_resize_from_h": -1, "refiner_checkpoint": "None", "override_settings_restore_afterwards": False}, []),
     ({"override_settings": {"sd_vae": "kl-f8.vae.pt", "CLIP_stop_at_last_layers": 2}}, ["override_settings.sd_vae"]),

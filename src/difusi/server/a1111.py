@@ -143,7 +143,10 @@ def ignored_fields(request: Txt2ImgRequest) -> list[str]:
     """
     extra = request.model_extra or {}
     ignored = []
+    xyz_script = _is_xyz_script(extra.get("script_name"))
     for key, value in extra.items():
+        if xyz_script and key in ("script_name", "script_args"):
+            continue  # the X/Y/Z plot is honoured (`difusi.batch.xyz`): its keys are not ignored
         master = _master_of(key)
         if master is not None and _means_nothing(master, extra.get(master)):
             continue  # e.g. hr_scale: 2 without enable_hr does nothing in A1111 either
@@ -153,6 +156,12 @@ def ignored_fields(request: Txt2ImgRequest) -> list[str]:
         if key not in HONOURED_OVERRIDES and not _means_nothing(key, value):
             ignored.append(f"override_settings.{key}")
     return ignored
+
+
+def _is_xyz_script(name: Any) -> bool:
+    from difusi.batch.xyz import is_xyz_script
+
+    return is_xyz_script(name)
 
 
 class Txt2ImgResponse(BaseModel):
@@ -359,3 +368,15 @@ def png_text_items(image: Image.Image) -> dict[str, Any]:
         if isinstance(value, str | int | float):
             items[key] = value
     return items
+
+
+@dataclass
+class XYZJob:
+    """What the worker needs for an X/Y/Z plot (`script_name: "x/y/z plot"` or `POST /difusi/v1/xyz`): the
+    txt2img job every cell starts from, the parsed axes and A1111's script options."""
+
+    spec: Txt2ImgJob
+    script: Any
+    """`difusi.batch.xyz.ScriptRequest`."""
+    send_cells: bool = False
+    """Return every cell's image after the grid(s) (A1111's include_lone_images; always for /difusi/v1/xyz)."""

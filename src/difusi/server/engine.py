@@ -205,6 +205,8 @@ class Engine:
     def run_job(self, job: Job) -> Any:
         if job.kind == "txt2img":
             return self._txt2img(job)
+        if job.kind == "xyz":
+            return self._xyz(job)
         if job.kind == "load_model":
             info = self._checkpoint_by_name(job.payload)
             self._load(info)
@@ -271,6 +273,75 @@ class Engine:
             outcome.info = self._info(partial, params, model, outcome, timestamp, spec)
             return outcome  # the queue marks the job "interrupted"; A1111 answers 200 with the images so far
         outcome.info = self._info(result, params, model, outcome, timestamp, spec)
+        return outcome
+
+    def _xyz(self, job: Job) -> Txt2ImgOutcome:
+        """An X/Y/Z plot (`difusi.batch.xyz`): cells through this engine's model cache, one at a time, each saved
+        with its history row; grids saved under `<outputs>/xyz-grids/`. Images: the grid (A1111's grid of grids
+        when Z has several values), the per-Z grids when asked (include_sub_grids), then the cells when asked."""
+        from difusi.batch import xyz
+        from difusi.pipeline import GeneratedImage
+
+        payload: a1111.XYZJob = job.payload
+        spec, script = payload.spec, payload.script
+        info = self._checkpoint_by_name(spec.checkpoint) if spec.checkpoint else self._current
+        if info is None:
+            raise ParamError("sd_model_checkpoint", f"no model available: put a checkpoint in {self.models_dir}")
+        # Cells without a Checkpoint axis run on the job's model; naming it by title makes the batch job carry its
+        # sha256, so a cell can never run on another model by mistake.
+        params = spec.params.replace(model=title(info))
+        planned = xyz.plan(params, script.x, script.y, script.z)
+        total = sum(cell.params.total_images for cell in planned.cells)
+        job.report(n_iter=len(planned.cells), total_images=total, steps=params.steps, textinfo="X/Y/Z plot")
+
+        def load(checkpoint: str | None) -> Any:
+            return self._load(self._checkpoint_by_name(checkpoint) if checkpoint else info)
+
+        done = {"cells": 0, "images": 0}
+
+        def on_cell(cell: Any) -> None:
+            # progress counts cells as A1111's batches (`iteration` of `n_iter`): the share of the plot done
+            done["cells"] += 1
+            done["images"] += len(cell.images)
+            job.report(images_done=done["images"], iteration=done["cells"], step=0)
+
+        runner = xyz.PipelineRunner(load, should_stop=lambda: job.interrupted)
+        timestamp = a1111.job_timestamp(job.started)
+        outcome = Txt2ImgOutcome()
+        try:
+            result = xyz.xyz_plot(params, planned.x, planned.y, planned.z, runner=runner,
+                                  store=self.store if spec.save_images else None, models_dir=self.models_dir,
+                                  draw_legend=script.draw_legend, margin=script.margin_size, on_cell=on_cell,
+                                  fix_seeds=not script.no_fixed_seeds)
+        except Interrupted:
+            outcome.interrupted = True
+            outcome.info = a1111.build_info(params, [], [], [], info.name, info.short_hash, timestamp,
+                                            interrupted=True, ignored_fields=list(spec.ignored))
+            return outcome
+        first = result.cells[0]
+        grids = [(result.z_grid, result.infotext)] if result.z_grid is not None else []
+        if result.z_grid is None or script.include_sub_grids:
+            grids += list(zip(result.grids, result.grid_infotexts, strict=True))
+        for picture, text in grids:
+            path = xyz.save_grid(picture, text, self.outputs_dir) if spec.save_images else None
+            outcome.images.append(GeneratedImage(picture, first.seed, first.subseed, len(outcome.images), text,
+                                                 first.params))
+            outcome.files.append(path.relative_to(self.outputs_dir).as_posix() if path else None)
+        if payload.send_cells:
+            for cell in result.cells:
+                for image, path in zip(cell.images, cell.paths or [None] * len(cell.images), strict=True):
+                    outcome.images.append(GeneratedImage(image.image, image.seed, image.subseed,
+                                                         len(outcome.images), image.infotext, image.params))
+                    outcome.files.append(path.relative_to(self.outputs_dir).as_posix() if path else None)
+        model = self._loaded
+        outcome.info = a1111.build_info(
+            first.params, seeds=[image.seed for image in outcome.images],
+            subseeds=[image.subseed for image in outcome.images], infotexts=[image.infotext for image in outcome.images],
+            model_name=model.name, model_hash=model.short_hash, timestamp=timestamp, image_seeds=[
+                image.seed for image in outcome.images], files=list(outcome.files), warnings=[],
+            ignored_fields=list(spec.ignored), index_of_first_image=len(grids),
+            xyz={"x": script.x.labels(), "y": script.y.labels(), "z": script.z.labels(), "grids": len(grids),
+                 "cells": len(result.cells)})
         return outcome
 
     def _info(self, result: Any, params: GenerationParams, model: Any, outcome: Txt2ImgOutcome, timestamp: str,

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
+from difusi.batch.xyz import SCRIPT_TITLE, is_xyz_script
 from difusi.server import a1111
 from difusi.server.queue import CANCELLED, FAILED, Job, JobQueue
 from difusi.server.routes_common import (
@@ -21,6 +22,7 @@ from difusi.server.routes_common import (
     not_implemented,
     png_base64_with_infotext,
     prepare_txt2img,
+    prepare_xyz,
     submit,
     wait_for_job,
 )
@@ -47,7 +49,15 @@ client can tell "this server cannot do that" from "wrong URL"."""
 
 @router.post("/txt2img", response_model=a1111.Txt2ImgResponse, responses=a1111.ERROR_RESPONSES)
 async def txt2img(body: a1111.Txt2ImgRequest, engine: EngineDep, queue: QueueDep) -> dict[str, Any]:
-    """Generate images and wait for them (A1111). Seeds of a job with seed s are s, s+1, ... over batch_size x n_iter."""
+    """Generate images and wait for them (A1111). Seeds of a job with seed s are s, s+1, ... over batch_size x n_iter.
+    With `script_name: "x/y/z plot"` and A1111's `script_args`, an X/Y/Z plot: the grid first, then the cells."""
+    if is_xyz_script((body.model_extra or {}).get("script_name")):
+        xyz_job = await run_in_threadpool(prepare_xyz, engine, body)
+        job = submit(queue, "xyz", xyz_job)
+        await wait_for_job(job)
+        if job.result is None:
+            raise job_error(job)
+        return await run_in_threadpool(_txt2img_response, job)
     spec = await run_in_threadpool(prepare_txt2img, engine, body)
     job = submit(queue, "txt2img", spec)
     await wait_for_job(job)
@@ -82,7 +92,8 @@ def refresh_checkpoints(engine: EngineDep) -> None:
 
 @router.get("/scripts")
 def scripts() -> dict[str, list[str]]:
-    return {"txt2img": [], "img2img": []}
+    """A1111's script titles, lower-case as A1111 lists them: clients check here before sending `script_name`."""
+    return {"txt2img": [SCRIPT_TITLE.lower()], "img2img": []}
 
 
 def _empty_list() -> list[Any]:
@@ -205,7 +216,7 @@ def png_info(body: a1111.PngInfoRequest) -> dict[str, Any]:
 # -- answers ------------------------------------------------------------------------------------------------------
 def _txt2img_response(job: Job) -> dict[str, Any]:
     outcome = job.result
-    spec: a1111.Txt2ImgJob = job.payload
+    spec: a1111.Txt2ImgJob = getattr(job.payload, "spec", job.payload)  # an XYZJob wraps its txt2img job
     images = [png_base64_with_infotext(image.image, image.infotext) for image in outcome.images] if spec.send_images else []
     return {"images": images, "parameters": a1111.echo_parameters(spec), "info": a1111.info_json(outcome.info)}
 

@@ -89,6 +89,38 @@ def prepare_txt2img(engine: Any, body: a1111.Txt2ImgRequest) -> a1111.Txt2ImgJob
     return spec
 
 
+def prepare_xyz(engine: Any, body: a1111.Txt2ImgRequest, axes: tuple[str | None, str | None, str | None] | None = None,
+                ) -> a1111.XYZJob:
+    """Map and check an X/Y/Z plot before it is queued: A1111's `script_args` (when `axes` is None) or difusi's
+    `TYPE=VALUES` axis strings; every cell is validated now, so a bad axis or cell is a 422 naming it."""
+    from difusi.batch import xyz
+
+    spec = prepare_txt2img(engine, body)
+    params = spec.params
+    if axes is None:
+        script = xyz.from_script_args((body.model_extra or {}).get("script_args"), prompt=params.prompt,
+                                      negative_prompt=params.negative_prompt,
+                                      resolve_checkpoint=engine.resolve_title)
+        send_cells = script.include_lone_images
+    else:
+        parsed = []
+        for name, text in zip("xyz", axes, strict=True):
+            axis = xyz.parse_axis(text, name, prompt=params.prompt, negative_prompt=params.negative_prompt,
+                                  models_dir=xyz.NO_CHECKPOINT_CHECK)
+            if axis.type.kind == xyz.CHECKPOINT:  # requests name listed checkpoints only, by the server's rules
+                try:
+                    axis = xyz.dataclasses.replace(axis, values=tuple(engine.resolve_title(v) for v in axis.values))
+                except ParamError as error:
+                    raise ParamError(name, f"{name.upper()} axis (Checkpoint name): {error.message}") from None
+            parsed.append(axis)
+        if parsed[0].is_nothing:
+            raise ParamError("x", "X axis: required (TYPE=VALUES, e.g. 'steps=10,20')")
+        script = xyz.ScriptRequest(parsed[0], parsed[1], parsed[2])
+        send_cells = True
+    xyz.plan(params, script.x, script.y, script.z, native_size=engine.native_size_hint(spec.checkpoint))
+    return a1111.XYZJob(spec, script, send_cells)
+
+
 def not_implemented(what: str) -> ApiError:
     """The 501 of an A1111 endpoint difusi does not have (yet), naming it, instead of a bare 404."""
     return ApiError(501, "NotImplemented", f"{what} is not implemented in difusi yet (difusi does txt2img only); "

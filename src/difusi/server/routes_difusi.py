@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
+from pydantic import Field
 
 from difusi import __version__
 from difusi.server import a1111
@@ -25,6 +26,7 @@ from difusi.server.routes_common import (
     job_error,
     png_base64_with_infotext,
     prepare_txt2img,
+    prepare_xyz,
     submit,
 )
 
@@ -39,6 +41,23 @@ async def submit_job(body: a1111.Txt2ImgRequest, engine: EngineDep, queue: Queue
     """Queue a txt2img job (same body as /sdapi/v1/txt2img) and return its id at once."""
     spec = await run_in_threadpool(prepare_txt2img, engine, body)
     job = submit(queue, "txt2img", spec)
+    return job_status(engine, queue, job, images=False, preview=False)
+
+
+class XYZRequest(a1111.Txt2ImgRequest):
+    """Body of `POST /difusi/v1/xyz`: the txt2img body every cell starts from, plus the axes in the CLI's syntax."""
+
+    x: str = Field(description="X axis (columns), TYPE=VALUES, e.g. 'sampler_name=Euler a,DPM++ 2M' or 'steps=10-40 [4]'")
+    y: str | None = Field(None, description="Y axis (rows), TYPE=VALUES")
+    z: str | None = Field(None, description="Z axis (one grid per value), TYPE=VALUES")
+
+
+@router.post("/xyz", status_code=202, responses=a1111.ERROR_RESPONSES)
+async def submit_xyz(body: XYZRequest, engine: EngineDep, queue: QueueDep) -> dict[str, Any]:
+    """Queue an X/Y/Z plot and return its job id at once; the finished job's result lists the grid(s) first,
+    then every cell (GET /difusi/v1/jobs/{id})."""
+    spec = await run_in_threadpool(prepare_xyz, engine, body, (body.x, body.y, body.z))
+    job = submit(queue, "xyz", spec)
     return job_status(engine, queue, job, images=False, preview=False)
 
 
@@ -136,14 +155,14 @@ def job_status(engine: Any, queue: JobQueue, job: Job, images: bool, preview: bo
         status["error"] = error_body(error.error, error.detail, error.field)
     if preview and job.status == RUNNING:
         status["preview"] = engine.preview_png_b64(job)
-    if job.kind == "txt2img" and job.result is not None:
+    if job.kind in ("txt2img", "xyz") and job.result is not None:
         status["result"] = _job_result(job, images)
     return status
 
 
 def _job_result(job: Job, images: bool) -> dict[str, Any]:
     outcome = job.result
-    spec: a1111.Txt2ImgJob = job.payload
+    spec: a1111.Txt2ImgJob = getattr(job.payload, "spec", job.payload)  # an XYZJob wraps its txt2img job
     entries = []
     for image, path in zip(outcome.images, outcome.files, strict=True):
         entry = {"index": image.index, "seed": image.seed, "infotext": image.infotext,

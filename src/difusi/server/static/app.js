@@ -220,7 +220,9 @@ async function generate(event) {
   showError(null);
   let job;
   try {
-    job = await api("/difusi/v1/jobs", { json: readForm() });
+    const axes = xyzAxes();  // null unless the X/Y/Z plot script is chosen
+    job = axes ? await api("/difusi/v1/xyz", { json: { ...readForm(), ...axes } })
+      : await api("/difusi/v1/jobs", { json: readForm() });
   } catch (error) {
     showError(error);
     return;
@@ -251,7 +253,8 @@ async function poll(id) {
   if (status.status === "queued") {
     setProgress(0, `Queued (${status.position} ahead)`);
   } else if (status.status === "running") {
-    const text = status.steps ? `Step ${status.step}/${status.steps} · batch ${status.iteration + 1}/${status.n_iter}` +
+    const text = status.kind === "xyz" ? `X/Y/Z plot: ${status.iteration} of ${status.n_iter} cells done` :
+      status.steps ? `Step ${status.step}/${status.steps} · batch ${status.iteration + 1}/${status.n_iter}` +
       (status.eta_relative > 0 ? ` · ~${status.eta_relative.toFixed(1)} s left` : "") : "Loading model…";
     setProgress(status.progress, text);
     if (status.preview) showPreview(status.preview);
@@ -336,6 +339,57 @@ function selectResult(index) {
   $("stage-empty").hidden = true;
   $("infotext").textContent = entry.infotext;
   [...$("results").children].forEach((img, i) => img.classList.toggle("selected", i === index));
+}
+
+// ---- scripts: X/Y/Z plot ---------------------------------------------------------------------------------------
+// Axis types come from the field table (every numeric or choice field, by its label), plus A1111's Prompt S/R and
+// Checkpoint name; the server parses "TYPE=VALUES" (difusi.batch.xyz), so nothing about axes is duplicated here.
+const AXIS_HINTS = { x: "e.g. Euler a, DPM++ 2M", y: "e.g. 10-40 [4] or 1-5 (+2)", z: "optional" };
+
+function axisTypes() {
+  const types = [{ value: "", label: "Nothing" }];
+  for (const field of ui.fields) {
+    if (field.type !== "string" || field.choices) types.push({ value: field.name, label: field.label });
+  }
+  types.push({ value: "Checkpoint name", label: "Checkpoint name" }, { value: "Prompt S/R", label: "Prompt S/R" });
+  return types;
+}
+
+function buildXyzAxes() {
+  const defaults = { x: "sampler_name", y: "steps", z: "" };
+  const rows = ["x", "y", "z"].map((axis) => {
+    const row = document.createElement("div");
+    row.className = "row xyz-axis";
+    const type = document.createElement("select");
+    type.id = `${axis}-type`;
+    type.setAttribute("aria-label", `${axis.toUpperCase()} type`);
+    type.replaceChildren(...axisTypes().map((t) => option(t.value, t.label)));
+    type.value = defaults[axis];
+    const values = document.createElement("input");
+    values.id = axis;  // the server's error `field` for a bad axis is "x", "y" or "z": showError marks this input
+    values.type = "text";
+    values.placeholder = AXIS_HINTS[axis];
+    values.setAttribute("aria-label", `${axis.toUpperCase()} values`);
+    const typeLabel = document.createElement("label");
+    typeLabel.append(`${axis.toUpperCase()} type `, type);
+    const valuesLabel = document.createElement("label");
+    valuesLabel.append(`${axis.toUpperCase()} values `, values);
+    row.append(typeLabel, valuesLabel);
+    return row;
+  });
+  $("xyz-axes").replaceChildren(...rows);
+}
+
+// {x, y, z} in the CLI's "TYPE=VALUES" syntax, or null when no script is chosen.
+function xyzAxes() {
+  if ($("script").value !== "xyz") return null;
+  const axes = {};
+  for (const axis of ["x", "y", "z"]) {
+    const type = $(`${axis}-type`).value;
+    const values = $(axis).value.trim();
+    axes[axis] = type && values ? `${type}=${values}` : null;
+  }
+  return axes;
 }
 
 // ---- history ---------------------------------------------------------------------------------------------
@@ -453,8 +507,10 @@ async function start() {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && !$("generate").disabled) $("txt2img").requestSubmit();
   });
   installDropZone();
+  $("script").addEventListener("change", () => { $("xyz-axes").hidden = $("script").value !== "xyz"; });
   try {
     await Promise.all([loadModels(), loadFields()]);
+    buildXyzAxes();
     setStatus(`Model: ${$("model").value}`);
   } catch (error) {
     showError(error);
