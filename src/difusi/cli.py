@@ -127,10 +127,7 @@ def _add_generate(commands: Any) -> None:
         description="Generate images. Flags left out keep the image's values with --from/--infotext, "
         "else the defaults.",
     )
-    fast = gen.add_argument_group(SPEED_GROUP)
-    for spec in FIELDS.values():
-        if spec.flags:
-            _add_field_flag(fast if spec.group == "speed" else gen, spec)
+    _add_field_flags(gen)
     source = gen.add_mutually_exclusive_group()
     source.add_argument("--from", dest="from_image", default=None, metavar="IMAGE",
                         help="start from the parameters (and model) stored in IMAGE; flags override them")
@@ -142,6 +139,26 @@ def _add_generate(commands: Any) -> None:
     gen.add_argument("--outputs-dir", default=None, help="folder for images and history (default: see settings)")
     add_device_flags(gen)
     add_budget_flags(gen)
+
+
+def _add_field_flags(parser: Any, *, prompt: bool = True) -> None:
+    """Every field-table flag (the speed modes in their own help group); `prompt=False` leaves out PROMPT."""
+    fast = parser.add_argument_group(SPEED_GROUP)
+    for spec in FIELDS.values():
+        if spec.flags and (prompt or not spec.flags[0].isupper()):
+            _add_field_flag(fast if spec.group == "speed" else parser, spec)
+
+
+def _add_runner_flags(parser: Any, what: str) -> None:
+    """Where batch-like commands run (in-process, or Ray) and the folders, device and budget they use."""
+    parser.add_argument("--workers", type=_positive_int_type, default=None, metavar="N",
+                        help=f"run {what} on a local Ray cluster of N workers")
+    parser.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                        help=f"run {what} on an existing Ray cluster (HOST:PORT or auto; default $RAY_ADDRESS)")
+    parser.add_argument("--models-dir", default=None, help="folder of checkpoints (default: see settings)")
+    parser.add_argument("--outputs-dir", default=None, help="folder for images and history (default: see settings)")
+    add_device_flags(parser)
+    add_budget_flags(parser)
 
 
 def _add_field_flag(parser: Any, spec: FieldSpec) -> None:
@@ -525,20 +542,10 @@ def _add_batch(commands: Any) -> None:
         "row. Rows are checked before any model loads; rows already done (same job id in the history) are "
         "skipped, so a stopped batch can be re-run.")
     batch.add_argument("file", metavar="FILE", help="batch file: .jsonl, .json, .csv or .txt")
-    fast = batch.add_argument_group(SPEED_GROUP)
-    for spec in FIELDS.values():
-        if spec.flags and not spec.flags[0].isupper():  # the prompt comes from the rows
-            _add_field_flag(fast if spec.group == "speed" else batch, spec)
+    _add_field_flags(batch, prompt=False)  # the prompt comes from the rows
     batch.add_argument("--skip-invalid", action="store_true",
                        help="report bad rows and run the others (default: a bad row stops the batch)")
-    batch.add_argument("--workers", type=_positive_int_type, default=None, metavar="N",
-                       help="run on a local Ray cluster of N workers")
-    batch.add_argument("--ray-address", default=None, metavar="ADDRESS",
-                       help="run on an existing Ray cluster (HOST:PORT or auto; default $RAY_ADDRESS)")
-    batch.add_argument("--models-dir", default=None, help="folder of checkpoints (default: see settings)")
-    batch.add_argument("--outputs-dir", default=None, help="folder for images and history (default: see settings)")
-    add_device_flags(batch)
-    add_budget_flags(batch)
+    _add_runner_flags(batch, "the rows")
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -730,18 +737,8 @@ def _add_xyz(commands: Any) -> None:
     plot.add_argument("--z", default=None, metavar="TYPE=VALUES", help="Z axis (one grid per value)")
     plot.add_argument("--no-legend", action="store_true", help="draw the grids without axis labels")
     plot.add_argument("--margin", type=_int_type, default=0, metavar="PX", help="pixels between cells (default 0)")
-    fast = plot.add_argument_group(SPEED_GROUP)
-    for spec in FIELDS.values():
-        if spec.flags:
-            _add_field_flag(fast if spec.group == "speed" else plot, spec)
-    plot.add_argument("--workers", type=_positive_int_type, default=None, metavar="N",
-                      help="run the cells on a local Ray cluster of N workers")
-    plot.add_argument("--ray-address", default=None, metavar="ADDRESS",
-                      help="run the cells on an existing Ray cluster (HOST:PORT or auto)")
-    plot.add_argument("--models-dir", default=None, help="folder of checkpoints (default: see settings)")
-    plot.add_argument("--outputs-dir", default=None, help="folder for images and history (default: see settings)")
-    add_device_flags(plot)
-    add_budget_flags(plot)
+    _add_field_flags(plot)
+    _add_runner_flags(plot, "the cells")
 
 
 def cmd_xyz(args: argparse.Namespace) -> int:

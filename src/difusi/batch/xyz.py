@@ -33,12 +33,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from difusi.errors import DifusiError, ParamError
 from difusi.params import FIELDS, FieldSpec, GenerationParams, check_field, format_value, resolve_seed
+
+if TYPE_CHECKING:
+    from difusi.pipeline import GeneratedImage
 
 SCRIPT_TITLE = "X/Y/Z plot"
 """A1111's script title: the `script_name` HTTP clients send (case-insensitive) and the grid infotext's `Script`."""
@@ -558,7 +561,7 @@ class XYZCell:
     png: bytes
     paths: list[Path] = field(default_factory=list)
     images: list[Any] = field(default_factory=list)
-    """`_SavedImage`s of every image the cell's job made (batch size x batch count)."""
+    """`GeneratedImage`s (what `OutputStore.save` takes) of every image the cell's job made (batch size x batch count)."""
 
 
 @dataclass
@@ -573,18 +576,6 @@ class XYZResult:
     z_grid: Image.Image | None = None
     """A1111's grid of grids (Z labels over the columns) when the Z axis has several values, else None."""
     plan: XYZPlan | None = None
-
-
-@dataclass
-class _SavedImage:
-    """What `OutputStore.save` needs (`store.SavableImage`), made from a runner's PNG bytes."""
-
-    image: Image.Image
-    seed: int
-    subseed: int
-    index: int
-    infotext: str
-    params: GenerationParams
 
 
 def grid_infotext(cell_infotext: str, xyz: XYZPlan) -> str:
@@ -662,7 +653,9 @@ def _cell_name(xyz: XYZPlan, cell: Cell) -> str:
 
 
 def _finish(cell: Cell, output: Any, store: Any) -> XYZCell:
-    saved: list[_SavedImage] = []
+    from difusi.pipeline import GeneratedImage  # the pipeline's image record; imported late (torch, diffusers)
+
+    saved: list[GeneratedImage] = []
     paths: list[Path] = []
     for encoded in sorted(output.images, key=lambda image: image.index):
         with Image.open(io.BytesIO(encoded.png)) as opened:
@@ -670,7 +663,7 @@ def _finish(cell: Cell, output: Any, store: Any) -> XYZCell:
         params = cell.params.replace(seed=encoded.seed, subseed=encoded.subseed,
                                      width=cell.params.width or picture.width,
                                      height=cell.params.height or picture.height)
-        image = _SavedImage(picture, encoded.seed, encoded.subseed, encoded.index, encoded.infotext, params)
+        image = GeneratedImage(picture, encoded.seed, encoded.subseed, encoded.index, encoded.infotext, params)
         saved.append(image)
         if store is None:
             continue

@@ -51,15 +51,9 @@ client can tell "this server cannot do that" from "wrong URL"."""
 async def txt2img(body: a1111.Txt2ImgRequest, engine: EngineDep, queue: QueueDep) -> dict[str, Any]:
     """Generate images and wait for them (A1111). Seeds of a job with seed s are s, s+1, ... over batch_size x n_iter.
     With `script_name: "x/y/z plot"` and A1111's `script_args`, an X/Y/Z plot: the grid first, then the cells."""
-    if is_xyz_script((body.model_extra or {}).get("script_name")):
-        xyz_job = await run_in_threadpool(prepare_xyz, engine, body)
-        job = submit(queue, "xyz", xyz_job)
-        await wait_for_job(job)
-        if job.result is None:
-            raise job_error(job)
-        return await run_in_threadpool(_txt2img_response, job)
-    spec = await run_in_threadpool(prepare_txt2img, engine, body)
-    job = submit(queue, "txt2img", spec)
+    xyz = is_xyz_script((body.model_extra or {}).get("script_name"))
+    spec = await run_in_threadpool(prepare_xyz if xyz else prepare_txt2img, engine, body)
+    job = submit(queue, "xyz" if xyz else "txt2img", spec)
     await wait_for_job(job)
     if job.result is None:
         raise job_error(job)
