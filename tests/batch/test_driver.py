@@ -234,12 +234,18 @@ def test_ctrl_c_during_a_save_waits_for_its_history_row(tmp_path: Path) -> None:
             return super().save_encoded(*args, **kwargs)
 
     jobs = [make_job(1), make_job(2)]
-    with InterruptedStore(tmp_path) as store, pytest.raises(BatchInterrupted) as stopped:
-        run_batch(jobs, FakeRunner(), store)
+    # Python's own Ctrl-C handler, as in a terminal: a test run in the background (nohup, `cmd &`) starts with SIGINT
+    # ignored, and an earlier test may have left another handler.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with InterruptedStore(tmp_path) as store, pytest.raises(BatchInterrupted) as stopped:
+            run_batch(jobs, FakeRunner(), store)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert (stopped.value.summary.done, stopped.value.summary.images) == (0, 1)
     assert [job_id for _, job_id, _, _ in history_rows(tmp_path)] == [jobs[0].job_id]
     assert len(pngs(tmp_path)) == 1
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def test_a_kill_between_publishing_and_the_row_keeps_the_job_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
