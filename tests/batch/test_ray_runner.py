@@ -402,9 +402,11 @@ def test_a_job_that_kills_every_worker_fails_alone(cluster: str, tmp_path: Path)
     jobs = _jobs(_write_jsonl(tmp_path / "rows.jsonl", [dict(row, batch_size=1) for row in _rows()[:4]]))
     with Runner(workers=2) as crashing:
         outputs = {output.row: output for output in crashing.run(jobs, None)}
-        # One worker per death of row 2; an extra one when a crash also lost the reply of the job just before
-        # it (that job is then blamed once, redone, and still counted below as done once).
-        assert MAX_DEATHS_PER_JOB <= crashing.replacements <= MAX_DEATHS_PER_JOB + 2
+        # One worker per death of row 2, plus one for each time a crash also lost the reply of another job (on a
+        # loaded machine that job is blamed, redone, and still counted below as done once); an innocent job is
+        # blamed fewer than MAX_DEATHS_PER_JOB times, or it would have been reported as failed below.
+        innocent = len(jobs) - 1
+        assert MAX_DEATHS_PER_JOB <= crashing.replacements <= MAX_DEATHS_PER_JOB + innocent * (MAX_DEATHS_PER_JOB - 1)
     assert sorted(outputs) == [1, 2, 3, 4]
     assert outputs[2].error is not None and f"its worker died {MAX_DEATHS_PER_JOB} times" in outputs[2].error
     assert all(outputs[row].error is None and len(outputs[row].images) == 1 for row in (1, 3, 4))
