@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from difusi.errors import ParamError
+from difusi.strict_json import to_strict
 
 SEED_MAX = 2**53 - 1
 """Largest seed (and variation seed) accepted, for every image of a job: image i of seed s uses s + i, and A1111
@@ -99,14 +100,14 @@ class FieldSpec:
     def to_json(self) -> dict[str, Any]:
         """The JSON the web UI builds its form from (`GET /difusi/v1/fields`); infinity becomes null."""
         low, high = self.range if self.range is not None else (None, None)
-        return {
+        return to_strict({
             "name": self.name, "type": {int: "integer", float: "number", str: "string"}[self.type],
-            "nullable": self.nullable, "default": _json_number(self.default), "label": self.label, "help": self.help,
-            "min": _json_number(low), "max": _json_number(high), "multiple_of": self.multiple_of,
+            "nullable": self.nullable, "default": self.default, "label": self.label, "help": self.help,
+            "min": low, "max": high, "multiple_of": self.multiple_of,
             "step": self.step or self.multiple_of, "choices": self.choices, "flags": list(self.flags),
             "infotext": self.infotext, "option": self.option, "http": self.http, "kinds": sorted(self.kinds),
             "group": self.group, "widget": self.widget,
-        }
+        })
 
 
 def param(default: Any, *, label: str, help: str, **spec: Any) -> Any:
@@ -301,10 +302,6 @@ def format_value(value: float) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
-
-
-def _json_number(value: Any) -> Any:
-    return None if isinstance(value, float) and math.isinf(value) else value
 
 
 def check_field(spec: FieldSpec, value: Any) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -62,7 +61,7 @@ def _request_field(spec: FieldSpec) -> tuple[Any, Any]:
                        if not math.isinf(bound)})
     if spec.multiple_of:
         schema["multipleOf"] = spec.multiple_of
-    default = None if spec.default is None or (isinstance(spec.default, float) and math.isinf(spec.default)) else spec.default
+    default = strict_json.to_strict(spec.default)  # infinity (s_tmax) is no default a JSON client can send
     description = f"{spec.help}; default {default!r}" if default not in (None, "") else spec.help
     if spec.type is str:
         annotation: Any = Annotated[str | None, Strict()]
@@ -335,7 +334,7 @@ def build_info(
 
 def info_json(info: dict[str, Any]) -> str:
     """The `info` string: strict JSON (a non-finite number is null, never `Infinity`; difusi.strict_json)."""
-    return json.dumps(strict_json.to_strict(info), ensure_ascii=False, allow_nan=False)
+    return strict_json.dumps(info, ensure_ascii=False)
 
 
 def decode_image(data: str, field: str = "image") -> Image.Image:
