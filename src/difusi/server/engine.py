@@ -250,7 +250,7 @@ class Engine:
         def on_image(image: Any) -> None:
             path = self.store.save(image) if spec.save_images else None
             outcome.images.append(image)
-            outcome.files.append(path.relative_to(self.outputs_dir).as_posix() if path else None)
+            outcome.files.append(self._output_url_path(path))
             job.report(images_done=len(outcome.images))
 
         def on_progress(progress: Any) -> None:
@@ -326,13 +326,13 @@ class Engine:
             path = xyz.save_grid(picture, text, self.outputs_dir) if spec.save_images else None
             outcome.images.append(GeneratedImage(picture, first.seed, first.subseed, len(outcome.images), text,
                                                  first.params))
-            outcome.files.append(path.relative_to(self.outputs_dir).as_posix() if path else None)
+            outcome.files.append(self._output_url_path(path))
         if payload.send_cells:
             for cell in result.cells:
                 for image, path in zip(cell.images, cell.paths or [None] * len(cell.images), strict=True):
                     outcome.images.append(GeneratedImage(image.image, image.seed, image.subseed,
                                                          len(outcome.images), image.infotext, image.params))
-                    outcome.files.append(path.relative_to(self.outputs_dir).as_posix() if path else None)
+                    outcome.files.append(self._output_url_path(path))
         model = self._loaded
         outcome.info = a1111.build_info(
             first.params, seeds=[image.seed for image in outcome.images],
@@ -343,6 +343,10 @@ class Engine:
             xyz={"x": script.x.labels(), "y": script.y.labels(), "z": script.z.labels(), "grids": len(grids),
                  "cells": len(result.cells)})
         return outcome
+
+    def _output_url_path(self, path: Path | None) -> str | None:
+        """A saved image's path relative to the outputs folder (what /difusi/v1/outputs/ serves); None if not saved."""
+        return path.relative_to(self.outputs_dir).as_posix() if path else None
 
     def _info(self, result: Any, params: GenerationParams, model: Any, outcome: Txt2ImgOutcome, timestamp: str,
               spec: a1111.Txt2ImgJob) -> dict:
