@@ -306,13 +306,17 @@ def _generation_params(args: argparse.Namespace) -> tuple[GenerationParams, Any]
         origins.update({name: f"{source} {reverse.get(name, name)!r}" for name in recipe.values})
     elif args.prompt is None:
         raise UsageError("PROMPT: required (or start from an image with --from IMAGE or --infotext TEXT)")
-    for name in FIELD_FLAGS:
-        value = getattr(args, name, None)
-        if value is not None:
-            values[name] = value
-            origins.pop(name, None)
+    given = _field_flag_values(args)
+    values.update(given)
+    for name in given:
+        origins.pop(name, None)
     params, _ = GenerationParams.from_mapping(values)
     return params, recipe
+
+
+def _field_flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The field-table flags the user gave (None = not given), by field name."""
+    return {name: getattr(args, name) for name in FIELD_FLAGS if getattr(args, name, None) is not None}
 
 
 def _read_image_infotext(path_text: str, label: str = "--from") -> str:
@@ -551,11 +555,11 @@ def _add_batch(commands: Any) -> None:
 def cmd_batch(args: argparse.Namespace) -> int:
     """`difusi batch FILE`: exit 0 all rows done, 1 some failed, 2 bad input (before any model loads), 130 stopped.
     stdout lists each saved image (`PATH  seed=N  row=R`); progress and the summary go to stderr."""
-    from difusi.batch import BatchError, BatchInterrupted, build_jobs, make_runner, read_rows, run_batch
+    from difusi.batch import BatchError, BatchInterrupted, build_jobs, read_rows, run_batch
 
     device = _check_device_flags(args)
     args._origins = {}
-    defaults = {name: getattr(args, name) for name in FIELD_FLAGS if getattr(args, name, None) is not None}
+    defaults = _field_flag_values(args)
     GenerationParams.from_mapping(defaults)[0].validated(native_size=512)  # a bad flag names the flag, not a row
     models_dir = settings.models_dir(args.models_dir)
     if args.model is not None:
@@ -569,8 +573,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise UsageError(f"FILE: {error.message}") from None
     store_dir = settings.outputs_dir(args.outputs_dir)
     store_dir.mkdir(parents=True, exist_ok=True)  # an unusable outputs folder fails now, not after generating
-    runner = make_runner(args.workers, args.ray_address, device=str(device), precision=args.precision,
-                         offload=args.offload, compile=args.compile)
+    runner = _runner_from_flags(args, device)
     from difusi.store import OutputStore
 
     reporter = _BatchReporter()
@@ -750,7 +753,7 @@ def cmd_xyz(args: argparse.Namespace) -> int:
     if args.prompt is None:
         raise UsageError("PROMPT: required")
     args._origins = {}
-    values = {name: getattr(args, name) for name in FIELD_FLAGS if getattr(args, name, None) is not None}
+    values = _field_flag_values(args)
     params, _ = GenerationParams.from_mapping(values)
     params.validated(native_size=512)  # the defaults every cell starts from, checked before the axes
     models_dir = settings.models_dir(args.models_dir)
@@ -765,7 +768,7 @@ def cmd_xyz(args: argparse.Namespace) -> int:
         _resolve_model_flag(args.model, models_dir)  # an unknown --model is one line now, not per cell later
     store_dir = settings.outputs_dir(args.outputs_dir)
     store_dir.mkdir(parents=True, exist_ok=True)
-    runner = _xyz_runner(args, device)
+    runner = _runner_from_flags(args, device)
     from difusi.store import OutputStore
 
     cells = 0
@@ -792,8 +795,8 @@ def cmd_xyz(args: argparse.Namespace) -> int:
     return 0
 
 
-def _xyz_runner(args: argparse.Namespace, device: Any) -> Any:
-    """In-process unless --workers / --ray-address / RAY_ADDRESS ask for Ray: the batch command's own rule."""
+def _runner_from_flags(args: argparse.Namespace, device: Any) -> Any:
+    """`difusi batch` and `difusi xyz`: in-process unless --workers / --ray-address / RAY_ADDRESS ask for Ray."""
     from difusi.batch import make_runner
 
     return make_runner(args.workers, args.ray_address, device=str(device), precision=args.precision,
