@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import os
 import platform
@@ -136,20 +135,10 @@ def about(bench: Bench) -> dict[str, Any]:
 
 
 def load(path: Path, device: str, precision: str, offload: str = "none") -> Any:
-    """`difusi.models.load_model` through whichever signature exists (device/precision/offload, else dtype)."""
+    """`difusi.models.load_model` with a device, a precision and an offload mode."""
     from difusi.models import load_model
 
-    accepted = inspect.signature(load_model).parameters
-    if "precision" in accepted:
-        kwargs: dict[str, Any] = {"device": device, "precision": precision}
-        if "offload" in accepted:
-            kwargs["offload"] = offload
-        elif offload != "none":
-            raise NotImplementedError("not implemented yet: load_model(..., offload=)")
-        return load_model(path, **kwargs)
-    if offload != "none":
-        raise NotImplementedError("not implemented yet: load_model(..., offload=)")
-    return load_model(path, device=device, dtype=DTYPES[precision])
+    return load_model(path, device=device, precision=precision, offload=offload)
 
 
 def free(*objects: Any) -> None:

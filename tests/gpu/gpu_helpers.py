@@ -1,21 +1,14 @@
-"""Shared pieces of the GPU tests: loading through whichever `load_model` signature exists, images as arrays,
-and the measurement file that `tools/gpu-check.sh` folds into `$OUT/gpu-check.json`.
-
-The device/precision/offload API (`difusi.devices`, `load_model(path, device, precision, offload)`) landed
-while these tests were written; where a piece is still missing the test skips with "not implemented yet"
-instead of failing, so a GPU run reports exactly what is left.
-"""
+"""Shared pieces of the GPU tests: loading with a device, precision and offload mode, images as arrays,
+and the measurement file that `tools/gpu-check.sh` folds into `$OUT/gpu-check.json`."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import torch
 
 DRY = os.environ.get("DIFUSI_GPU_CHECK_DRY") == "1"
@@ -29,7 +22,6 @@ CUDA = os.environ.get("DIFUSI_GPU_TEST_CUDA_DEVICE", "cuda")
 """The device of the `cuda_only` tests. Set DIFUSI_GPU_TEST_CUDA_DEVICE=cpu (with the dry run) to walk their code
 on the CPU before a GPU session: their assertions about CUDA may then fail, but no call may crash."""
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def compare_device() -> str:
@@ -68,20 +60,10 @@ def record(name: str, value: Any) -> None:
 
 
 def load(path: str | Path, device: str, precision: str = "fp32", offload: str = "none") -> Any:
-    """`difusi.models.load_model` with a device, a precision and an offload mode, whichever signature exists."""
+    """`difusi.models.load_model` with a device, a precision and an offload mode."""
     from difusi.models import load_model
 
-    accepted = inspect.signature(load_model).parameters
-    if "precision" in accepted:
-        kwargs: dict[str, Any] = {"device": device, "precision": precision}
-        if "offload" in accepted:
-            kwargs["offload"] = offload
-        elif offload != "none":
-            pytest.skip("not implemented yet: load_model(..., offload=)")
-        return load_model(path, **kwargs)
-    if offload != "none":
-        pytest.skip("not implemented yet: load_model(..., offload=)")
-    return load_model(path, device=device, dtype=DTYPES[precision])
+    return load_model(path, device=device, precision=precision, offload=offload)
 
 
 def free(model: Any) -> None:
@@ -117,11 +99,7 @@ def pixel_difference(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 
 
 def with_rng(params: Any, source: str) -> Any:
-    """`params` with the `rng` field set, or a skip while GenerationParams has no such field."""
-    from difusi.params import FIELDS
-
-    if "rng" not in FIELDS:
-        pytest.skip("not implemented yet: GenerationParams.rng")
+    """`params` with the `rng` field (noise source) set."""
     return params.replace(rng=source)
 
 
