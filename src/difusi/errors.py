@@ -58,3 +58,16 @@ class StorageError(DifusiError):
     def __init__(self, message: str, errno: int | None = None):
         super().__init__(message)
         self.errno = errno
+
+
+class NetworkError(DifusiError):
+    """An extra-network file (LoRA / LyCORIS, textual-inversion embedding, VAE) is missing, unreadable, unsafe,
+    of an unknown algorithm, or does not fit the loaded model; the message names the file and what is wrong.
+
+    `name` is what the user wrote (the prompt tag's name, the `--vae` value) or the file's name.
+    """
+
+    def __init__(self, name: str, message: str):
+        super().__init__(f"{name}: {message}")
+        self.name = name
+        self.message = message
