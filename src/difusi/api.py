@@ -38,15 +38,26 @@ def get_model(model: str | Path | None = None, models_dir: str | Path | None = N
 
 
 def generate(prompt: str, *, model: str | Path | None = None, models_dir: str | Path | None = None,
-             device: str = "auto", precision: str = "auto", offload: str = "none", **fields: Any) -> GenerationResult:
+             device: str = "auto", precision: str = "auto", offload: str = "none", vae: str | None = None,
+             **fields: Any) -> GenerationResult:
     """Generate images for `prompt`; `fields` are GenerationParams fields (A1111 names: seed, steps,
     cfg_scale, sampler_name, scheduler, width, height, batch_size, n_iter, negative_prompt, rng, ...).
     `device`, `precision` and `offload` choose where and how the networks run (`get_model`); they never change
     the infotext, and with the default CPU noise source (`rng="CPU"`) a seed makes the same composition anywhere.
 
-    Raises ParamError (naming the field and the allowed range) for bad values and CheckpointError for
-    a missing or unusable model.
+    LoRAs are named in the prompt (`<lora:NAME:0.8>`), embeddings by their name as a word of either prompt, and
+    `vae` (the `sd_vae` field: "Automatic", "None", a file name or path) picks a VAE file; all are looked up in
+    `models_dir`'s network folders (`difusi.models.folders`) and difusi-mini's shipped ones.
+    Raises ParamError (naming the field and the allowed range) for bad values, CheckpointError for
+    a missing or unusable model and NetworkError for a missing or unusable LoRA, embedding or VAE file.
     """
+    from difusi.networks.job import check_job, library_for
+
+    if vae is not None:
+        fields["sd_vae"] = vae
     params = GenerationParams(prompt=prompt, model=None if model is None else str(model), **fields)
     params.validated(native_size=512)  # bad values fail before a model is read (512 stands in for a missing size)
-    return txt2img(get_model(model, models_dir, device=device, precision=precision, offload=offload), params)
+    networks = library_for(models_dir)
+    check_job(params, networks)  # an unknown LoRA / VAE fails before a model is read too
+    loaded = get_model(model, models_dir, device=device, precision=precision, offload=offload)
+    return txt2img(loaded, params, networks=networks)

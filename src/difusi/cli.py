@@ -211,13 +211,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(f"{error.filename or ''}: {error.strerror or error}".lstrip(": "), code=EXIT_FAILURE)
 
 
-MINI_HELP = """usage: difusi mini {train,evaluate} ...
+MINI_HELP = """usage: difusi mini {train,evaluate,train-lora,evaluate-lora} ...
 
 Train or evaluate difusi-mini, the small model difusi ships.
 
 commands:
   train      train difusi-mini from scratch (`difusi mini train --help`)
-  evaluate   score difusi-mini's prompt adherence (`difusi mini evaluate --help`)"""
+  evaluate   score difusi-mini's prompt adherence (`difusi mini evaluate --help`)
+  train-lora     train the LoRA that teaches difusi-mini "pink" (`difusi mini train-lora --help`)
+  evaluate-lora  score a pink LoRA (`difusi mini evaluate-lora --help`)"""
+MINI_COMMANDS = {"train": "train", "evaluate": "evaluate", "train-lora": "lora", "evaluate-lora": "lora_eval"}
 
 
 def _forward(command: str, rest: list[str]) -> int:
@@ -229,12 +232,11 @@ def _forward(command: str, rest: list[str]) -> int:
         # Asking for help is not a mistake: show the two subcommands and succeed, like every other `--help`.
         print(MINI_HELP)
         return 0
-    if not rest or rest[0] not in ("train", "evaluate"):
-        _fail("mini: expected `train` or `evaluate`, e.g. `difusi mini train --help`")
-    if rest[0] == "train":
-        from difusi.mini import train as mini_command
-    else:
-        from difusi.mini import evaluate as mini_command
+    if not rest or rest[0] not in MINI_COMMANDS:
+        _fail("mini: expected `train` or `evaluate`, e.g. `difusi mini train --help`")  # (or train-lora, evaluate-lora)
+    import importlib
+
+    mini_command = importlib.import_module(f"difusi.mini.{MINI_COMMANDS[rest[0]]}")
     try:
         return int(mini_command.main(rest[1:]) or 0)
     except DifusiError as error:  # "field: allowed range, got value", one line
@@ -267,6 +269,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params.validated(native_size=512)  # fail fast, before loading a model (512 only stands in for a missing size)
     output_paths = _output_paths(args.output, params.total_images)
     model_path = _choose_model(args, recipe)
+    from difusi.networks.job import check_job, library_for
+
+    networks = library_for(settings.models_dir(args.models_dir))
+    check_job(params, networks)  # an unknown LoRA / VAE is one line before any model is read
     store_dir = settings.outputs_dir(args.outputs_dir)
     store_dir.mkdir(parents=True, exist_ok=True)  # an unusable outputs folder fails now, not after generating
     # What was assumed to remake the image, once the command line is known to be good (an error stays one line).
@@ -282,7 +288,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from difusi.store import OutputStore
 
     with OutputStore(store_dir) as store:
-        return _run(model, params, store, output_paths)
+        return _run(model, params, store, output_paths, networks)
 
 
 def _generation_params(args: argparse.Namespace) -> tuple[GenerationParams, Any]:
@@ -404,7 +410,7 @@ def _known_checkpoints(models_dir: Path) -> list[Any]:
     return known_checkpoints(models_dir)
 
 
-def _run(model: Any, params: GenerationParams, store: Any, output_paths: list[Path] | None) -> int:
+def _run(model: Any, params: GenerationParams, store: Any, output_paths: list[Path] | None, networks: Any) -> int:
     from difusi.pipeline import txt2img
 
     stop = threading.Event()
@@ -424,7 +430,8 @@ def _run(model: Any, params: GenerationParams, store: Any, output_paths: list[Pa
     previous = signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGINT, _stop_handler(stop))
     try:
-        result = txt2img(model, params, progress=bar.update, should_stop=_announce_stop(stop, bar), on_image=on_image)
+        result = txt2img(model, params, progress=bar.update, should_stop=_announce_stop(stop, bar), on_image=on_image,
+                         networks=networks)
     except Interrupted as stopped:
         bar.close()
         _print_warnings(getattr(stopped, "result", None))

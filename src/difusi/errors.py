@@ -64,10 +64,12 @@ class NetworkError(DifusiError):
     """An extra-network file (LoRA / LyCORIS, textual-inversion embedding, VAE) is missing, unreadable, unsafe,
     of an unknown algorithm, or does not fit the loaded model; the message names the file and what is wrong.
 
-    `name` is what the user wrote (the prompt tag's name, the `--vae` value) or the file's name.
+    `name` is what the user wrote (the prompt tag's name, the `--vae` value) or the file's name; `field` the job
+    field it came from ("prompt" for LoRA tags and embeddings, "sd_vae" for a VAE), for front ends to point at.
     """
 
-    def __init__(self, name: str, message: str):
+    def __init__(self, name: str, message: str, field: str = "prompt"):
         super().__init__(f"{name}: {message}")
         self.name = name
         self.message = message
+        self.field = field

@@ -41,7 +41,7 @@ KEY_TO_FIELD: dict[str, str] = {spec.infotext: name for name, spec in FIELDS.ite
 Size-2, A1111's rule)."""
 MODEL_KEYS = ("Model hash", "Model")
 """Keys naming the checkpoint; they select the model rather than set a GenerationParams field."""
-INFORMATIONAL_KEYS = ("Version",)
+INFORMATIONAL_KEYS = ("Version", "Lora hashes", "TI hashes", "VAE hash")
 """Keys that describe the image but change nothing when regenerating; never reported as ignored."""
 SUPPORTED_KEYS = frozenset(KEY_TO_FIELD) | frozenset(MODEL_KEYS) | frozenset(INFORMATIONAL_KEYS)
 

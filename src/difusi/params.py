@@ -50,6 +50,8 @@ JOB_KINDS = (TXT2IMG,)
 INFOTEXT_ALWAYS = "always"
 INFOTEXT_CHANGED = "changed"
 INFOTEXT_HEADER = "header"
+INFOTEXT_NETWORKS = "networks"
+"""Written by the job's extra networks (`difusi.networks.job`) only when a file is in use; read like any other key."""
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,8 @@ class FieldSpec:
     """Closed interval of allowed values (numbers only)."""
     multiple_of: int | None = None
     choices: str | None = None
-    """Named list the value must come from: "samplers", "schedulers", "checkpoints" or "rng_sources" (checked by their
-    registries)."""
+    """Named list the value must come from: "samplers", "schedulers", "checkpoints", "rng_sources" or "vaes" (checked
+    by their registries)."""
     flags: tuple[str, ...] = ()
     """CLI spellings, canonical first; "PROMPT" is the positional argument; () = not on the command line."""
     metavar: str | None = None
@@ -170,6 +172,13 @@ class GenerationParams:
                      option="randn_source", group="advanced", widget="select")
     """A1111's "Random number generator source" (`difusi.rng.RNG_SOURCES`); always written to the infotext, so an
     A1111 user who pastes a difusi image gets the same noise source (A1111 omits its default "GPU")."""
+    sd_vae: str = param("Automatic", label="SD VAE",
+                        help="VAE file: Automatic (NAME.vae.safetensors next to the checkpoint, else its own), None "
+                             "(the checkpoint's own), or a file name from the VAE folder",
+                        choices="vaes", flags=("--vae",), metavar="VAE", infotext="VAE",
+                        infotext_when=INFOTEXT_NETWORKS, option="sd_vae", group="model", widget="select")
+    """A1111's "SD VAE" setting (`difusi.models.vae_files.resolve_vae`); the infotext has `VAE` and `VAE hash` only when
+    a VAE file is in use, as A1111's."""
     eta: float | None = param(None, label="Eta", help="ancestral/SDE noise amount (default: the sampler's)",
                               range=(0.0, 10.0), flags=("--eta",), infotext="Eta", option="eta_ancestral", step=0.01)
     s_churn: float = param(0.0, label="Sigma churn", help="Euler/Heun churn", range=(0.0, 1000.0),

@@ -22,6 +22,7 @@ from difusi import __version__
 from difusi.errors import Interrupted
 from difusi.finite import ensure_finite
 from difusi.models.families import spec_of
+from difusi.networks.job import NetworkLibrary, prepare_job
 from difusi.params import GenerationParams, resolve_seed
 from difusi.prompts.conditioning import (
     Conditioning,
@@ -30,7 +31,7 @@ from difusi.prompts.conditioning import (
     pad_to_same_length,
     sdxl_time_ids,
 )
-from difusi.prompts.parser import prompt_warnings, strip_extra_networks
+from difusi.prompts.parser import prompt_warnings
 from difusi.rng import image_noise
 from difusi.samplers import build_sigmas, get_sampler
 from difusi.samplers.denoiser import CFGDenoiser, DiscreteNoiseTable, EpsDenoiser, VDenoiser
@@ -111,8 +112,13 @@ def txt2img(
     should_stop: StopFn | None = None,
     should_skip: StopFn | None = None,
     on_image: ImageFn | None = None,
+    networks: NetworkLibrary | None = None,
 ) -> GenerationResult:
     """Generate `params.batch_size * params.n_iter` images with a loaded model (`difusi.models.load_model`).
+
+    `networks` is where the prompt's `<lora:...>` tags, embeddings and `sd_vae` files are looked up
+    (`difusi.networks.job.library_for(models_dir)`; None: difusi-mini's shipped networks only). The job's networks
+    are merged into the model for this job (and whatever an earlier job merged is taken out first).
 
     `progress` is called after every sampler step; `should_stop` is polled between steps and ends the
     job with `Interrupted` (whose `.result` holds every image finished so far); `should_skip` abandons
@@ -133,7 +139,10 @@ def txt2img(
     subseeds = [subseed + i for i in range(total)]
     resolved = params.replace(seed=seed, subseed=subseed, sampler_name=sampler.name, scheduler=scheduler)
     schedule_steps = _schedule_steps(sampler, params.steps)
-    clip_prompt, warnings = _prompt_for_clip(resolved, schedule_steps)
+    job_networks = prepare_job(model, resolved, networks)
+    warnings = job_networks.warnings + prompt_warnings(job_networks.prompt, schedule_steps, "prompt") + \
+        prompt_warnings(params.negative_prompt, schedule_steps, "negative_prompt")
+    clip_prompt = job_networks.prompt
     result = GenerationResult(params=resolved, seeds=seeds, subseeds=subseeds, warnings=warnings)
 
     table = DiscreteNoiseTable()
@@ -172,7 +181,7 @@ def txt2img(
                 seed=seeds[index],
                 subseed=subseeds[index],
                 index=index,
-                infotext=_infotext(model, image_params),
+                infotext=_infotext(model, image_params, job_networks.infotext),
                 params=image_params,
             )
             result.images.append(generated)
@@ -248,19 +257,6 @@ def _sample_batch(model, params, sampler, sigmas, denoiser, cond_schedule, uncon
         guided, x, sigmas, extra_args={}, callback=tracker, disable=True, noise_sampler=noise_sampler,
         **_sampler_options(sampler, params),
     )
-
-
-def _prompt_for_clip(params: GenerationParams, steps: int) -> tuple[str, list[str]]:
-    """The positive prompt without A1111 extra-network tags, and the job's warnings about both prompts.
-
-    A1111 removes `<lora:...>`-style tags from the positive prompt only (a tag in the negative prompt is text there,
-    so it is here too). difusi cannot apply the networks yet; sending the tags to CLIP as words would be worse."""
-    prompt, tags = strip_extra_networks(params.prompt)
-    warnings = prompt_warnings(prompt, steps, "prompt") + prompt_warnings(params.negative_prompt, steps, "negative_prompt")
-    if tags:
-        warnings.append(f"prompt: removed {', '.join(tags)}: extra networks (LoRA, hypernetworks) are not supported "
-                        "yet, so the image is made without them")
-    return prompt, warnings
 
 
 def _schedule_steps(sampler: Any, steps: int) -> int:
@@ -390,10 +386,10 @@ def _sampler_options(sampler, params: GenerationParams) -> dict[str, float]:
     return {name: value for name, value in wanted.items() if name in sampler.options and value is not None}
 
 
-def _infotext(model, params: GenerationParams) -> str:
+def _infotext(model, params: GenerationParams, extra: dict[str, str]) -> str:
     from difusi.infotext import format_infotext
 
     return format_infotext(
         params, seed=params.seed, subseed=params.subseed, model_name=model.name, model_hash=model.short_hash,
-        version=__version__,
+        version=__version__, extra=extra,
     )

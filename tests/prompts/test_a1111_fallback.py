@@ -14,7 +14,7 @@ import pytest
 
 from difusi.errors import ParamError
 from difusi.params import GenerationParams
-from difusi.prompts.parser import get_prompt_schedule, parse_prompt_attention, prompt_warnings, strip_extra_networks
+from difusi.prompts.parser import get_prompt_schedule, parse_prompt_attention, prompt_warnings
 
 
 @pytest.mark.parametrize("prompt", ["[red:blue:soon]", "[a:b:c]", "[a:b:]", "[a:b:1.2.3]", "x [a:b:[c]] y",
@@ -47,13 +47,6 @@ def test_ordinary_prompts_have_no_warnings(prompt):
 def test_negative_when_stays_a_param_error(prompt):
     with pytest.raises(ParamError, match="-"):
         prompt_warnings(prompt, 10)
-
-
-def test_extra_network_tags_are_stripped():
-    text, tags = strip_extra_networks("a cat <lora:detail-tweaker:0.8>, <hypernet:anime:1> sharp <lyco:x>")
-    assert text == "a cat ,  sharp "  # A1111 removes the tag only, not the spaces around it
-    assert tags == ["<lora:detail-tweaker:0.8>", "<hypernet:anime:1>", "<lyco:x>"]
-    assert strip_extra_networks("a <cat> and 2 < 3 > 1") == ("a <cat> and 2 < 3 > 1", [])
 
 
 def test_validation_accepts_the_literal_prompt():

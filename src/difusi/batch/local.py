@@ -17,12 +17,14 @@ from difusi.batch.jobs import BatchJob, EncodedImage, JobOutput
 from difusi.errors import DifusiError
 
 
-def run_job(model: Any, job: BatchJob) -> JobOutput:
-    """Generate one job's images with a loaded model and encode each as PNG bytes with its infotext.
+def run_job(model: Any, job: BatchJob, models_dir: str | Path | None = None) -> JobOutput:
+    """Generate one job's images with a loaded model and encode each as PNG bytes with its infotext; the prompt's
+    LoRAs, embeddings and VAE come from `models_dir`'s network folders (`difusi.networks.job.library_for`).
 
     A failure of the job (bad values, NaN, the wrong model) is returned as `JobOutput.error`, one line, so the
     caller goes on with the next job; KeyboardInterrupt passes through."""
     from difusi.infotext import write_png
+    from difusi.networks.job import library_for
     from difusi.pipeline import txt2img
 
     if job.model_sha256 and getattr(model, "sha256", job.model_sha256) != job.model_sha256:
@@ -30,7 +32,7 @@ def run_job(model: Any, job: BatchJob) -> JobOutput:
                                                    f"(sha256 {model.sha256[:10]}), the job needs {job.model_sha256[:10]}")
     try:
         with torch_threads(job.threads):
-            result = txt2img(model, job.params)
+            result = txt2img(model, job.params, networks=library_for(models_dir))
         images = []
         for generated in result.images:
             buffer = io.BytesIO()
@@ -79,7 +81,7 @@ class LocalRunner:
                     yield JobOutput(job.job_id, job.row, error=f"model: {error}")
                 continue
             for job in group:
-                yield run_job(model, job)
+                yield run_job(model, job, models_dir)
 
     def _load(self, job: BatchJob, models_dir: Path | None) -> Any:
         from difusi.api import get_model

@@ -102,7 +102,7 @@ class _Worker:
                 self._loads += 1
             model = get_model(path, device=self._device, precision=self._precision, offload=self._offload)
             self._held = held
-            return run_job(model, job)
+            return run_job(model, job, models_dir)
         except DifusiError as error:  # an unusable model fails its job (the driver retries), the worker lives on
             return JobOutput(job_id=job.job_id, row=job.row, images=[], error=f"model: {error}")
 

@@ -493,7 +493,7 @@ class PipelineRunner:
             if key not in loaded:
                 loaded.clear()  # one model in memory at a time; jobs arrive grouped by checkpoint
                 loaded[key] = self._load_model(key, models_dir)
-            yield _run_one(loaded[key], job)
+            yield _run_one(loaded[key], job, models_dir)
 
     def _load_model(self, checkpoint: str | None, models_dir: str | Path | None) -> Any:
         if self._load is not None:
@@ -508,10 +508,10 @@ class PipelineRunner:
         pass
 
 
-def _run_one(model: Any, job: Any) -> Any:
+def _run_one(model: Any, job: Any, models_dir: str | Path | None) -> Any:
     from difusi.batch.local import run_job
 
-    return run_job(model, job)  # the one function every batch row is made by (same bytes as `difusi generate`)
+    return run_job(model, job, models_dir)  # the one function every batch row is made by (same bytes as `difusi generate`)
 
 
 def _checkpoint_sha(checkpoint: str | None, models_dir: Any) -> str:

@@ -25,6 +25,7 @@ from difusi.errors import CheckpointError
 from difusi.models.detect import detect_family
 from difusi.models.families import detect_diffusers
 from difusi.models.files import SINGLE_FILE_SUFFIXES, CheckpointFile, is_diffusers_folder, read_json
+from difusi.models.folders import is_excluded_from_checkpoints, kind_folders
 from difusi.models.hashing import SHORT_HASH_LENGTH, file_sha256, short_hash
 from difusi.models.sidecar import read_sidecar
 
@@ -95,8 +96,8 @@ class AmbiguousCheckpointError(CheckpointError):
 def _candidates(models_dir: Path) -> list[Path]:
     found: list[Path] = []
     for path in sorted(models_dir.rglob("*")):
-        if any(parent in found for parent in path.parents):
-            continue  # inside a diffusers folder already listed
+        if any(parent in found for parent in path.parents) or is_excluded_from_checkpoints(path, models_dir):
+            continue  # inside a diffusers folder already listed, or in a LoRA / VAE / embeddings folder
         if path.is_file() and path.suffix.lower() in LISTED_SUFFIXES and not _inside_diffusers(path, models_dir):
             found.append(path)
         elif is_diffusers_folder(path):
@@ -149,11 +150,11 @@ def describe_checkpoint(path: str | Path, models_dir: str | Path | None = None) 
 
 
 def list_checkpoints(models_dir: str | Path) -> list[CheckpointInfo]:
-    """Every .safetensors/.ckpt file and diffusers folder under `models_dir` (recursive), sorted by name."""
-    root = Path(models_dir).expanduser()
-    if not root.is_dir():
-        return []
-    infos = [describe_checkpoint(path, root) for path in _candidates(root)]
+    """Every .safetensors/.ckpt file and diffusers folder in the checkpoint folders of `models_dir` (recursive;
+    `difusi.models.folders`: A1111's `Stable-diffusion/`, ComfyUI's `checkpoints/`, else the folder itself without
+    its LoRA / VAE / embeddings folders), named relative to its checkpoint folder, sorted by name."""
+    infos = [describe_checkpoint(path, folder)
+             for folder in kind_folders("checkpoint", Path(models_dir)) for path in _candidates(folder)]
     return sorted(infos, key=lambda info: info.name.lower())
 
 

@@ -14,7 +14,7 @@ constants and `split_ldm_checkpoint` / `ldm_checkpoint_from_modules`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -367,3 +367,16 @@ def split_ldm_checkpoint(
     vae = vae_ldm_to_diffusers(strip_prefix(state, VAE_PREFIX), vae_config)
     texts = [text_encoder_from_ldm(strip_prefix(state, p), kind) for p, kind in TEXT_ENCODER_PREFIXES[family]]
     return unet, vae, texts
+
+
+def unet_ldm_module_names(module_paths: Iterable[str], config: Mapping[str, Any]) -> dict[str, str]:
+    """diffusers UNet module path -> the same module's LDM path (`down_blocks.0.attentions.0.proj_in` ->
+    `input_blocks.1.1.proj_in`), for modules that have one: kohya LoRAs name layers either way."""
+    lookup = {diffusers: (ldm, {v: k for k, v in sub.items()} if sub else None)
+              for ldm, diffusers, sub in _unet_table(config)}
+    names: dict[str, str] = {}
+    for path in module_paths:
+        ldm = _rename_key(f"{path}.weight", lookup)
+        if ldm is not None:
+            names[path] = ldm.removesuffix(".weight")
+    return names

@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 SHORT_HASH_LENGTH = 10
@@ -74,18 +75,24 @@ def _store_cache(file: Path, cache: dict) -> None:
 
 def file_sha256(path: str | Path) -> str:
     """sha256 (hex) of a checkpoint file (or of a diffusers folder's files in sorted order), cached by size+mtime."""
+    return cached_digest(Path(path), "", lambda resolved: _digest_files(_weight_files(resolved)))
+
+
+def cached_digest(path: Path, kind: str, compute: Callable[[Path], str]) -> str:
+    """`compute(path)` (a hex digest of the file's bytes), cached in hashes.json by path, `kind` and the files' size
+    and mtime; `kind` tells digests of one file apart (A1111's LoRA hash covers only a safetensors file's data)."""
     path = Path(path).resolve()
-    files = _weight_files(path)
-    fingerprint = _fingerprint(files)
+    fingerprint = _fingerprint(_weight_files(path))
+    key = f"{kind}:{path}" if kind else str(path)
     cache_file = cache_dir() / "hashes.json"
     with _lock:
         cache = _load_cache(cache_file)
-        entry = cache.get(str(path))
+        entry = cache.get(key)
         if entry and entry.get("fingerprint") == fingerprint:
             return entry["sha256"]
-    value = _digest_files(files)
+    value = compute(path)
     with _lock:
         cache = _load_cache(cache_file)
-        cache[str(path)] = {"fingerprint": fingerprint, "sha256": value}
+        cache[key] = {"fingerprint": fingerprint, "sha256": value}
         _store_cache(cache_file, cache)
     return value

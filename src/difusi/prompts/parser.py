@@ -40,9 +40,8 @@ Where difusi is stricter than A1111 (which silently uses the ``to`` text from th
 crashes): a negative ``when`` (``[a:b:-1]``) and an emphasis weight that is not a finite number
 (``(x:1.2.3)``) raise :class:`~difusi.errors.ParamError` with field ``"prompt"``.
 
-A1111's *extra networks* (``<lora:name:0.8>``, ``<hypernet:name>``, any ``<word:args>``) are removed
-from the prompt before these passes by :func:`strip_extra_networks` (``modules/extra_networks.py``,
-positive prompt only, as A1111); difusi does not apply them yet, and the pipeline warns.
+A1111's *extra networks* (``<lora:name:0.8>``, any ``<word:args>``) are removed from the positive prompt
+before these passes, by :func:`difusi.networks.tags.parse_network_tags` (``modules/extra_networks.py``).
 """
 
 from __future__ import annotations
@@ -53,7 +52,7 @@ from dataclasses import dataclass
 
 from difusi.errors import ParamError
 
-__all__ = ["BREAK", "parse_prompt_attention", "get_prompt_schedule", "prompt_warnings", "strip_extra_networks"]
+__all__ = ["BREAK", "parse_prompt_attention", "get_prompt_schedule", "prompt_warnings"]
 
 BREAK = "BREAK"
 """Text of the chunk-break marker; it comes with weight -1.0 (see :func:`parse_prompt_attention`)."""
@@ -371,25 +370,6 @@ def _schedule(prompt: str, steps: int) -> tuple[list[tuple[int, str]], list[str]
     # A group inside a group that failed is parsed again from the outer bracket on: report each source once.
     warnings = list(dict.fromkeys(parser.warnings))
     return [(step, _text_at(nodes, step)) for step in sorted(end_steps)], warnings
-
-
-# A1111's extra-network syntax (modules/extra_networks.py `re_extra_net`): '<' word ':' anything but '>' '>'.
-_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
-
-
-def strip_extra_networks(prompt: str) -> tuple[str, list[str]]:
-    """Remove A1111 extra-network tags (``<lora:name:0.8>``, ``<hypernet:name:1>``, any ``<word:args>``) from a
-    prompt, as A1111 does before it parses prompt editing; returns ``(text without the tags, [tags removed])``.
-
-    A1111 then applies the networks; difusi does not support them yet, and the tags must not reach CLIP as text
-    (they would steer the image with the words "lora" and the file name). A1111 parses them in the positive prompt
-    only (a tag in the negative prompt is text there); callers follow that.
-
-    >>> strip_extra_networks("a cat <lora:detail:0.8>, sharp")
-    ('a cat , sharp', ['<lora:detail:0.8>'])
-    """
-    tags = [match.group(0) for match in _EXTRA_NETWORK.finditer(prompt)]
-    return (_EXTRA_NETWORK.sub("", prompt), tags) if tags else (prompt, [])
 
 
 def _collect_switch_steps(nodes: tuple, steps: int, into: set[int]) -> None:

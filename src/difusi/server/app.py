@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from difusi import __version__
-from difusi.errors import ParamError
+from difusi.errors import NetworkError, ParamError
 from difusi.server import routes_a1111, routes_difusi
 from difusi.server.queue import JobQueue, QueueFull
 from difusi.server.routes_common import ApiError
@@ -101,6 +101,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ParamError)
     async def param_error(_: Request, exc: ParamError) -> JSONResponse:
         return JSONResponse(_error_body("ParamError", str(exc), exc.field), status_code=422)
+
+    @app.exception_handler(NetworkError)
+    async def network_error(_: Request, exc: NetworkError) -> JSONResponse:
+        return JSONResponse(_error_body("NetworkError", str(exc), exc.field), status_code=422)
 
     @app.exception_handler(QueueFull)
     async def queue_full(_: Request, exc: QueueFull) -> JSONResponse:

@@ -54,6 +54,10 @@ class Engine:
         self.outputs_dir = settings.outputs_dir(outputs_dir)
         self.store = OutputStore(self.outputs_dir)
         self.store.recover()  # after a crash: every image on disk back in the history, dead temp files gone
+        from difusi.networks.job import library_for
+
+        self.networks = library_for(self.models_dir)
+        """LoRA / embedding / VAE files of the models folder (the batch and X/Y/Z runners use the same library)."""
         self._cache = ModelCache()
         self._lock = threading.Lock()
         self._checkpoints: list[Any] | None = None
@@ -266,7 +270,7 @@ class Engine:
 
         try:
             result = txt2img(model, params, progress=on_progress, should_stop=lambda: job.interrupted,
-                             should_skip=should_skip, on_image=on_image)
+                             should_skip=should_skip, on_image=on_image, networks=self.networks)
         except Interrupted as stopped:
             partial = getattr(stopped, "result", None)
             outcome.interrupted = True

@@ -29,7 +29,7 @@ from difusi.server.routes_common import (
 
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
 
-EMPTY_LISTS = ("sd-vae", "upscalers", "latent-upscale-modes", "loras", "prompt-styles", "face-restorers",
+EMPTY_LISTS = ("upscalers", "latent-upscale-modes", "prompt-styles", "face-restorers",
                "hypernetworks", "realesrgan-models", "script-info", "extensions")
 """A1111 listings difusi has nothing for; clients probe them, so they answer `[]` rather than 404."""
 
@@ -107,6 +107,18 @@ def _not_implemented(request: Request) -> None:
 for _name in NOT_IMPLEMENTED:
     # Left out of the OpenAPI schema: the schema lists what this server offers, and these are exactly what it does not.
     router.add_api_route(f"/{_name}", _not_implemented, methods=["POST"], status_code=501, include_in_schema=False)
+
+
+@router.get("/loras")
+def loras(engine: EngineDep) -> list[dict[str, Any]]:
+    """A1111's LoRA listing (`extensions-builtin/Lora`): name, alias (from the file's metadata), path, metadata."""
+    return [file.to_a1111() for file in engine.networks.loras()]
+
+
+@router.post("/refresh-loras")
+def refresh_loras(engine: EngineDep) -> None:
+    """Scan the LoRA folders again (files added or removed since the last listing)."""
+    engine.networks.refresh()
 
 
 @router.get("/embeddings")

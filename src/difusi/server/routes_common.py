@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from difusi.errors import CheckpointError, NumericalError, ParamError, StorageError
+from difusi.errors import CheckpointError, NetworkError, NumericalError, ParamError, StorageError
 from difusi.server import a1111
 from difusi.server.queue import CANCELLED, Job, JobQueue
 
@@ -84,6 +84,9 @@ def prepare_txt2img(engine: Any, body: a1111.Txt2ImgRequest) -> a1111.Txt2ImgJob
         spec.checkpoint = engine.resolve_title(spec.checkpoint)
     # The native size is only known once the model is loaded; validate the rest now with a stand-in.
     spec.params.validated(native_size=engine.native_size_hint(spec.checkpoint))
+    from difusi.networks.job import check_job
+
+    check_job(spec.params, engine.networks)  # an unknown LoRA or VAE is a 422 naming it, before the queue
     if spec.ignored:  # one line per request; the client reads the same list in `info["ignored_fields"]`
         log.warning("txt2img: ignoring request fields difusi does not support yet: %s", ", ".join(spec.ignored))
     return spec
@@ -134,6 +137,8 @@ def job_error(job: Job) -> ApiError:
         return ApiError(422, "ParamError", str(error), error.field)
     if isinstance(error, CheckpointError):
         return ApiError(422, type(error).__name__, str(error), "sd_model_checkpoint")
+    if isinstance(error, NetworkError):
+        return ApiError(422, "NetworkError", str(error), error.field)
     if isinstance(error, StorageError):  # 507 Insufficient Storage: the request was fine, the disk is not
         return ApiError(507, "StorageError", str(error))
     if isinstance(error, NumericalError):

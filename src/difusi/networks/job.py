@@ -1,0 +1,106 @@
+"""What one job's extra networks do to the loaded model: the one place the pipeline calls.
+
+`prepare_job(model, params, library)` runs before the prompts are encoded: it removes the prompt's `<lora:...>`
+tags, resolves them in the library, merges exactly those LoRAs into the model (un-merging whatever the previous job
+left), and returns the prompt CLIP must see, the warnings and A1111's infotext items (`Lora hashes`). Every job
+goes through it, so a job without tags always runs on the checkpoint's own weights.
+
+`NetworkLibrary` is what one front end can use: the models folder's LoRA folders plus difusi-mini's shipped ones
+(`difusi.models.folders`), listed once and re-listed on `refresh()` (A1111's "refresh" buttons and
+`/sdapi/v1/refresh-loras`), with the files read once into an LRU cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from difusi.errors import NetworkError
+from difusi.networks.apply import NetworkUse, apply_networks
+from difusi.networks.files import NetworkFile, NetworkReader, find_lora, list_loras
+from difusi.networks.tags import PromptNetworks, parse_network_tags
+
+
+class NetworkLibrary:
+    """The extra networks of one models folder (None: only the shipped ones)."""
+
+    def __init__(self, models_dir: str | Path | None = None, *, cache_size: int = 8):
+        self.models_dir = None if models_dir is None else Path(models_dir).expanduser()
+        self.reader = NetworkReader(cache_size)
+        self._loras: list[NetworkFile] | None = None
+        self._lock = threading.Lock()
+
+    def loras(self) -> list[NetworkFile]:
+        """The LoRA / LyCORIS files (listed on first use and after `refresh`)."""
+        with self._lock:
+            if self._loras is None:
+                self._loras = list_loras(self.models_dir)
+            return self._loras
+
+    def refresh(self) -> None:
+        """Forget the listings: the next use scans the folders again (parsed files stay cached by mtime)."""
+        with self._lock:
+            self._loras = None
+
+    def find_lora(self, name: str) -> NetworkFile:
+        """The file a tag names (`difusi.networks.files.find_lora`); a file added since the listing is found too."""
+        try:
+            return find_lora(name, self.loras())
+        except NetworkError:
+            self.refresh()
+            return find_lora(name, self.loras())
+
+
+_LIBRARIES: dict[Path | None, NetworkLibrary] = {}
+_LIBRARIES_LOCK = threading.Lock()
+
+
+def library_for(models_dir: str | Path | None) -> NetworkLibrary:
+    """The process-wide library of a models folder (one per folder, so parsed files are shared by every caller)."""
+    key = None if models_dir is None else Path(models_dir).expanduser().resolve()
+    with _LIBRARIES_LOCK:
+        if key not in _LIBRARIES:
+            _LIBRARIES[key] = NetworkLibrary(key)
+        return _LIBRARIES[key]
+
+
+@dataclass
+class JobNetworks:
+    """A job's networks once applied: the positive prompt for CLIP, warnings, and infotext items."""
+
+    prompt: str
+    warnings: list[str] = field(default_factory=list)
+    infotext: dict[str, str] = field(default_factory=dict)
+    loras: list[tuple[str, NetworkFile]] = field(default_factory=list)
+    """(name as written in the prompt, file) of each LoRA applied."""
+
+
+def check_job(params: Any, library: NetworkLibrary) -> PromptNetworks:
+    """Parse the tags and resolve every LoRA name without touching a model, so front ends fail before any work
+    (ParamError for a bad multiplier, NetworkError for an unknown or ambiguous name)."""
+    parsed = parse_network_tags(params.prompt)
+    for tag in parsed.loras:
+        library.find_lora(tag.name)
+    return parsed
+
+
+def prepare_job(model: Any, params: Any, library: NetworkLibrary | None = None) -> JobNetworks:
+    """Apply the job's networks to `model` (see the module docstring) and say what was done."""
+    library = library_for(None) if library is None else library
+    parsed = check_job(params, library)
+    uses: list[NetworkUse] = []
+    named: list[tuple[str, NetworkFile]] = []
+    for tag in parsed.loras:
+        file = library.find_lora(tag.name)
+        uses.append(NetworkUse(library.reader.read(file), tag.te_multiplier, tag.unet_multiplier, tag.name))
+        if tag.te_multiplier != 0 or tag.unet_multiplier != 0:
+            named.append((tag.name, file))
+    warnings = list(parsed.warnings) + apply_networks(model, uses)
+    infotext: dict[str, str] = {}
+    if named:
+        # A1111 writes the name as the prompt mentions it, without ":" and ",", once per network.
+        hashes = dict.fromkeys(f"{name.replace(':', '').replace(',', '')}: {file.shorthash}" for name, file in named)
+        infotext["Lora hashes"] = ", ".join(hashes)
+    return JobNetworks(parsed.prompt, warnings, infotext, named)
