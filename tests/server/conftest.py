@@ -41,6 +41,20 @@ def _one_thread_per_test(one_torch_thread) -> None:
     """See the root conftest: these tests share the CPU with a live server."""
 
 
+VAE_FILE = "mini-alt.safetensors"
+"""A VAE file in the test models folder (the default model's VAE, every weight scaled by 1.01)."""
+
+
+def _write_alternative_vae(checkpoint, target) -> None:
+    from safetensors.torch import save_file
+
+    from difusi.models import load_model
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    state = load_model(checkpoint).vae.state_dict()
+    save_file({key: (value.float() * 1.01).contiguous() for key, value in state.items()}, target)
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> Models:
     from difusi.models.synthetic import write_tiny_checkpoint
@@ -54,6 +68,7 @@ def models(tmp_path_factory) -> Models:
         write_tiny_checkpoint(default, "sd1", seed=0)
     other = folder / "tiny-other.safetensors"
     write_tiny_checkpoint(other, "sd1", seed=1)
+    _write_alternative_vae(default, folder / "VAE" / VAE_FILE)
     return Models(folder=folder, default=default, other=other)
 
 

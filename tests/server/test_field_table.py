@@ -16,6 +16,7 @@ from difusi import cli
 from difusi.infotext import KEY_TO_FIELD, format_infotext, recipe_from_infotext
 from difusi.params import FIELDS, LIMITS, FieldSpec, GenerationParams, field_table
 from difusi.server import a1111
+from tests.server.conftest import VAE_FILE
 
 # Values the generic rule below cannot pick: sizes that suit a 64-px model and cost little, a clip skip the tiny text
 # encoder has layers for, and few steps and images so the HTTP leg stays cheap.
@@ -35,6 +36,8 @@ def sample_value(spec: FieldSpec):
         return "Karras"
     if spec.choices == "checkpoints":
         return "difusi-mini"
+    if spec.choices == "vaes":
+        return VAE_FILE  # in the test server's VAE folder
     if spec.choices == "rng_sources":
         return "NV"  # A1111's CUDA emulation: computed on the CPU, so the real server below can make the images
     if spec.type is str:
@@ -89,8 +92,9 @@ def test_round_trip_cli_infotext_http_and_back(client):
     assert_same_fields(from_cli, FIELDS, "CLI")
 
     # params -> infotext -> params
+    # A job writes "VAE" only once its file is loaded (the HTTP leg below checks a real job's text).
     text = format_infotext(from_cli, seed=from_cli.seed, subseed=from_cli.subseed, model_name="difusi-mini",
-                           model_hash="0123456789")
+                           model_hash="0123456789", extra={"VAE": from_cli.sd_vae})
     recipe = recipe_from_infotext(text)
     assert recipe.ignored == [] and recipe.model_name == "difusi-mini"
     assert_same_fields(recipe.params(), set(FIELDS) - NOT_IN_INFOTEXT, "infotext")

@@ -2,8 +2,9 @@
 
 `prepare_job(model, params, library)` runs before the prompts are encoded: it removes the prompt's `<lora:...>`
 tags, resolves them in the library, merges exactly those LoRAs into the model (un-merging whatever the previous job
-left), and returns the prompt CLIP must see, the warnings and A1111's infotext items (`Lora hashes`). Every job
-goes through it, so a job without tags always runs on the checkpoint's own weights.
+left), puts the job's VAE (`sd_vae`) in place, and returns the prompt CLIP must see, the warnings and A1111's
+infotext items (`Lora hashes`, `VAE hash`, `VAE`). Every job goes through it, so a job without tags always runs on
+the checkpoint's own weights.
 
 `NetworkLibrary` is what one front end can use: the models folder's LoRA folders plus difusi-mini's shipped ones
 (`difusi.models.folders`), listed once and re-listed on `refresh()` (A1111's "refresh" buttons and
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from difusi.errors import NetworkError
+from difusi.models.folders import kind_folders
+from difusi.models.vae_files import AUTOMATIC, NONE, apply_vae_setting, list_vae_files, resolve_vae, vae_names
 from difusi.networks.apply import NetworkUse, apply_networks
 from difusi.networks.files import NetworkFile, NetworkReader, find_lora, list_loras
 from difusi.networks.tags import PromptNetworks, parse_network_tags
@@ -30,6 +33,7 @@ class NetworkLibrary:
         self.models_dir = None if models_dir is None else Path(models_dir).expanduser()
         self.reader = NetworkReader(cache_size)
         self._loras: list[NetworkFile] | None = None
+        self._vaes: list[Path] | None = None
         self._lock = threading.Lock()
 
     def loras(self) -> list[NetworkFile]:
@@ -39,10 +43,23 @@ class NetworkLibrary:
                 self._loras = list_loras(self.models_dir)
             return self._loras
 
+    def vae_files(self) -> list[Path]:
+        """VAE files: the VAE folders' and `*.vae.*` files next to checkpoints (A1111's `sd_vae.refresh_vae_list`)."""
+        with self._lock:
+            if self._vaes is None:
+                self._vaes = list_vae_files(kind_folders("vae", self.models_dir),
+                                            kind_folders("checkpoint", self.models_dir))
+            return self._vaes
+
+    def vae_names(self) -> list[str]:
+        """What `sd_vae` may name besides "Automatic" and "None" (A1111's `GET /sdapi/v1/sd-vae` model names)."""
+        return vae_names(self.vae_files())
+
     def refresh(self) -> None:
         """Forget the listings: the next use scans the folders again (parsed files stay cached by mtime)."""
         with self._lock:
             self._loras = None
+            self._vaes = None
 
     def find_lora(self, name: str) -> NetworkFile:
         """The file a tag names (`difusi.networks.files.find_lora`); a file added since the listing is found too."""
@@ -77,12 +94,20 @@ class JobNetworks:
     """(name as written in the prompt, file) of each LoRA applied."""
 
 
-def check_job(params: Any, library: NetworkLibrary) -> PromptNetworks:
-    """Parse the tags and resolve every LoRA name without touching a model, so front ends fail before any work
-    (ParamError for a bad multiplier, NetworkError for an unknown or ambiguous name)."""
+def check_job(params: Any, library: NetworkLibrary, *, allow_paths: bool = True) -> PromptNetworks:
+    """Parse the tags and resolve every LoRA and the VAE name without touching a model, so front ends fail before
+    any work (ParamError for a bad multiplier, NetworkError for an unknown or ambiguous name). `allow_paths=False`
+    (requests from the network) accepts only files listed in the folders, never a path."""
     parsed = parse_network_tags(params.prompt)
     for tag in parsed.loras:
         library.find_lora(tag.name)
+    choice = params.sd_vae.strip()
+    if choice.casefold() not in (AUTOMATIC.casefold(), NONE.casefold(), "auto"):
+        found = resolve_vae(choice, None, library.vae_files())
+        if not allow_paths and found not in library.vae_files():
+            names = ", ".join(library.vae_names()) or "none"
+            raise NetworkError(choice, f"no VAE of that name in the VAE folder; choose {AUTOMATIC!r}, {NONE!r} or "
+                                       f"one of: {names}", field="sd_vae")
     return parsed
 
 
@@ -98,9 +123,13 @@ def prepare_job(model: Any, params: Any, library: NetworkLibrary | None = None) 
         if tag.te_multiplier != 0 or tag.unet_multiplier != 0:
             named.append((tag.name, file))
     warnings = list(parsed.warnings) + apply_networks(model, uses)
+    vae = apply_vae_setting(model, params.sd_vae, library.vae_files())
     infotext: dict[str, str] = {}
     if named:
         # A1111 writes the name as the prompt mentions it, without ":" and ",", once per network.
         hashes = dict.fromkeys(f"{name.replace(':', '').replace(',', '')}: {file.shorthash}" for name, file in named)
         infotext["Lora hashes"] = ", ".join(hashes)
+    if vae is not None:  # A1111's keys (`sd_vae.get_loaded_vae_hash`, `get_loaded_vae_name`)
+        infotext["VAE hash"] = vae.short_hash
+        infotext["VAE"] = vae.name
     return JobNetworks(parsed.prompt, warnings, infotext, named)

@@ -132,9 +132,19 @@ def refresh_embeddings() -> None:
     """Nothing to rescan: difusi has no embeddings folder (A1111 clients call this before listing)."""
 
 
+@router.get("/sd-vae")
+def sd_vae(engine: EngineDep) -> list[dict[str, Any]]:
+    """A1111's VAE listing: `model_name` (what `sd_vae` takes) and `filename` of each VAE file."""
+    first = {}
+    for path in engine.networks.vae_files():
+        first.setdefault(path.name, path)  # A1111's `vae_dict`: one entry per file name
+    return [{"model_name": name, "filename": str(path)} for name, path in first.items()]
+
+
 @router.post("/refresh-vae")
-def refresh_vae() -> None:
-    """Nothing to rescan: difusi uses each checkpoint's own VAE."""
+def refresh_vae(engine: EngineDep) -> None:
+    """Scan the VAE folders again."""
+    engine.networks.refresh()
 
 
 @router.get("/memory")

@@ -86,7 +86,7 @@ def prepare_txt2img(engine: Any, body: a1111.Txt2ImgRequest) -> a1111.Txt2ImgJob
     spec.params.validated(native_size=engine.native_size_hint(spec.checkpoint))
     from difusi.networks.job import check_job
 
-    check_job(spec.params, engine.networks)  # an unknown LoRA or VAE is a 422 naming it, before the queue
+    check_job(spec.params, engine.networks, allow_paths=False)  # an unknown LoRA or VAE is a 422 naming it, before the queue
     if spec.ignored:  # one line per request; the client reads the same list in `info["ignored_fields"]`
         log.warning("txt2img: ignoring request fields difusi does not support yet: %s", ", ".join(spec.ignored))
     return spec
