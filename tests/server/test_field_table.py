@@ -11,12 +11,12 @@ import json
 import math
 
 import pytest
+from tests.server.conftest import VAE_FILE
 
 from difusi import cli
 from difusi.infotext import KEY_TO_FIELD, format_infotext, recipe_from_infotext
 from difusi.params import FIELDS, LIMITS, FieldSpec, GenerationParams, field_table
 from difusi.server import a1111
-from tests.server.conftest import VAE_FILE
 
 # Values the generic rule below cannot pick: sizes that suit a 64-px model and cost little, a clip skip the tiny text
 # encoder has layers for, and few steps and images so the HTTP leg stays cheap.

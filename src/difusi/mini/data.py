@@ -28,6 +28,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 40, 180),
 }
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
+# Colours outside difusi-mini's vocabulary, drawn only by the LoRA data (``difusi.mini.lora``): the base data
+# set, its captions and the classifier's palette never use them, so every base sample stays bit-identical.
+EXTRA_COLOURS: dict[str, tuple[int, int, int]] = {"pink": (255, 105, 180)}
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
 SIZES: tuple[str, ...] = ("small", "big")
@@ -114,7 +117,7 @@ def random_scene(rng: random.Random) -> Scene:
 
 
 def _jittered(colour: str, rng: random.Random) -> np.ndarray:
-    base = np.array(COLOURS[colour], dtype=np.float32)
+    base = np.array(COLOURS[colour] if colour in COLOURS else EXTRA_COLOURS[colour], dtype=np.float32)
     jitter = np.array([rng.uniform(-COLOUR_JITTER, COLOUR_JITTER) for _ in range(3)], dtype=np.float32)
     return np.clip(base + jitter, 0, 255)
 

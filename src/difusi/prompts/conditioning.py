@@ -18,6 +18,13 @@ Faithful to A1111 where it is surprising:
 * Cond and uncond with different chunk counts are padded with the encoding of the empty prompt
   (:func:`pad_to_same_length`, A1111's ``pad_cond``).
 
+Textual-inversion embeddings: while an :class:`EncoderEmbeddings` is set on ``ClipTextEncoder.embeddings``
+(``difusi.networks.embeddings.attach`` does that for one job), :meth:`ClipTextEncoder.tokenize` marks the
+embeddings' positions (:class:`~difusi.prompts.tokens.ChunkFix`) and :meth:`ClipTextEncoder.encode_ids`
+writes their vectors over the token-embedding output at those positions with a forward hook that lives
+for that one call (A1111 ``sd_hijack.py EmbeddingsWithFixes.forward``). Emphasis then applies to them as
+to any token. Without embeddings nothing here changes.
+
 Not reproduced: A1111 applies "Clip skip" only to SD1 (and to SDXL's CLIP-L behind an option);
 here ``clip_skip`` moves every encoder's layer back. Pass ``clip_skip=1`` for SD2/SDXL to match A1111.
 """
@@ -27,17 +34,18 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from difusi.errors import ParamError
 from difusi.prompts.parser import get_prompt_schedule
-from difusi.prompts.tokens import TokenChunk, special_tokens, tokenize_prompt
+from difusi.prompts.tokens import ChunkFix, EmbeddingLookup, TokenChunk, special_tokens, tokenize_prompt
 
 __all__ = [
     "ClipTextEncoder",
+    "EncoderEmbeddings",
     "Conditioning",
     "encode_texts",
     "encode_prompt",
@@ -49,6 +57,18 @@ __all__ = [
 ]
 
 CHUNK_POSITIONS = 77
+
+
+class EncoderEmbeddings(EmbeddingLookup, Protocol):
+    """Textual-inversion embeddings as one text encoder sees them (see ``difusi.networks.embeddings``)."""
+
+    def vectors_for(self, embedding: Any) -> Tensor:
+        """``[n, D]`` vectors of ``embedding`` for this encoder (SDXL: its ``clip_l`` or ``clip_g`` part)."""
+        ...
+
+    def record_used(self, embeddings: Sequence[Any]) -> None:
+        """Called once per :meth:`ClipTextEncoder.encode_batch` that used embeddings (A1111: per forward)."""
+        ...
 
 
 @dataclass
@@ -122,6 +142,8 @@ class ClipTextEncoder:
         self.pooled = pooled
         self.special = special_tokens(tokenizer, pad_token_id)
         self._empty_states: dict[int, Tensor] = {}  # clip_skip -> [1, 77, D]; the model is frozen
+        self.embeddings: EncoderEmbeddings | None = None
+        """Textual-inversion embeddings for the current job (set and cleared by ``networks.embeddings.attach``)."""
 
     @property
     def width(self) -> int:
@@ -133,8 +155,8 @@ class ClipTextEncoder:
         return self.num_layers + self.hidden_layer + 1
 
     def tokenize(self, text: str) -> list[TokenChunk]:
-        """77-token chunks of one resolved prompt text."""
-        return tokenize_prompt(text, self.tokenizer, self.pad_token_id)
+        """77-token chunks of one resolved prompt text (with embedding fixes while embeddings are attached)."""
+        return tokenize_prompt(text, self.tokenizer, self.pad_token_id, embeddings=self.embeddings)
 
     def empty_chunk(self) -> TokenChunk:
         """The chunk A1111 pads a batch with: BOS, then EOS, then padding; all weights 1."""
@@ -155,14 +177,25 @@ class ClipTextEncoder:
         return self._empty_states[clip_skip]
 
     @torch.no_grad()
-    def encode_ids(self, ids: Tensor, clip_skip: int = 1) -> tuple[Tensor, Tensor | None]:
+    def encode_ids(
+        self, ids: Tensor, clip_skip: int = 1, fixes: Sequence[Sequence[ChunkFix]] | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """Run the network on ``[B, 77]`` token ids; returns (hidden states ``[B, 77, D]``, pooled or None).
 
-        No emphasis here: these are the raw states of the chosen layer.
+        ``fixes[i]`` are row i's textual-inversion embeddings: their vectors replace the token embeddings
+        at ``offset + 1 ..`` (needs :attr:`embeddings`). No emphasis here: these are the raw states of the
+        chosen layer.
         """
         layer = self.layer_for(clip_skip)
         use_last = layer == -1 and self.final_layer_norm
-        output = self.model(input_ids=ids.to(_device_of(self.model)), output_hidden_states=not use_last)
+        hook = None
+        if fixes is not None and any(fixes):
+            hook = self.model.get_input_embeddings().register_forward_hook(self._fixes_hook(fixes))
+        try:
+            output = self.model(input_ids=ids.to(_device_of(self.model)), output_hidden_states=not use_last)
+        finally:
+            if hook is not None:
+                hook.remove()
         if use_last:
             states = output.last_hidden_state  # = final_layer_norm(hidden_states[-1])
         else:
@@ -173,6 +206,28 @@ class ClipTextEncoder:
         if self.pooled:
             pooled = output.text_embeds if getattr(output, "text_embeds", None) is not None else output.pooler_output
         return states, pooled
+
+    def _fixes_hook(self, batch_fixes: Sequence[Sequence[ChunkFix]]) -> Any:
+        """A forward hook for the token-embedding layer that writes the embeddings' vectors into its output.
+
+        A1111 ``EmbeddingsWithFixes.forward``: row b, fix (offset, e) -> positions ``offset + 1 ..`` get
+        e's vectors, at most up to the chunk's last position (``min(T - offset - 1, n)`` of them).
+        """
+        if self.embeddings is None:
+            raise ValueError("chunks carry textual-inversion fixes but no embeddings are attached to this encoder")
+        embeddings = self.embeddings
+
+        def hook(_module: torch.nn.Module, _args: Any, output: Tensor) -> Tensor:
+            output = output.clone()
+            for row, fixes in enumerate(batch_fixes):
+                for fix in fixes:
+                    vectors = embeddings.vectors_for(fix.embedding).to(device=output.device, dtype=output.dtype)
+                    start = fix.offset + 1  # +1: the chunk's BOS
+                    count = min(output.shape[1] - start, vectors.shape[0])
+                    output[row, start : start + count] = vectors[:count]
+            return output
+
+        return hook
 
     def encode_batch(
         self, batch: Sequence[Sequence[TokenChunk]], clip_skip: int = 1, counts: Sequence[int] | None = None
@@ -185,14 +240,21 @@ class ClipTextEncoder:
         chunk_count = max(len(chunks) for chunks in batch)
         counts = [1] * len(batch) if counts is None else list(counts)
         contexts, pooled = [], None
+        used: dict[str, Any] = {}  # A1111 forward's used_embeddings: by name, in order of first use
         for index in range(chunk_count):
             column = [chunks[index] if index < len(chunks) else self.empty_chunk() for chunks in batch]
             ids = torch.tensor([chunk.ids for chunk in column], dtype=torch.long)
-            states, chunk_pooled = self.encode_ids(ids, clip_skip)
+            fixes = [chunk.fixes for chunk in column]
+            for chunk_fixes in fixes:
+                for fix in chunk_fixes:
+                    used.setdefault(fix.embedding.name, fix.embedding)
+            states, chunk_pooled = self.encode_ids(ids, clip_skip, fixes)
             weights = torch.tensor([chunk.weights for chunk in column], dtype=states.dtype, device=states.device)
             contexts.append(apply_emphasis(states, weights, counts))
             if index == 0:
                 pooled = chunk_pooled
+        if used and self.embeddings is not None:
+            self.embeddings.record_used(list(used.values()))
         return torch.cat(contexts, dim=1), pooled
 
 
