@@ -22,6 +22,7 @@ from difusi import __version__
 from difusi.errors import Interrupted
 from difusi.finite import ensure_finite
 from difusi.models.families import spec_of
+from difusi.networks.embeddings import attach
 from difusi.networks.job import NetworkLibrary, prepare_job
 from difusi.params import GenerationParams, resolve_seed
 from difusi.prompts.conditioning import (
@@ -148,7 +149,10 @@ def txt2img(
     table = DiscreteNoiseTable()
     sigmas = build_sigmas(sampler, scheduler, params.steps, table, family=model.family)
     # The infotext keeps the prompt as written (A1111 does too); only the text encoder sees it without the tags.
-    cond_schedule, uncond_schedule = _encode(model, resolved.replace(prompt=clip_prompt), schedule_steps)
+    with attach(model, job_networks.embeddings) as embeddings_used:
+        cond_schedule, uncond_schedule = _encode(model, resolved.replace(prompt=clip_prompt), schedule_steps)
+    if (ti_hashes := embeddings_used.ti_hashes()) is not None:
+        job_networks.infotext["TI hashes"] = ti_hashes
     denoiser = _denoiser(model, table)
 
     for iteration in range(params.n_iter):
@@ -341,8 +345,9 @@ def _encode(model, params: GenerationParams, steps: int | None = None):
     family = spec_of(model)
     clip_skip = params.clip_skip if family.honours_clip_skip else 1
     with torch.inference_mode():
-        cond = encode_prompt_schedule(model.text_encoders, params.prompt, steps, clip_skip)
+        # Negative first, as A1111: the order decides the order of the infotext's "TI hashes".
         uncond = encode_prompt_schedule(model.text_encoders, params.negative_prompt, steps, clip_skip)
+        cond = encode_prompt_schedule(model.text_encoders, params.prompt, steps, clip_skip)
     if family.zero_empty_negative and not params.negative_prompt:
         # SDXL's empty negative prompt is all zeros in A1111 and diffusers alike.
         uncond = [(end_step, conditioning.zeros_like()) for end_step, conditioning in uncond]

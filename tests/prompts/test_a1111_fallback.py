@@ -72,18 +72,18 @@ def sd1(tmp_path_factory):
 
 
 def test_txt2img_reports_warnings_and_keeps_the_prompt_in_the_infotext(sd1):
-    result = _run(sd1, prompt="[red:blue:soon] <lora:detail:0.8>", negative_prompt="ugly | bad")
-    assert result.images[0].infotext.startswith("[red:blue:soon] <lora:detail:0.8>\nNegative prompt: ugly | bad\n")
+    result = _run(sd1, prompt="[red:blue:soon] <hypernet:detail:0.8>", negative_prompt="ugly | bad")
+    assert result.images[0].infotext.startswith("[red:blue:soon] <hypernet:detail:0.8>\nNegative prompt: ugly | bad\n")
     assert len(result.warnings) == 3
-    assert result.warnings[0].startswith("prompt: '[red:blue:soon]' is not prompt editing")
-    assert result.warnings[1].startswith("negative_prompt: the prompt-editing syntax does not parse")
-    assert result.warnings[2].startswith("prompt: removed <lora:detail:0.8>: extra networks")
+    assert result.warnings[1].startswith("prompt: '[red:blue:soon]' is not prompt editing")
+    assert result.warnings[2].startswith("negative_prompt: the prompt-editing syntax does not parse")
+    assert result.warnings[0].startswith("prompt: removed <hypernet:detail:0.8>: hypernet networks are not supported")
     assert _run(sd1).warnings == []
 
 
-def test_lora_tag_does_not_reach_the_text_encoder(sd1):
+def test_unsupported_network_tag_does_not_reach_the_text_encoder(sd1):
     import numpy as np
 
-    tagged = _run(sd1, prompt="a red circle<lora:detail:0.8>").images[0].image
+    tagged = _run(sd1, prompt="a red circle<hypernet:detail:0.8>").images[0].image
     plain = _run(sd1, prompt="a red circle").images[0].image
     assert np.array_equal(np.asarray(tagged), np.asarray(plain))

@@ -22,6 +22,7 @@ from difusi.errors import NetworkError
 from difusi.models.folders import kind_folders
 from difusi.models.vae_files import AUTOMATIC, NONE, apply_vae_setting, list_vae_files, resolve_vae, vae_names
 from difusi.networks.apply import NetworkUse, apply_networks
+from difusi.networks.embeddings import EmbeddingDatabase, EmbeddingSet
 from difusi.networks.files import NetworkFile, NetworkReader, find_lora, list_loras
 from difusi.networks.tags import PromptNetworks, parse_network_tags
 
@@ -50,6 +51,11 @@ class NetworkLibrary:
                 self._vaes = list_vae_files(kind_folders("vae", self.models_dir),
                                             kind_folders("checkpoint", self.models_dir))
             return self._vaes
+
+    def embeddings(self, model: Any) -> EmbeddingSet:
+        """The embedding folders' files split into loaded / skipped for `model` (rescanned each time: unchanged
+        files come from the embeddings module's cache, so a file dropped into the folder works at the next job)."""
+        return EmbeddingDatabase(kind_folders("embedding", self.models_dir)).for_model(model)
 
     def vae_names(self) -> list[str]:
         """What `sd_vae` may name besides "Automatic" and "None" (A1111's `GET /sdapi/v1/sd-vae` model names)."""
@@ -92,6 +98,8 @@ class JobNetworks:
     infotext: dict[str, str] = field(default_factory=dict)
     loras: list[tuple[str, NetworkFile]] = field(default_factory=list)
     """(name as written in the prompt, file) of each LoRA applied."""
+    embeddings: EmbeddingSet | None = None
+    """The embeddings the job's prompts may trigger (`difusi.networks.embeddings.attach` while encoding)."""
 
 
 def check_job(params: Any, library: NetworkLibrary, *, allow_paths: bool = True) -> PromptNetworks:
@@ -132,4 +140,4 @@ def prepare_job(model: Any, params: Any, library: NetworkLibrary | None = None) 
     if vae is not None:  # A1111's keys (`sd_vae.get_loaded_vae_hash`, `get_loaded_vae_name`)
         infotext["VAE hash"] = vae.short_hash
         infotext["VAE"] = vae.name
-    return JobNetworks(parsed.prompt, warnings, infotext, named)
+    return JobNetworks(parsed.prompt, warnings, infotext, named, library.embeddings(model))

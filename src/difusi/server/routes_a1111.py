@@ -122,14 +122,21 @@ def refresh_loras(engine: EngineDep) -> None:
 
 
 @router.get("/embeddings")
-def embeddings() -> dict[str, dict[str, Any]]:
-    """A1111's textual-inversion listing; difusi loads none."""
-    return {"loaded": {}, "skipped": {}}
+def embeddings(engine: EngineDep) -> dict[str, dict[str, Any]]:
+    """A1111's textual-inversion listing for the loaded model: `loaded` and `skipped` (width does not fit), each
+    name -> step, sd_checkpoint, sd_checkpoint_name, shape, vectors."""
+    from difusi.networks.embeddings import embeddings_response
+
+    model = engine.loaded_model()
+    if model is None:
+        return {"loaded": {}, "skipped": {}}
+    return embeddings_response(engine.networks.embeddings(model))
 
 
 @router.post("/refresh-embeddings")
-def refresh_embeddings() -> None:
-    """Nothing to rescan: difusi has no embeddings folder (A1111 clients call this before listing)."""
+def refresh_embeddings(engine: EngineDep) -> None:
+    """Scan the embedding folders again (they are also rescanned before every job)."""
+    engine.networks.refresh()
 
 
 @router.get("/sd-vae")

@@ -1,0 +1,155 @@
+"""LoRA files applied by difusi equal diffusers' own LoRA loader (`load_lora_weights` + `fuse_lora`, peft underneath)
+on the same random weights: kohya files with diffusers-style and LDM-style layer names (LoCon conv layers included),
+diffusers / PEFT files, on tiny SD1 and SDXL; weights to float rounding, images within 2/255."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from difusi.models import load_model
+from difusi.models.convert import unet_diffusers_to_ldm
+from difusi.models.synthetic import write_tiny_checkpoint
+from difusi.networks.apply import remove_networks
+from difusi.networks.job import NetworkLibrary
+from difusi.params import GenerationParams
+from difusi.pipeline import txt2img
+
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2")
+TEXT = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+CONVS = ("conv1", "conv2")
+
+
+@pytest.fixture(scope="module", params=["sd1", "sdxl"])
+def checkpoint(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"lora-{request.param}")
+    write_tiny_checkpoint(folder / "tiny.safetensors", family=request.param, seed=3)
+    return folder, request.param
+
+
+def _layers(model):
+    """(component, path, module) of every layer these LoRAs touch: attention / feed-forward linears and resnet
+    convolutions of the UNet, attention and MLP linears of every text encoder."""
+    for path, module in model.unet.named_modules():
+        if path.endswith(ATTENTION) or (path.endswith(CONVS) and "resnets" in path):
+            yield "unet", path, module
+    for number, encoder in enumerate(model.text_encoders):
+        for path, module in encoder.model.named_modules():
+            if path.endswith(TEXT):
+                yield number, path, module
+
+
+def _factors(module, rank, generator):
+    if isinstance(module, torch.nn.Conv2d):
+        kernel = module.kernel_size
+        down = torch.randn(rank, module.in_channels, *kernel, generator=generator) * 0.2
+        return down, torch.randn(module.out_channels, rank, 1, 1, generator=generator) * 0.2
+    return (torch.randn(rank, module.in_features, generator=generator) * 0.2,
+            torch.randn(module.out_features, rank, generator=generator) * 0.2)
+
+
+def kohya_file(model, family, *, ldm_names: bool, rank=4, alpha=2.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ldm = {}
+    if ldm_names:  # LDM names from the state-dict converter (itself checked against diffusers' checkpoints)
+        paths = [path for component, path, _ in _layers(model) if component == "unet"]
+        converted = unet_diffusers_to_ldm({f"{p}.weight": torch.zeros(1) for p in paths}, model.unet_config)
+        ldm = dict(zip(paths, (key.removesuffix(".weight") for key in converted), strict=True))
+    state = {}
+    for component, path, module in _layers(model):
+        if component == "unet":
+            name = "lora_unet_" + ldm.get(path, path).replace(".", "_")
+        else:
+            prefix = "lora_te_" if family == "sd1" else f"lora_te{component + 1}_"
+            name = prefix + path.replace(".", "_")
+        down, up = _factors(module, rank, generator)
+        state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"] = down, up
+        state[f"{name}.alpha"] = torch.tensor(alpha)
+    return state
+
+
+def peft_file(model, rank=4, seed=1):
+    """diffusers' own LoRA layout: `unet.<path>.lora_A.weight` / `lora_B.weight`, `text_encoder[_2].<path>...`
+    (linear layers only, no alpha: scale 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for component, path, module in _layers(model):
+        if isinstance(module, torch.nn.Conv2d):
+            continue
+        prefix = "unet" if component == "unet" else ("text_encoder" if component == 0 else "text_encoder_2")
+        down, up = _factors(module, rank, generator)
+        state[f"{prefix}.{path}.lora_A.weight"], state[f"{prefix}.{path}.lora_B.weight"] = down, up
+    return state
+
+
+def diffusers_fused(model, family, state, scale):
+    """The UNet and text encoders after diffusers loads `state` and fuses it at `scale` (copies of difusi's own
+    modules, so both start from the same weights)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from difusi.prompts.tokens import load_clip_tokenizer
+
+    unet = copy.deepcopy(model.unet)
+    encoders = [copy.deepcopy(encoder.model) for encoder in model.text_encoders]
+    parts = dict(vae=model.vae, unet=unet, scheduler=DDIMScheduler(), tokenizer=load_clip_tokenizer(),
+                 text_encoder=encoders[0])
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=encoders[1], tokenizer_2=load_clip_tokenizer())
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    # SD1's loader maps LDM block names only when given the UNet config; SDXL's always does it itself.
+    extra = {} if family == "sdxl" else {"unet_config": unet.config}
+    pipe.load_lora_weights({k: v.clone() for k, v in state.items()}, adapter_name="ref", **extra)
+    pipe.fuse_lora(lora_scale=scale, components=["unet", "text_encoder"] + (["text_encoder_2"] if family == "sdxl"
+                                                                            else []))
+    pipe.unload_lora_weights()
+    return unet, encoders
+
+
+def _assert_close_weights(ours: torch.nn.Module, reference: torch.nn.Module, what: str) -> None:
+    theirs = reference.state_dict()
+    for key, value in ours.state_dict().items():
+        torch.testing.assert_close(value, theirs[key], rtol=1e-5, atol=1e-6, msg=f"{what} {key}")
+
+
+@pytest.mark.parametrize("layout", ["kohya-diffusers-names", "kohya-ldm-names", "peft"])
+def test_lora_equals_diffusers_loader(checkpoint, layout):
+    folder, family = checkpoint
+    model = load_model(folder / "tiny.safetensors")
+    original = {key: value.clone() for key, value in model.unet.state_dict().items()}
+    if layout == "peft":
+        state = peft_file(model)
+    else:
+        state = kohya_file(model, family, ldm_names=layout == "kohya-ldm-names")
+    (folder / "Lora").mkdir(exist_ok=True)
+    save_file(state, folder / "Lora" / f"{layout}.safetensors")
+    library = NetworkLibrary(folder)
+    scale = 0.7
+    unet, encoders = diffusers_fused(model, family, state, scale)  # from the checkpoint's own weights
+    params = GenerationParams(prompt=f"a red circle <lora:{layout}:{scale}>", steps=3, seed=5, width=64, height=64,
+                              cfg_scale=5.0)
+    ours = txt2img(model, params, networks=library)
+    assert ours.warnings == [], ours.warnings  # every key matched a layer
+
+    changed = sum(not torch.equal(original[key], value) for key, value in model.unet.state_dict().items())
+    assert changed > 0
+    _assert_close_weights(model.unet, unet, "unet")
+    for number, encoder in enumerate(model.text_encoders):
+        _assert_close_weights(encoder.model, encoders[number], f"text encoder {number}")
+
+    # The same pipeline on diffusers' fused weights makes the same picture (the only difference is the weights).
+    remove_networks(model)
+    for target, source in [(model.unet, unet), *zip((e.model for e in model.text_encoders), encoders, strict=True)]:
+        target.load_state_dict(source.state_dict())
+    for encoder in model.text_encoders:
+        encoder._empty_states.clear()
+    plain = params.replace(prompt="a red circle ")
+    reference = txt2img(model, plain, networks=NetworkLibrary(None))  # no tags: nothing merged, nothing restored
+    a = np.asarray(ours.images[0].image, dtype=int)
+    b = np.asarray(reference.images[0].image, dtype=int)
+    assert np.abs(a - b).max() <= 2
