@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print the parsed fields as JSON")
     models = commands.add_parser("models", help="list checkpoints in the models folder")
     models.add_argument("--models-dir", default=None, help="folder of checkpoints (default: see settings)")
+    networks = commands.add_parser("networks", help="list LoRA / LyCORIS files, embeddings and VAEs with hashes and "
+                                                    "the model family each is for")
+    networks.add_argument("--models-dir", default=None, help="models folder (default: see settings)")
+    networks.add_argument("--kind", choices=("lora", "embedding", "vae"), default=None, help="only this kind")
+    networks.add_argument("--json", action="store_true", help="print one JSON object per file")
     samplers = commands.add_parser("samplers", help="list samplers, aliases and schedules")
     samplers.add_argument("--report", nargs="?", const="sampler-report", default=None, metavar="DIR",
                           help="write the sampler comparison report (convergence plots) to DIR")
@@ -190,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "xyz": _with_budget_flags(cmd_xyz),
         "info": cmd_info,
         "models": cmd_models,
+        "networks": cmd_networks,
         "samplers": cmd_samplers,
         "history": cmd_history,
     }
@@ -687,6 +693,25 @@ def cmd_models(args: argparse.Namespace) -> int:
     for info in infos:
         mark = "  (default)" if Path(info.path) == default_model_path() else ""
         print(f"{info.name:<{width}}  {info.short_hash}  {info.family:<5}  {info.path}{mark}")
+    return 0
+
+
+def cmd_networks(args: argparse.Namespace) -> int:
+    """`difusi networks`: every extra-network file the models folder offers (`difusi.models.folders` rules)."""
+    from difusi.networks.listing import list_networks
+    from difusi.strict_json import dumps
+
+    rows = list_networks(settings.models_dir(args.models_dir), kind=args.kind)
+    if args.json:
+        for row in rows:
+            print(dumps(row))
+        return 0
+    if not rows:
+        print("no LoRA, embedding or VAE files found (see `difusi networks --help` for the folders)")
+        return 0
+    width = max(len(row["name"]) for row in rows)
+    for row in rows:
+        print(f"{row['kind']:<9}  {row['name']:<{width}}  {row['hash']}  {row['family']:<7}  {row['path']}")
     return 0
 
 

@@ -25,8 +25,10 @@ import torch
 
 from difusi.errors import NetworkError
 from difusi.networks.algorithms import updown
-from difusi.networks.files import NetworkTensors
+from difusi.networks.files import NetworkTensors, guess_family
 from difusi.networks.keys import Target, group_by_module, module_index
+
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 ATTRIBUTE = "network_state"
 """The LoadedModel attribute holding `MergeState`."""
@@ -87,7 +89,7 @@ def apply_networks(model: Any, uses: Sequence[NetworkUse]) -> list[str]:
     key = tuple(use.key for use in uses)
     if key == state.applied:
         return list(state.warnings)
-    planned, warnings = _plan(state, uses)
+    planned, warnings = _plan(model, state, uses)
     _commit(model, state, planned)
     state.applied, state.warnings = key, warnings
     return list(warnings)
@@ -99,12 +101,13 @@ def remove_networks(model: Any) -> None:
         apply_networks(model, [])
 
 
-def _plan(state: MergeState, uses: Sequence[NetworkUse]) -> tuple[dict[int, _Saved], list[str]]:
+def _plan(model: Any, state: MergeState, uses: Sequence[NetworkUse]) -> tuple[dict[int, _Saved], list[str]]:
     """The new (weight, bias) of every touched layer, computed from the original weights; nothing written yet."""
     planned: dict[int, _Saved] = {}
     warnings: list[str] = []
     for use in uses:
         name = use.mentioned_name or use.network.file.name
+        _check_family(model, use, name)
         groups, unmatched = group_by_module(use.network.tensors, state.index)
         if not groups:
             raise NetworkError(name, f"matches no layer of the loaded model ({len(unmatched)} keys, e.g. "
@@ -178,6 +181,16 @@ def _write(module: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | N
     module.weight.data.copy_(weight)
     if bias is not None and getattr(module, "bias", None) is not None:
         module.bias.data.copy_(bias)
+
+
+def _check_family(model: Any, use: NetworkUse, name: str) -> None:
+    """A file made for another family is refused by name, before any layer is matched: some of SDXL's and SD 1.5's
+    layer names coincide, so matching alone could apply half of an SDXL LoRA to an SD 1.5 model."""
+    made_for = guess_family({key: tuple(t.shape) for key, t in use.network.tensors.items()}, use.network.metadata)
+    family = getattr(model, "family", "unknown")
+    if made_for != "unknown" and family in FAMILY_NAMES and made_for != family:
+        raise NetworkError(name, f"is a LoRA for {FAMILY_NAMES[made_for]}, and the loaded model is "
+                                 f"{FAMILY_NAMES[family]}: it is made for another model family")
 
 
 def _family_hint(use: NetworkUse) -> str:

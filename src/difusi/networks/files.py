@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +71,38 @@ class NetworkFile:
     def base_model(self) -> str | None:
         """`ss_base_model_version` of kohya's metadata ("sd_v1", "sdxl_base_v1-0", ...), when present."""
         return self.metadata.get("ss_base_model_version")
+
+
+_CONTEXT_FAMILIES = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+"""Cross-attention context width -> family (CLIP-L; OpenCLIP-H; CLIP-L + bigG)."""
+
+
+def lora_family(file: NetworkFile) -> str:
+    """The model family ("sd1", "sd2", "sdxl" or "unknown") a LoRA file was made for, from its header alone."""
+    try:
+        reader = CheckpointFile(file.path)
+    except CheckpointError:
+        return "unknown"
+    try:
+        return guess_family(reader.shapes, file.metadata)
+    finally:
+        reader.close()
+
+
+def guess_family(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, str]) -> str:
+    """kohya's `ss_base_model_version`, else SDXL's two text-encoder prefixes, else the input width of the
+    cross-attention keys' LoRA (768 / 1024 / 2048, the text encoders' context width); "unknown" otherwise."""
+    base = str(metadata.get("ss_base_model_version", "")).lower()
+    if base.startswith("sdxl"):
+        return "sdxl"
+    if base.startswith(("sd_v1", "sd_v2")):
+        return "sd1" if base.startswith("sd_v1") else "sd2"
+    if any(key.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for key in shapes):
+        return "sdxl"
+    for key, shape in shapes.items():
+        if ("attn2_to_k" in key or "attn2.to_k" in key) and ("down" in key or "lora_A" in key) and len(shape) >= 2:
+            return _CONTEXT_FAMILIES.get(int(shape[1]), "unknown")
+    return "unknown"
 
 
 def network_hash(path: Path) -> str:

@@ -73,7 +73,12 @@ class NetworkLibrary:
             return find_lora(name, self.loras())
         except NetworkError:
             self.refresh()
+        try:
             return find_lora(name, self.loras())
+        except NetworkError as missing:
+            searched = ", ".join(str(folder) for folder in kind_folders("lora", self.models_dir, shipped=False))
+            where = f"searched {searched}" if searched else f"no LoRA folder under {self.models_dir}"
+            raise NetworkError(missing.name, f"{missing.message} ({where})") from None
 
 
 _LIBRARIES: dict[Path | None, NetworkLibrary] = {}
