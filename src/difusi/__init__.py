@@ -25,6 +25,10 @@ def __getattr__(name: str):
         from difusi import api
 
         return getattr(api, name)
+    if name == "list_networks":
+        from difusi.networks.listing import list_networks
+
+        return list_networks
     if name == "GenerationParams":
         from difusi.params import GenerationParams
 

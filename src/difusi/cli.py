@@ -704,14 +704,14 @@ def cmd_networks(args: argparse.Namespace) -> int:
     rows = list_networks(settings.models_dir(args.models_dir), kind=args.kind)
     if args.json:
         for row in rows:
-            print(dumps(row))
+            print(dumps(row.to_json()))
         return 0
     if not rows:
         print("no LoRA, embedding or VAE files found (see `difusi networks --help` for the folders)")
         return 0
-    width = max(len(row["name"]) for row in rows)
+    width = max(len(row.name) for row in rows)
     for row in rows:
-        print(f"{row['kind']:<9}  {row['name']:<{width}}  {row['hash']}  {row['family']:<7}  {row['path']}")
+        print(f"{row.kind:<9}  {row.name:<{width}}  {row.hash:<12}  {row.family:<7}  {row.path}")
     return 0
 
 

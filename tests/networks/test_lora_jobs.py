@@ -239,15 +239,18 @@ def test_cli_and_http_report_a_bad_lora_in_one_line(sd1, tmp_path, capsys):
     _write_lora(model, tmp_path / "Lora" / "good.safetensors")
     (tmp_path / "Lora" / "cut.safetensors").write_bytes((tmp_path / "Lora" / "good.safetensors").read_bytes()[:300])
     checkpoint = folder / "tiny.safetensors"
-    for prompt, message in [("<lora:cut:1>", "cannot be used"), ("<lora:nope:1>", "no such LoRA"),
-                            ("<lora:good:much>", "must be a number")]:
+    for prompt, extra, message in [("<lora:cut:1>", [], "cannot be used"), ("<lora:nope:1>", [], "no such LoRA"),
+                                   ("<lora:good:much>", [], "must be a number"),
+                                   ("", ["--vae", str(checkpoint)], "whole checkpoint, not a VAE"),
+                                   ("", ["--vae", "nope.pt"], "no VAE of that name")]:
         try:
             code = cli.main(["generate", f"a cat {prompt}", "--model", str(checkpoint), "--models-dir",
-                             str(tmp_path), "--steps", "1", "--outputs-dir", str(tmp_path / "out")])
+                             str(tmp_path), "--steps", "1", "--outputs-dir", str(tmp_path / "out"), *extra])
         except SystemExit as exit_:  # errors found while generating leave through the CLI's one-line exit
             code = exit_.code
         err = capsys.readouterr().err.strip()
-        assert code == 2 and message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+        assert code == 2 and message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not list((tmp_path / "out").rglob("*.png"))  # nothing half-made was saved
 
 
 def test_infotext_reproduces_the_image_with_the_same_lora(sd1, two_loras, tmp_path):

@@ -7,6 +7,7 @@ VAE), family (what the file was made for, read from its header), path.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +20,42 @@ from difusi.networks.embeddings import scan_embeddings
 from difusi.networks.files import list_loras, lora_family
 
 _EMBEDDING_FAMILIES = {768: "sd1", 1024: "sd2"}
+KINDS = ("lora", "embedding", "vae")
 
 
-def list_networks(models_dir: str | Path | None, kind: str | None = None) -> list[dict[str, Any]]:
-    """Rows (see the module docstring) of the LoRA, embedding and VAE files, in that order; `kind` keeps one."""
+@dataclass(frozen=True)
+class NetworkInfo:
+    """One extra-network file (see the module docstring for each field)."""
+
+    kind: str
+    name: str
+    alias: str
+    hash: str
+    family: str
+    path: Path
+    vectors: int | None = None
+    """Token positions an embedding takes (embeddings only)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "path": str(self.path)}
+
+
+def list_networks(models_dir: str | Path | None = None, kind: str | None = None) -> list[NetworkInfo]:
+    """The LoRA, embedding and VAE files of a models folder (and difusi-mini's shipped ones), in that order; `kind`
+    ("lora", "embedding" or "vae") keeps one kind."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     folder = None if models_dir is None else Path(models_dir)
-    rows: list[dict[str, Any]] = []
+    rows: list[NetworkInfo] = []
     if kind in (None, "lora"):
-        rows += [{"kind": "lora", "name": item.relative, "alias": item.alias, "hash": item.shorthash,
-                  "family": lora_family(item), "path": str(item.path)} for item in list_loras(folder)]
+        rows += [NetworkInfo("lora", item.relative, item.alias, item.shorthash, lora_family(item), item.path)
+                 for item in list_loras(folder)]
     if kind in (None, "embedding"):
-        scan = scan_embeddings(kind_folders("embedding", folder))
-        rows += [{"kind": "embedding", "name": item.name, "alias": item.name, "hash": item.shorthash,
-                  "family": _embedding_family(item.vectors), "vectors": item.vector_count, "path": str(item.path)}
-                 for item in scan.embeddings]
+        rows += [NetworkInfo("embedding", item.name, item.name, item.shorthash, _embedding_family(item.vectors),
+                             item.path, item.vector_count)
+                 for item in scan_embeddings(kind_folders("embedding", folder)).embeddings]
     if kind in (None, "vae"):
-        rows += [{"kind": "vae", "name": path.name, "alias": path.name, "hash": short_hash(file_sha256(path)),
-                  "family": _vae_family(path), "path": str(path)}
+        rows += [NetworkInfo("vae", path.name, path.name, short_hash(file_sha256(path)), _vae_family(path), path)
                  for path in list_vae_files(kind_folders("vae", folder), kind_folders("checkpoint", folder))]
     return rows
 
