@@ -76,3 +76,25 @@ def test_vae_choice_reaches_the_job_and_unknown_or_path_vaes_are_refused(client,
         response = _txt2img(client, "a red circle", sd_vae=bad)
         assert response.status_code == 422 and response.json()["field"] == "sd_vae", response.text
     assert _txt2img(client, "a red circle", sd_vae="None").json()["images"][0] == default["images"][0]
+
+
+def test_embeddings_are_listed_triggered_and_hashed(client, models):
+    import torch
+
+    model = load_model(models.default)
+    width = model.text_encoders[0].model.get_input_embeddings().weight.shape[1]
+    folder = models.folder / "embeddings"
+    folder.mkdir(exist_ok=True)
+    plain = _txt2img(client, "a zorbo circle", negative_prompt="blurry").json()  # "zorbo" is a word here
+    generator = torch.Generator().manual_seed(0)
+    save_file({"emb_params": torch.randn(2, width, generator=generator)}, folder / "zorbo.safetensors")
+    save_file({"emb_params": torch.randn(1, width + 8, generator=generator)}, folder / "too-wide.safetensors")
+    reply = _txt2img(client, "a zorbo circle", negative_prompt="blurry").json()  # ... and now an embedding
+    assert reply["images"][0] != plain["images"][0]
+    listing = client.get("/sdapi/v1/embeddings").json()
+    assert listing["loaded"]["zorbo"]["vectors"] == 2 and listing["loaded"]["zorbo"]["shape"] == width
+    assert "too-wide" in listing["skipped"]
+    infotext = json.loads(reply["info"])["infotexts"][0]
+    assert 'TI hashes: "zorbo: ' in infotext
+    negative = _txt2img(client, "a red circle", negative_prompt="zorbo").json()
+    assert 'TI hashes: "zorbo: ' in json.loads(negative["info"])["infotexts"][0]
