@@ -279,6 +279,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     networks = library_for(settings.models_dir(args.models_dir))
     check_job(params, networks)  # an unknown LoRA / VAE is one line before any model is read
+    if recipe is not None and recipe.fields.get("Lora hashes"):
+        from difusi.networks.job import lora_hash_notes
+
+        for note in lora_hash_notes(recipe.fields["Lora hashes"], networks):
+            print(f"difusi: note: {note}", file=sys.stderr)
     store_dir = settings.outputs_dir(args.outputs_dir)
     store_dir.mkdir(parents=True, exist_ok=True)  # an unusable outputs folder fails now, not after generating
     # What was assumed to remake the image, once the command line is known to be good (an error stays one line).

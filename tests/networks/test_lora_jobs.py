@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 
 import numpy as np
 import pytest
@@ -271,4 +270,15 @@ def test_infotext_reproduces_the_image_with_the_same_lora(sd1, two_loras, tmp_pa
 
     assert np.array_equal(np.asarray(Image.open(tmp_path / "first.png")), np.asarray(Image.open(tmp_path / "2.png")))
     assert read_infotext(tmp_path / "2.png") == text
-    assert json.loads(json.dumps(text))  # plain text, nothing else
+
+
+def test_a_changed_lora_file_is_noted_when_remaking_an_image(sd1, tmp_path):
+    from difusi.networks.job import lora_hash_notes
+
+    _, model = sd1
+    _write_lora(model, tmp_path / "Lora" / "ink.safetensors", seed=1)
+    library = NetworkLibrary(tmp_path)
+    same = library.find_lora("ink").shorthash
+    assert lora_hash_notes(f"ink: {same}", library) == []
+    notes = lora_hash_notes("ink: 0123456789ab, gone: 0123456789ab", library)
+    assert len(notes) == 1 and "0123456789ab" in notes[0] and same in notes[0]

@@ -124,6 +124,25 @@ def check_job(params: Any, library: NetworkLibrary, *, allow_paths: bool = True)
     return parsed
 
 
+def lora_hash_notes(lora_hashes: str, library: NetworkLibrary) -> list[str]:
+    """What an infotext's `Lora hashes` ("name: hash, name: hash") says about the files here: a note for each LoRA
+    whose file now has another hash (the image will differ), nothing for the ones that match. A missing file is
+    not a note: the job itself fails naming it."""
+    notes = []
+    for entry in lora_hashes.split(","):
+        name, _, wanted = entry.strip().rpartition(": ")
+        if not name or not wanted:
+            continue
+        try:
+            found = library.find_lora(name)
+        except NetworkError:
+            continue
+        if not found.sha256.startswith(wanted.lower()):
+            notes.append(f"LoRA {name}: the image was made with a file of hash {wanted}, {found.path} has "
+                         f"{found.shorthash}; the result will differ")
+    return notes
+
+
 def prepare_job(model: Any, params: Any, library: NetworkLibrary | None = None) -> JobNetworks:
     """Apply the job's networks to `model` (see the module docstring) and say what was done."""
     library = library_for(None) if library is None else library
