@@ -282,3 +282,25 @@ def test_a_changed_lora_file_is_noted_when_remaking_an_image(sd1, tmp_path):
     assert lora_hash_notes(f"ink: {same}", library) == []
     notes = lora_hash_notes("ink: 0123456789ab, gone: 0123456789ab", library)
     assert len(notes) == 1 and "0123456789ab" in notes[0] and same in notes[0]
+
+
+def test_merges_land_in_the_offload_masters(tmp_path):
+    """With an offload mode a unit on the device points at copies its next unload drops: merging parks every unit
+    first, so the weights written are the CPU masters the next load copies from."""
+    from difusi.models.offload import apply_offload
+
+    model = load_model(_tiny(tmp_path / "tiny.safetensors"))
+    _write_lora(model, tmp_path / "Lora" / "ink.safetensors")
+    library = NetworkLibrary(tmp_path)
+    model.offload_hooks = apply_offload(model.unet, model.vae, [e.model for e in model.text_encoders], "model",
+                                        torch.device("cpu"), force=True)
+    for unit in model.offload_hooks.units:
+        unit.load()
+    plain = _state(model)
+    _image(model, "x <lora:ink:1>", library)
+    model.offload_hooks.park()
+    merged = _state(model)  # what every unit points at once unloaded: the masters
+    assert not _same_state(merged, plain)
+    _image(model, "x", library)
+    model.offload_hooks.park()
+    assert _same_state(_state(model), plain)

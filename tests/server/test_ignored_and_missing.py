@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from test_a1111 import A1111_CLIENT_BODY
 
+from difusi.networks.job import NetworkLibrary
 from difusi.server import a1111
 
 FAST = {"steps": 1, "width": 64, "height": 64, "sampler_name": "Euler", "save_images": False, "seed": 11}
@@ -47,7 +48,9 @@ def test_honoured_keys_come_from_the_field_table_and_the_request_base():
     ({"script_name": "X/Y/Z plot", "script_args": [1, 2]}, []),  # honoured (difusi.batch.xyz)
     ({"script_name": None, "script_args": [1, 2]}, []),
     ({"seed_resize_from_h": -1, "refiner_checkpoint": "None", "override_settings_restore_afterwards": False}, []),
-    ({"override_settings": {"sd_vae": "kl-f8.vae.pt", "CLIP_stop_at_last_layers": 2}}, ["override_settings.sd_vae"]),
+    ({"override_settings": {"sd_vae": "kl-f8.vae.pt", "CLIP_stop_at_last_layers": 2}}, []),  # both honoured
+    ({"override_settings": {"sd_hypernetwork": "h", "CLIP_stop_at_last_layers": 2}},
+     ["override_settings.sd_hypernetwork"]),
     ({"made_up_key": {"x": 1}, "another": None}, ["made_up_key"]),
 ])
 def test_ignored_fields_lists_only_what_asked_for_something(sent, listed):
@@ -76,9 +79,9 @@ def test_job_api_result_info_lists_them_too(client):
 
 
 def test_prompt_warnings_reach_the_info(client):
-    info = _info(client, {**FAST, "prompt": "[red:blue:soon] <lora:detail:1>"})
-    assert [w.split(" ", 2)[:2] for w in info["warnings"]] == [["prompt:", "'[red:blue:soon]'"], ["prompt:", "removed"]]
-    assert info["infotexts"][0].startswith("[red:blue:soon] <lora:detail:1>\n")
+    info = _info(client, {**FAST, "prompt": "[red:blue:soon] <hypernet:detail:1>"})
+    assert [w.split(" ", 2)[:2] for w in info["warnings"]] == [["prompt:", "removed"], ["prompt:", "'[red:blue:soon]'"]]
+    assert info["infotexts"][0].startswith("[red:blue:soon] <hypernet:detail:1>\n")
     assert _info(client, {**FAST, "prompt": "a cat"})["warnings"] == []
 
 
@@ -100,7 +103,7 @@ def test_probe_endpoints(client):
     flags = client.get("/sdapi/v1/cmd-flags").json()
     assert flags["api"] is True and Path(flags["ckpt_dir"]).is_dir() and Path(flags["ckpt"]).is_file()
     assert "api_auth" not in flags
-    assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
+    assert set(client.get("/sdapi/v1/embeddings").json()) == {"loaded", "skipped"}  # A1111's shape
     for listing in ("hypernetworks", "extensions", "script-info", "realesrgan-models"):
         assert client.get(f"/sdapi/v1/{listing}").json() == []
 
@@ -121,6 +124,7 @@ class _IdleEngine:
     """Enough of an Engine to accept a txt2img request; the worker never starts (TestClient without `with`)."""
 
     outputs_dir = Path(".")
+    networks = NetworkLibrary(None)
 
     def param_defaults(self) -> dict:
         return {}

@@ -118,6 +118,14 @@ class Offload:
     def unloads(self) -> int:
         return sum(unit.unloads for unit in self.units)
 
+    def park(self) -> None:
+        """Unload every unit now, so that in-place weight writes (LoRA merges, VAE swaps) land in the CPU masters: a
+        unit on the device points at copies that its next unload drops."""
+        for unit in self.units:
+            if unit.loaded:
+                unit.unload()
+        self.resident = None
+
     def remove(self) -> None:
         """Take the hooks off and leave every tensor on the CPU master copies."""
         for handle in self.handles:

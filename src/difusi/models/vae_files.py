@@ -329,14 +329,8 @@ def _park_offloaded_vae(model: Any) -> None:
     on the device points at device copies that the next unload drops: unload the VAE's units first, so the copy
     lands in the masters."""
     hooks = getattr(model, "offload_hooks", None)
-    if hooks is None:
-        return
-    owners = {id(module) for module in model.vae.modules()}
-    for unit in getattr(hooks, "units", []):
-        if unit.loaded and any(id(slot[0]) in owners for slot in unit.slots):
-            unit.unload()
-            if getattr(hooks, "resident", None) is unit:
-                hooks.resident = None
+    if hooks is not None:
+        hooks.park()
 
 
 # ----------------------------------------------------------------------------- finding files

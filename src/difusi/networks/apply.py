@@ -158,6 +158,8 @@ def _add(original: torch.Tensor, delta: torch.Tensor, multiplier: float) -> torc
 def _commit(model: Any, state: MergeState, planned: dict[int, _Saved]) -> None:
     """Restore the layers no longer touched, save the originals of newly touched ones, write the new weights."""
     text_changed = False
+    if getattr(model, "offload_hooks", None) is not None:
+        model.offload_hooks.park()  # write into the CPU masters, not into device copies the next unload drops
     with torch.no_grad():
         for module_id in list(state.saved):
             if module_id not in planned:

@@ -192,3 +192,111 @@ def rng_sources() -> list[str]:
     from difusi.rng import RNG_SOURCES
 
     return list(RNG_SOURCES)
+
+
+# -- extra networks: the web UI's LoRA / Textual Inversion cards and the SD VAE choices -------------------------------
+PREVIEW_KINDS = ("lora", "embedding")
+"""What `GET /difusi/v1/networks/preview/{kind}/{name}` serves thumbnails of."""
+
+
+@router.get("/networks")
+def networks(engine: EngineDep) -> dict[str, Any]:
+    """The extra networks the web UI shows as cards, and the SD VAE choices.
+
+    - `loras`: every LoRA / LyCORIS file (`/sdapi/v1/loras`) as name, relative ("sub/name"), alias, hash (A1111's
+      short LoRA hash), base_model, preview (thumbnail URL or null) and `prompt_name`: what a card writes into
+      `<lora:NAME:1>`. As A1111's default "Alias from file" that is the metadata alias, but only when difusi's
+      resolver (`difusi.networks.files.find_lora`: sub/name, then file name, then alias) turns it back into this
+      very file; else the file name, else "sub/name".
+    - `embeddings`: `loaded` (name, vectors, hash, preview) and `skipped` (name, reason) for the loaded model, as
+      `/sdapi/v1/embeddings`; `checked` is true then. Before the first job has loaded a model, every readable file
+      is listed in `loaded` with `checked: false` (whether it fits the model is not known yet). Files that cannot be
+      read at all are in `skipped` with the reason either way.
+    - `vaes`: "Automatic", "None" and the VAE files' names: the choices of the `sd_vae` field.
+    """
+    from difusi.models.vae_files import AUTOMATIC, NONE
+
+    files = engine.networks.loras()
+    return {"loras": [_lora_card(file, files) for file in files], "embeddings": _embedding_cards(engine),
+            "vaes": [AUTOMATIC, NONE, *engine.networks.vae_names()]}
+
+
+@router.get("/networks/preview/{kind}/{name:path}")
+def network_preview(kind: str, name: str, engine: EngineDep) -> FileResponse:
+    """The thumbnail (`NAME.preview.png`, `NAME.png`, ... next to the file) of a listed LoRA (by "sub/name", its
+    `relative`) or embedding (by name). Only names of the listings are looked up, never a path: 404 otherwise."""
+    path = None
+    if kind == "lora":
+        path = next((file.path for file in engine.networks.loras() if file.relative == name), None)
+    elif kind == "embedding":
+        path = next((item.path for item in _embedding_scan(engine).embeddings if item.name == name), None)
+    else:
+        raise ApiError(404, "NotFound", f"kind: must be one of {', '.join(PREVIEW_KINDS)}, got {kind!r}", "kind")
+    if path is None:
+        raise ApiError(404, "NotFound", f"no {kind} named {name!r} in the listing", "name")
+    preview = _preview_next_to(path)
+    if preview is None:
+        raise ApiError(404, "NotFound", f"{kind} {name!r} has no preview image", "name")
+    return FileResponse(preview, headers={"Cache-Control": "no-cache"})
+
+
+def _preview_next_to(path: Path) -> Path | None:
+    """A1111's thumbnail of a network file (`ui_extra_networks.find_preview`), as `NetworkFile.preview`."""
+    from difusi.networks.files import PREVIEW_SUFFIXES
+
+    stem = Path(path).with_suffix("")
+    return next((found for suffix in PREVIEW_SUFFIXES if (found := Path(f"{stem}{suffix}")).is_file()), None)
+
+
+def _preview_url(kind: str, name: str, path: Path) -> str | None:
+    from urllib.parse import quote
+
+    preview = _preview_next_to(path)
+    if preview is None:
+        return None
+    # The file's mtime in the query: a replaced thumbnail is fetched again after a refresh, not taken from the cache.
+    return f"/difusi/v1/networks/preview/{kind}/{quote(name)}?t={preview.stat().st_mtime_ns}"
+
+
+def _lora_card(file: Any, files: list[Any]) -> dict[str, Any]:
+    return {"name": file.name, "relative": file.relative, "alias": file.alias, "hash": file.shorthash,
+            "base_model": file.base_model, "preview": _preview_url("lora", file.relative, file.path),
+            "prompt_name": _prompt_name(file, files)}
+
+
+def _prompt_name(file: Any, files: list[Any]) -> str:
+    """The shortest spelling the resolver maps back to `file`: alias (A1111's default), file name, sub/name."""
+    from difusi.errors import NetworkError
+    from difusi.networks.files import find_lora
+
+    for candidate in dict.fromkeys((file.alias, file.name)):
+        try:
+            if find_lora(candidate, files) == file:
+                return candidate
+        except NetworkError:
+            continue
+    return file.relative
+
+
+def _embedding_scan(engine: Any) -> Any:
+    from difusi.models.folders import kind_folders
+    from difusi.networks.embeddings import scan_embeddings
+
+    return scan_embeddings(kind_folders("embedding", engine.models_dir))
+
+
+def _embedding_cards(engine: Any) -> dict[str, Any]:
+    def card(item: Any) -> dict[str, Any]:
+        return {"name": item.name, "vectors": item.vector_count, "hash": item.shorthash,
+                "preview": _preview_url("embedding", item.name, item.path)}
+
+    model = engine.loaded_model()
+    if model is None:
+        scan = _embedding_scan(engine)
+        loaded, skipped, failed = list(scan.embeddings), [], scan.failed
+    else:
+        found = engine.networks.embeddings(model)
+        loaded, failed = list(found.loaded.values()), found.failed
+        skipped = [{"name": name, "reason": item.reason} for name, item in found.skipped.items()]
+    skipped += [{"name": item.name, "reason": item.reason} for item in failed]
+    return {"checked": model is not None, "loaded": [card(item) for item in loaded], "skipped": skipped}

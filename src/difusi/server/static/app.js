@@ -18,9 +18,13 @@ const CHOICE_SOURCES = {  // where a field's "choices" list comes from
   samplers: { url: "/sdapi/v1/samplers", value: (s) => s.name },
   schedulers: { url: "/sdapi/v1/schedulers", value: (s) => s.label || s.name },
   rng_sources: { url: "/difusi/v1/rng-sources", value: (s) => s },
+  // A1111's "SD VAE" choices: Automatic, None, then the VAE files (what /difusi/v1/networks lists as `vaes`).
+  vaes: { url: "/sdapi/v1/sd-vae", value: (v) => v.model_name, first: ["Automatic", "None"] },
 };
+const QUICK_GROUP = "model";  // fields shown in the top bar next to the checkpoint (A1111's quicksettings: SD VAE)
 
-const ui = { jobId: null, shown: null, results: [], pngParams: null, fields: [] };
+const ui = { jobId: null, shown: null, results: [], pngParams: null, fields: [],
+  networks: null, networksKind: "lora", promptTarget: "prompt" };
 
 async function api(path, options = {}) {
   const init = { ...options, headers: { ...(options.headers || {}) } };
@@ -75,7 +79,9 @@ async function loadFields() {
   const table = await api("/difusi/v1/fields?kind=txt2img");
   ui.fields = table.fields.filter((f) => f.http);
   const container = $("fields");
+  const networksArea = $("networks-area"), networksToggle = $("networks-toggle");  // held: may be detached below
   container.replaceChildren();
+  $("quick-fields").replaceChildren(...ui.fields.filter((f) => f.group === QUICK_GROUP).map(quickControl));
   for (const group of GROUPS) {
     const members = ui.fields.filter((f) => f.group === group.name);
     if (!members.length) continue;
@@ -95,6 +101,14 @@ async function loadFields() {
       row.className = "row";
       row.append(...inline.slice(i, i + 2).map(inlineControl));
       target.append(row);
+    }
+    if (group.name === "prompt" && $("prompt")) {  // the cards sit under the prompts, the toggle by the label
+      const label = container.querySelector("label[for=prompt]");
+      const row = document.createElement("div");
+      row.className = "label-row";
+      label.replaceWith(row);
+      row.append(label, networksToggle);
+      container.append(networksArea);
     }
   }
   await Promise.all(ui.fields.filter((f) => f.choices in CHOICE_SOURCES).map(loadChoices));
@@ -117,6 +131,13 @@ function inputFor(field) {
     else element.placeholder = ["width", "height"].includes(field.name) ? "native" : field.max === null ? "inf" : "default";
   }
   return element;
+}
+
+function quickControl(field) {
+  const label = document.createElement("label");
+  label.className = "model-picker";
+  label.append(field.label, " ", inputFor(field));
+  return label;
 }
 
 function inlineControl(field) {
@@ -155,8 +176,14 @@ function iconButton(id, text, title, onClick) {
 async function loadChoices(field) {
   const source = CHOICE_SOURCES[field.choices];
   const items = await api(source.url);
-  $(field.name).replaceChildren(...items.map((item) => option(source.value(item))));
-  $(field.name).value = field.default;
+  setChoices(field.name, [...(source.first || []), ...items.map(source.value)], field.default);
+}
+
+// Replace a select's options, keeping `keep` (the current value) selected when it is still offered.
+function setChoices(name, values, keep) {
+  const select = $(name);
+  select.replaceChildren(...[...new Set(values)].map((value) => option(value)));
+  if (values.includes(keep)) select.value = keep;
 }
 
 async function switchModel() {
@@ -205,6 +232,7 @@ function fillForm(values) {
       o.value.startsWith(`${values.model} [`) || (values.model_hash && o.value.endsWith(`[${values.model_hash}]`)));
     if (match) $("model").value = match.value;
   }
+  markNetworksInPrompt();
 }
 
 // A1111 infotext keys (from /sdapi/v1/png-info) -> form fields, by each field's infotext key.
@@ -392,6 +420,178 @@ function xyzAxes() {
   return axes;
 }
 
+// ---- extra networks (A1111's cards) ---------------------------------------------------------------------------
+// GET /difusi/v1/networks lists the LoRAs (with `prompt_name`, the name the server's resolver maps back to the file:
+// the alias when unique, as A1111's default "Alias from file", else the file name, else sub/name) and the
+// embeddings; a card's thumbnail is its `preview` URL. Clicking a card toggles its text in a prompt as A1111 does:
+// appended after a space when absent, removed (with that space) when present.
+const NETWORK_SEPARATOR = " ";  // A1111's extra_networks_add_text_separator
+
+async function loadNetworks() {
+  try {
+    ui.networks = await api("/difusi/v1/networks");
+  } catch (error) {
+    showError(error);
+    return;
+  }
+  if ($("sd_vae")) setChoices("sd_vae", ui.networks.vaes, $("sd_vae").value);
+  renderNetworks();
+}
+
+async function refreshNetworks() {
+  $("networks-refresh").disabled = true;
+  try {
+    await Promise.all(["refresh-loras", "refresh-embeddings", "refresh-vae"].map((name) =>
+      api(`/sdapi/v1/${name}`, { method: "POST" })));
+    await loadNetworks();
+  } catch (error) {
+    showError(error);
+  } finally {
+    $("networks-refresh").disabled = false;
+  }
+}
+
+function toggleNetworks() {
+  const panel = $("networks");
+  panel.hidden = !panel.hidden;
+  $("networks-toggle").setAttribute("aria-expanded", String(!panel.hidden));
+  if (!panel.hidden && !ui.networks) loadNetworks();
+}
+
+function selectNetworkTab(kind) {
+  ui.networksKind = kind;
+  for (const tab of document.querySelectorAll("#networks .tabs [role=tab]")) {
+    tab.setAttribute("aria-selected", String(tab.dataset.kind === kind));
+  }
+  renderNetworks();
+}
+
+function networkItems(kind) {
+  if (!ui.networks) return [];
+  if (kind === "lora") {
+    return ui.networks.loras.map((item) => ({ ...item, text: `<lora:${item.prompt_name}:1>`,
+      search: [item.name, item.alias, item.relative],
+      detail: [item.alias !== item.name ? `alias ${item.alias}` : null, item.relative !== item.name ? item.relative : null,
+        item.base_model, item.hash].filter(Boolean).join(" · ") }));
+  }
+  const { loaded, skipped, checked } = ui.networks.embeddings;
+  return [
+    ...loaded.map((item) => ({ ...item, text: item.name, search: [item.name],
+      detail: `${item.vectors} vector${item.vectors === 1 ? "" : "s"} · ${item.hash}` +
+        (checked ? "" : " · not checked against a model yet") })),
+    ...skipped.map((item) => ({ ...item, skipped: item.reason, search: [item.name], detail: `skipped: ${item.reason}` })),
+  ];
+}
+
+function renderNetworks() {
+  const kind = ui.networksKind;
+  const items = networkItems(kind);
+  $("networks-cards").replaceChildren(...items.map((item) => networkCard(kind, item)));
+  filterNetworks();
+  markNetworksInPrompt();
+}
+
+function networkCard(kind, item) {
+  const card = document.createElement("figure");
+  card.className = "card network-card";
+  card.dataset.kind = kind;
+  card.dataset.name = item.name;
+  card.dataset.search = item.search.join("\n").toLowerCase();
+  card.title = item.skipped ? `${item.name}: ${item.skipped}` : `${item.name}: click to add ${item.text} (click again to remove)`;
+  let thumb;
+  if (item.preview) {
+    thumb = document.createElement("img");
+    thumb.src = item.preview;
+    thumb.alt = item.name;
+    thumb.loading = "lazy";
+  } else {
+    thumb = document.createElement("div");
+    thumb.className = "network-placeholder";
+    thumb.textContent = "No preview";
+  }
+  const meta = document.createElement("figcaption");
+  meta.className = "meta";
+  const name = document.createElement("span");
+  name.className = "prompt network-name";
+  name.textContent = item.name;
+  const detail = document.createElement("span");
+  detail.className = "muted";
+  detail.textContent = item.detail;
+  meta.append(name, detail);
+  card.append(thumb, meta);
+  if (item.skipped) {
+    card.classList.add("skipped");
+    card.setAttribute("aria-disabled", "true");
+    return card;
+  }
+  card.dataset.text = item.text;
+  card.tabIndex = 0;
+  card.setAttribute("role", "button");
+  card.addEventListener("click", () => networkCardClicked(card));
+  card.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") { event.preventDefault(); networkCardClicked(card); }
+  });
+  return card;
+}
+
+function filterNetworks() {
+  const query = $("networks-search").value.trim().toLowerCase();
+  let shown = 0;
+  for (const card of $("networks-cards").children) {
+    card.hidden = Boolean(query) && !card.dataset.search.includes(query);
+    if (!card.hidden) shown += 1;
+  }
+  const empty = $("networks-empty");
+  empty.hidden = shown > 0;
+  empty.textContent = !ui.networks ? "" : query ? "Nothing matches the search." :
+    ui.networksKind === "lora" ? "No LoRA files: put them in the models folder's Lora/ and press Refresh." :
+      "No embeddings: put them in the models folder's embeddings/ and press Refresh.";
+}
+
+function escapeRegExp(text) { return text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&"); }
+
+// Where `text` (a card's) is in `value`: A LoRA tag is found by its name whatever its multipliers; an embedding's
+// name as a whole word (between spaces, commas, brackets or the ends).
+function networkPattern(kind, text) {
+  if (kind === "lora") {
+    const name = text.slice("<lora:".length, text.lastIndexOf(":"));
+    return new RegExp(`<(?:lora|lyco):${escapeRegExp(name)}(?::[^>]*)?>`, "g");
+  }
+  return new RegExp(`(?<=^|[\\s,()\\[\\]])${escapeRegExp(text)}(?=$|[\\s,()\\[\\]:])`, "g");
+}
+
+// A1111's updatePromptArea: remove the network when the prompt has it (with the separator before it), else append.
+function togglePromptText(textarea, kind, text) {
+  const pattern = networkPattern(kind, text);
+  let value = textarea.value;
+  if (pattern.test(value)) {
+    pattern.lastIndex = 0;
+    value = value.replace(pattern, "\u0000").replace(/ ?\u0000 ?/g, (found) => (found === " \u0000 " ? " " : ""));
+    textarea.value = value;
+  } else {
+    const separator = value === "" || /\s$/.test(value) ? "" : NETWORK_SEPARATOR;
+    textarea.value = value + separator + text;
+  }
+  textarea.dispatchEvent(new Event("input", { bubbles: true }));
+}
+
+function networkCardClicked(card) {
+  const kind = card.dataset.kind;
+  // Embeddings go where the user last typed (A1111's activePromptTextarea); a LoRA tag only works in the prompt.
+  const target = kind === "embedding" ? $(ui.promptTarget) || $("prompt") : $("prompt");
+  togglePromptText(target, kind, card.dataset.text);
+}
+
+function markNetworksInPrompt() {
+  const texts = [$("prompt"), $("negative_prompt")].filter(Boolean).map((el) => el.value);
+  for (const card of document.querySelectorAll(".network-card[data-text]")) {
+    const kind = card.dataset.kind;
+    const present = (kind === "lora" ? texts.slice(0, 1) : texts).some((value) =>
+      networkPattern(kind, card.dataset.text).test(value));
+    card.classList.toggle("active", present);
+  }
+}
+
 // ---- history ---------------------------------------------------------------------------------------------
 // `more`: append the next page (offset = cards shown) instead of reloading the first one.
 async function loadHistory(more = false) {
@@ -508,9 +708,20 @@ async function start() {
   });
   installDropZone();
   $("script").addEventListener("change", () => { $("xyz-axes").hidden = $("script").value !== "xyz"; });
+  $("networks-toggle").addEventListener("click", toggleNetworks);
+  $("networks-refresh").addEventListener("click", refreshNetworks);
+  $("networks-search").addEventListener("input", filterNetworks);
+  for (const tab of document.querySelectorAll("#networks .tabs [role=tab]")) {
+    tab.addEventListener("click", () => selectNetworkTab(tab.dataset.kind));
+  }
   try {
     await Promise.all([loadModels(), loadFields()]);
     buildXyzAxes();
+    for (const name of ["prompt", "negative_prompt"]) {
+      if (!$(name)) continue;
+      $(name).addEventListener("focus", () => { ui.promptTarget = name; });
+      $(name).addEventListener("input", markNetworksInPrompt);
+    }
     setStatus(`Model: ${$("model").value}`);
   } catch (error) {
     showError(error);
