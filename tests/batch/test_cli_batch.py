@@ -142,11 +142,11 @@ def test_ctrl_c_keeps_finished_rows_and_rerun_finishes(tmp_path: Path, monkeypat
     real = local.run_job
     calls: list[int] = []
 
-    def interrupted_on_second(model: object, job: object) -> object:
+    def interrupted_on_second(model: object, job: object, models_dir: object = None) -> object:
         calls.append(job.row)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(model, job)
+        return real(model, job, models_dir)
 
     monkeypatch.setattr(local, "run_job", interrupted_on_second)
     stopped = cli(tmp_path, monkeypatch, capsys, "batch", str(batch_file), "--steps", "2")

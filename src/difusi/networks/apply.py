@@ -5,12 +5,16 @@ weight becomes `W0 + sum_i multiplier_i * delta_i` (each network's delta compute
 before it left it, which matters for DoRA and (IA)^3), so sampling costs nothing extra per step; the original
 `W0` of every touched layer is kept and copied back when the set of networks changes. Here:
 
-- the new weights of every touched layer are computed first and only then written, so a network that fails
-  (unknown algorithm, wrong shapes) leaves the model exactly as it was;
-- only touched layers are saved (one clone each, on the layer's own device and dtype) and restored with `copy_`,
-  so removing every network, or going A -> B -> A, gives the original bits back;
-- weights are written in place into the layers' own parameter tensors, which is what computes on every path:
-  the exact CPU path's `OneDNNLinear` reads `self.weight` on each call, offload hooks move the same tensors;
+- layers are merged one at a time, so the memory held beyond the model is the saved originals of the touched
+  layers (one clone each, on the layer's own device and dtype) plus one layer's temporary;
+- only touched layers are saved, and restored with `copy_`, so removing every network, or going A -> B -> A, gives
+  the original bits back;
+- a network that fails (unknown algorithm, another model family, no layer that fits) leaves the model as it was:
+  the layers written so far are restored and the previous set is merged again (the same arithmetic, so the same
+  bits);
+- weights are written in place into the layers' own parameter tensors, which is what computes on every path: the
+  exact CPU path's `OneDNNLinear` reads `self.weight` on each call; offload units are parked first so the writes
+  land in their CPU masters;
 - the text encoders' cached empty-prompt encoding (`ClipTextEncoder._empty_states`) is dropped whenever their
   weights change.
 """
@@ -63,6 +67,7 @@ class MergeState:
     index: dict[str, Target]
     saved: dict[int, _Saved] = field(default_factory=dict)
     applied: tuple = ()
+    uses: list[NetworkUse] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -82,16 +87,23 @@ def merge_state(model: Any) -> MergeState:
 
 def apply_networks(model: Any, uses: Sequence[NetworkUse]) -> list[str]:
     """Make `uses` (in order) the networks merged into `model`; [] removes every one. Returns warnings (keys that
-    name no layer). Raises NetworkError, leaving the model untouched, for a network that fits no layer or whose
-    tensors do not fit the layers they name."""
+    name no layer, layers of other shapes). Raises NetworkError, leaving the model as it was, for a network that is
+    made for another family, fits no layer or has tensors no algorithm knows."""
     state = merge_state(model)
     uses = [use for use in uses if use.te_multiplier != 0 or use.unet_multiplier != 0]  # multiplier 0: disabled
     key = tuple(use.key for use in uses)
     if key == state.applied:
         return list(state.warnings)
-    planned, warnings = _plan(model, state, uses)
-    _commit(model, state, planned)
-    state.applied, state.warnings = key, warnings
+    plans = [_match(model, state, use) for use in uses]  # names and families first: nothing written yet
+    if getattr(model, "offload_hooks", None) is not None:
+        model.offload_hooks.park()  # write into the CPU masters, not into device copies the next unload drops
+    previous = state.uses
+    try:
+        warnings = _merge(model, state, plans)
+    except NetworkError:
+        _merge(model, state, [_match(model, state, use) for use in previous])
+        raise
+    state.applied, state.uses, state.warnings = key, list(uses), warnings
     return list(warnings)
 
 
@@ -101,82 +113,95 @@ def remove_networks(model: Any) -> None:
         apply_networks(model, [])
 
 
-def _plan(model: Any, state: MergeState, uses: Sequence[NetworkUse]) -> tuple[dict[int, _Saved], list[str]]:
-    """The new (weight, bias) of every touched layer, computed from the original weights; nothing written yet."""
-    planned: dict[int, _Saved] = {}
-    warnings: list[str] = []
-    for use in uses:
-        name = use.mentioned_name or use.network.file.name
-        _check_family(model, use, name)
-        groups, unmatched = group_by_module(use.network.tensors, state.index)
-        if not groups:
-            raise NetworkError(name, f"matches no layer of the loaded model ({len(unmatched)} keys, e.g. "
-                                     f"{', '.join(unmatched[:3])}): it is made for another model family"
-                                     f"{_family_hint(use)}")
-        misfits: list[str] = []
-        for module_key, tensors in groups.items():
-            target = state.index[module_key]
-            multiplier = use.unet_multiplier if target.is_unet else use.te_multiplier
-            if multiplier == 0:
-                continue
-            current = planned.get(id(target.module)) or _original(state, target)
-            try:
-                delta_weight, delta_bias = updown(tensors, current.weight, current.bias, module_key)
-            except NetworkError as exc:
-                if "shape" not in exc.message:
-                    raise NetworkError(name, f"layer {module_key}: {exc.message}") from exc
-                misfits.append(module_key)
-                continue
-            planned[id(target.module)] = _Saved(
-                target, _add(current.weight, delta_weight, multiplier),
-                None if current.bias is None or delta_bias is None else _add(current.bias, delta_bias, multiplier))
-        if misfits and len(misfits) == len(groups):
-            raise NetworkError(name, f"no layer fits: {len(misfits)} layers have other shapes in the loaded model "
-                                     f"(e.g. {misfits[0]}): it is made for another model family{_family_hint(use)}")
-        if misfits:
-            warnings.append(f"LoRA {name}: {len(misfits)} layers have other shapes than the model's and were left "
-                            f"out (e.g. {', '.join(misfits[:3])})")
-        if unmatched:
-            warnings.append(f"LoRA {name}: {len(unmatched)} keys name no layer of this model and were ignored "
-                            f"(e.g. {', '.join(unmatched[:3])})")
-    return planned, warnings
+@dataclass
+class _Plan:
+    use: NetworkUse
+    name: str
+    groups: dict[str, dict[str, torch.Tensor]]
+    unmatched: list[str]
 
 
-def _original(state: MergeState, target: Target) -> _Saved:
-    saved = state.saved.get(id(target.module))
-    if saved is not None:
-        return saved
-    bias = getattr(target.module, "bias", None)
-    return _Saved(target, target.module.weight.detach(), None if bias is None else bias.detach())
+def _match(model: Any, state: MergeState, use: NetworkUse) -> _Plan:
+    """Which layers one network's keys name; a file for another family or one that names no layer is refused."""
+    name = use.mentioned_name or use.network.file.name
+    _check_family(model, use, name)
+    groups, unmatched = group_by_module(use.network.tensors, state.index)
+    if not groups:
+        raise NetworkError(name, f"matches no layer of the loaded model ({len(unmatched)} keys, e.g. "
+                                 f"{', '.join(unmatched[:3])}): it is made for another model family{_family_hint(use)}")
+    return _Plan(use, name, groups, unmatched)
+
+
+def _merge(model: Any, state: MergeState, plans: Sequence[_Plan]) -> list[str]:
+    """Restore every saved layer, then merge `plans` layer by layer (originals saved on first touch). On a
+    NetworkError every layer is back at its original and only the layers still needed stay saved."""
+    touched: set[int] = set()
+    text_changed = False
+    with torch.no_grad():
+        for saved in state.saved.values():
+            _write(saved.target.module, saved.weight, saved.bias)
+            text_changed |= not saved.target.is_unet
+        try:
+            warnings: list[str] = []
+            for plan in plans:
+                warnings += _merge_one(state, plan, touched)
+                text_changed |= any(not state.index[key].is_unet for key in plan.groups)
+        except NetworkError:
+            for module_id in touched:
+                saved = state.saved[module_id]
+                _write(saved.target.module, saved.weight, saved.bias)
+            touched.clear()
+            raise
+        finally:
+            for module_id in [module_id for module_id in state.saved if module_id not in touched]:
+                del state.saved[module_id]  # restored above and not needed by this set
+            if text_changed:
+                for encoder in model.text_encoders:
+                    getattr(encoder, "_empty_states", {}).clear()
+    return warnings
+
+
+def _merge_one(state: MergeState, plan: _Plan, touched: set[int]) -> list[str]:
+    """Merge one network into the layers it names (each on the weight as the networks before it left it)."""
+    use, misfits = plan.use, []
+    for module_key, tensors in plan.groups.items():
+        target = state.index[module_key]
+        multiplier = use.unet_multiplier if target.is_unet else use.te_multiplier
+        if multiplier == 0:
+            continue
+        module = target.module
+        bias = getattr(module, "bias", None)
+        try:
+            delta_weight, delta_bias = updown(tensors, module.weight.detach(), None if bias is None else bias.detach(),
+                                              module_key)
+        except NetworkError as exc:
+            if "shape" not in exc.message:
+                raise NetworkError(plan.name, f"layer {module_key}: {exc.message}") from exc
+            misfits.append(module_key)
+            continue
+        if id(module) not in state.saved:
+            state.saved[id(module)] = _Saved(target, module.weight.detach().clone(),
+                                             None if bias is None else bias.detach().clone())
+        touched.add(id(module))
+        _write(module, _add(module.weight.detach(), delta_weight, multiplier),
+               None if bias is None or delta_bias is None else _add(bias.detach(), delta_bias, multiplier))
+    if misfits and len(misfits) == len(plan.groups):
+        raise NetworkError(plan.name, f"no layer fits: {len(misfits)} layers have other shapes in the loaded model "
+                                      f"(e.g. {misfits[0]}): it is made for another model family"
+                                      f"{_family_hint(use)}")
+    warnings = []
+    if misfits:
+        warnings.append(f"LoRA {plan.name}: {len(misfits)} layers have other shapes than the model's and were left "
+                        f"out (e.g. {', '.join(misfits[:3])})")
+    if plan.unmatched:
+        warnings.append(f"LoRA {plan.name}: {len(plan.unmatched)} keys name no layer of this model and were ignored "
+                        f"(e.g. {', '.join(plan.unmatched[:3])})")
+    return warnings
 
 
 def _add(original: torch.Tensor, delta: torch.Tensor, multiplier: float) -> torch.Tensor:
     merged = original.float() + delta.to(original.device, torch.float32) * multiplier
     return merged.to(original.dtype)
-
-
-def _commit(model: Any, state: MergeState, planned: dict[int, _Saved]) -> None:
-    """Restore the layers no longer touched, save the originals of newly touched ones, write the new weights."""
-    text_changed = False
-    if getattr(model, "offload_hooks", None) is not None:
-        model.offload_hooks.park()  # write into the CPU masters, not into device copies the next unload drops
-    with torch.no_grad():
-        for module_id in list(state.saved):
-            if module_id not in planned:
-                saved = state.saved.pop(module_id)
-                _write(saved.target.module, saved.weight, saved.bias)
-                text_changed |= not saved.target.is_unet
-        for module_id, new in planned.items():
-            if module_id not in state.saved:
-                module = new.target.module
-                bias = getattr(module, "bias", None)
-                state.saved[module_id] = _Saved(new.target, module.weight.detach().clone(),
-                                                None if bias is None else bias.detach().clone())
-            _write(new.target.module, new.weight, new.bias)
-            text_changed |= not new.target.is_unet
-    if text_changed:
-        for encoder in model.text_encoders:
-            getattr(encoder, "_empty_states", {}).clear()
 
 
 def _write(module: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

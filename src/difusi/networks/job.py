@@ -116,7 +116,11 @@ def check_job(params: Any, library: NetworkLibrary, *, allow_paths: bool = True)
         library.find_lora(tag.name)
     choice = params.sd_vae.strip()
     if choice.casefold() not in (AUTOMATIC.casefold(), NONE.casefold(), "auto"):
-        found = resolve_vae(choice, None, library.vae_files())
+        try:
+            found = resolve_vae(choice, None, library.vae_files())
+        except NetworkError:
+            library.refresh()  # a file added since the folders were listed
+            found = resolve_vae(choice, None, library.vae_files())
         if not allow_paths and found not in library.vae_files():
             names = ", ".join(library.vae_names()) or "none"
             raise NetworkError(choice, f"no VAE of that name in the VAE folder; choose {AUTOMATIC!r}, {NONE!r} or "
