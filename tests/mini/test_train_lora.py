@@ -17,8 +17,17 @@ TINY = dict(steps=4, rank=4, alpha=2.0, batch=4, checkpoint_every=2, warmup=2, l
 KEY = re.compile(r"^(lora_unet_[a-z0-9_]+|lora_te_text_model_encoder_layers_\d+_[a-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread (see tests/conftest.py's one_torch_thread: the 2 CPU cores are shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def model():
+def model(_one_thread):
     return lora.load_base_model()
 
 

@@ -60,11 +60,11 @@ class LoraConfig:
     """Every knob of a LoRA run; stored in the state file (a resumed run keeps them) and the file's metadata."""
 
     seed: int = 0
-    steps: int = 400
+    steps: int = 500
     rank: int = 8
     alpha: float = 8.0
     batch: int = 32
-    lr: float = 2e-3
+    lr: float = 3e-3
     text_lr_scale: float = 1.0
     warmup: int = 20
     pink_fraction: float = 0.5
