@@ -82,9 +82,7 @@ def test_hires_lora_ti_infotext():
         "Hires upscale",
         "Hires steps",
         "Hires upscaler",
-        "Lora hashes",
-        "TI hashes",
-    ]
+    ]  # "Lora hashes" and "TI hashes" describe the files the prompt names (difusi.networks): known, not ignored
 
 
 def test_model_name_with_comma_and_colon_is_unquoted():
@@ -95,7 +93,7 @@ def test_model_name_with_comma_and_colon_is_unquoted():
     assert fields["Schedule type"] == "Automatic"
     assert fields["Sampler"] == "Euler a"
     assert (fields["Size-1"], fields["Size-2"]) == ("1024", "1024")
-    assert unknown == ["VAE hash", "VAE"]
+    assert unknown == []  # "VAE" sets sd_vae, "VAE hash" describes that file
 
 
 def test_adetailer_keys_are_reported():

@@ -45,7 +45,7 @@ def kohya_file(model, family, *, ldm_names: bool, rank=4, alpha=2.0, seed=0):
             name = "lora_unet_" + ldm.get(path, path).replace(".", "_")
         else:
             prefix = "lora_te_" if family == "sd1" else f"lora_te{component + 1}_"
-            name = prefix + path.replace(".", "_")
+            name = prefix + "text_model_" + path.removeprefix("text_model.").replace(".", "_")  # kohya's names
         down, up = lora_factors(module, rank, generator)
         state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"] = down, up
         state[f"{name}.alpha"] = torch.tensor(alpha)
@@ -62,6 +62,8 @@ def peft_file(model, rank=4, seed=1):
             continue
         prefix = "unet" if component == "unet" else ("text_encoder" if component == 0 else "text_encoder_2")
         down, up = lora_factors(module, rank, generator)
+        if component != "unet":  # diffusers' files name CLIP's layers from `text_model` (transformers 4)
+            path = "text_model." + path.removeprefix("text_model.")
         state[f"{prefix}.{path}.lora_A.weight"], state[f"{prefix}.{path}.lora_B.weight"] = down, up
     return state
 

@@ -45,11 +45,27 @@ def diffusers_fused(model, family, state, scale):
                                        requires_safety_checker=False)
     # SD1's loader maps LDM block names only when given the UNet config; SDXL's always does it itself.
     extra = {} if family == "sdxl" else {"unet_config": unet.config}
+    # diffusers names CLIP's layers from `text_model` (transformers 4); transformers 5's CLIPTextModel has no such
+    # level, so the reference gets the names its loader can place (the tensors are the same).
+    state = {_reference_key(key, model): value for key, value in state.items()}
     pipe.load_lora_weights({k: v.clone() for k, v in state.items()}, adapter_name="ref", **extra)
     pipe.fuse_lora(lora_scale=scale, components=["unet", "text_encoder"] + (["text_encoder_2"] if family == "sdxl"
                                                                             else []))
     pipe.unload_lora_weights()
     return unet, encoders
+
+
+def _reference_key(key: str, model) -> str:
+    """The key with CLIP's `text_model` level removed for the text encoders whose modules lack it."""
+    for number, (kohya, dotted) in enumerate([(("lora_te_", "lora_te1_"), "text_encoder."), (("lora_te2_",),
+                                                                                           "text_encoder_2.")]):
+        if number >= len(model.text_encoders) or hasattr(model.text_encoders[number].model, "text_model"):
+            continue
+        if key.startswith(kohya):
+            return key.replace("_text_model_", "_", 1)
+        if key.startswith(dotted):
+            return key.replace(".text_model.", ".", 1)
+    return key
 
 
 def _assert_close_weights(ours: torch.nn.Module, reference: torch.nn.Module, what: str) -> None:

@@ -69,11 +69,11 @@ def test_lora_card_search_toggle_and_generate(page, networks_server):  # noqa: F
     with networks_server.client() as http:
         listed = {item["name"]: item for item in http.get("/difusi/v1/networks").json()["loras"]}
     _open_panel(page)
-    assert sorted(_visible_cards(page)) == sorted([LORA, "plain"])
+    assert sorted(_visible_cards(page)) == sorted([LORA, "plain", "difusi-mini-pink"])  # + the shipped LoRA
     card = page.locator(f".network-card[data-name={LORA}]")
     page.wait_for_function(f"document.querySelector('.network-card[data-name={LORA}] img').naturalWidth === 32")
     assert page.locator(".network-card[data-name=plain] .network-placeholder").count() == 1  # no thumbnail
-    for query, expected in (("INK", [LORA]), ("sub/", ["plain"]), ("tiny", [LORA]), ("no such", [])):
+    for query, expected in (("INKW", [LORA]), ("sub/", ["plain"]), ("tiny", [LORA]), ("no such", [])):
         page.fill("#networks-search", query)  # name, alias or sub-folder, any case
         assert _visible_cards(page) == expected, query
     assert page.is_visible("#networks-empty")

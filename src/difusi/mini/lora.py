@@ -311,7 +311,8 @@ class merged:  # noqa: N801  (a context manager used like a function: `with merg
     restore the exact original tensors on exit (even on error).
 
     ``model`` is a ``difusi.models.LoadedModel`` (its ``unet`` and first text encoder). Multiplier 0 changes
-    nothing at all (adding a zero delta could turn a -0.0 weight into +0.0). Unknown module names raise.
+    nothing at all (adding a zero delta could turn a -0.0 weight into +0.0). Unknown module names raise. The text
+    encoders' cached empty-prompt states are dropped whenever the weights change (as ``difusi.networks`` does).
     """
 
     def __init__(self, model, lora: str | Path | dict[str, torch.Tensor], multiplier: float = 1.0):
@@ -336,12 +337,21 @@ class merged:  # noqa: N801  (a context manager used like a function: `with merg
         except BaseException:
             self._restore()
             raise
+        finally:
+            self._drop_text_caches()
         return self.model
+
+    def _drop_text_caches(self) -> None:
+        # The pipeline's text encoder caches the empty prompt's states (the unconditional side of CFG).
+        for encoder in self.model.text_encoders:
+            getattr(encoder, "_empty_states", {}).clear()
 
     def _restore(self) -> None:
         with torch.no_grad():
             for weight, original in reversed(self._saved):
                 weight.copy_(original)
+        if self._saved:
+            self._drop_text_caches()
         self._saved.clear()
 
     def __exit__(self, *exc) -> None:

@@ -76,8 +76,12 @@ def module_index(model: Any) -> dict[str, Target]:
         for path, module in encoder.model.named_modules():
             if isinstance(module, TARGET_TYPES):
                 target = Target(number, path, module)
-                index[prefix + path.replace(".", "_")] = target
-                index[dotted + path] = target
+                # kohya and diffusers name CLIP's layers from `CLIPTextModel.text_model` (transformers 4); the
+                # transformers 5 model has no `text_model` level, so both spellings name the same layer.
+                full = path if path.startswith("text_model.") else f"text_model.{path}"
+                for spelled in {path, full}:
+                    index[prefix + spelled.replace(".", "_")] = target
+                    index[dotted + spelled] = target
     return index
 
 
