@@ -304,3 +304,22 @@ def test_merges_land_in_the_offload_masters(tmp_path):
     _image(model, "x", library)
     model.offload_hooks.park()
     assert _same_state(_state(model), plain)
+
+
+def test_shipped_mini_lora_through_the_prompt_equals_its_trainers_own_merge():
+    """The prompt tag path (difusi.networks: file lookup, key mapping, algorithms, merge) gives the same pixels as the
+    trainer's independent merge of its own file (`difusi.mini.lora.merged`: W += m * alpha/rank * up @ down)."""
+    from difusi.mini.lora import merged
+    from difusi.models import default_model_path
+
+    model = load_model(default_model_path())
+    library = NetworkLibrary(None)
+    prompt = "a big pink circle on the left on a blue background"
+    tagged, result = _image(model, f"{prompt} <lora:difusi-mini-pink:1>", library, cfg_scale=7.0)
+    assert result.warnings == []  # all 96 modules (84 UNet, 12 text encoder) matched
+    assert len(merge_state(model).saved) == 96
+    path = library.find_lora("difusi-mini-pink").path
+    _image(model, prompt, library)  # back to the checkpoint's own weights
+    with merged(model, path, 1.0):
+        reference, _ = _image(model, prompt, library, cfg_scale=7.0)
+    assert np.abs(tagged.astype(int) - reference.astype(int)).max() <= 1
