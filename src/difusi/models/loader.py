@@ -166,13 +166,16 @@ def _fit_text_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -
 
 
 def _unet_class() -> Any:
-    from diffusers import UNet2DConditionModel
+    """difusi's own SD UNet (`difusi.models.unet`): diffusers' `UNet2DConditionModel` module for module (same state
+    dict, same outputs; tests/models/test_own_modules.py), without the seconds diffusers' import costs."""
+    from difusi.models.unet import UNet
 
-    return UNet2DConditionModel
+    return UNet
 
 
 def _vae_class() -> Any:
-    from diffusers import AutoencoderKL
+    """difusi's own `AutoencoderKL` (`difusi.models.autoencoder`), equal to diffusers' on the same weights."""
+    from difusi.models.autoencoder import AutoencoderKL
 
     return AutoencoderKL
 
@@ -190,7 +193,7 @@ def _use_sdpa(module: Any) -> None:
     `AttnProcessor2_0` for the UNet and VAE, transformers' "sdpa" implementation for CLIP. Both are diffusers' and
     transformers' defaults today; setting them explicitly keeps a changed default or a saved config from
     silently bringing back the slower, memory-hungry explicit softmax(QK^T)V."""
-    processors = getattr(module, "attn_processors", None)
+    processors = getattr(module, "attn_processors", None)  # diffusers modules only; difusi's always use SDPA
     if processors:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
