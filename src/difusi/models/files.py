@@ -30,6 +30,9 @@ _SAFETENSORS_DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 
+_CAST_CHUNK_BYTES = 1 << 20
+"""Stored bytes converted per piece when a tensor is cast while reading (fits in L2: read, then cast from cache)."""
+
 
 def is_diffusers_folder(path: Path) -> bool:
     """True for a folder in diffusers' pipeline layout (model_index.json + component subfolders)."""
@@ -40,11 +43,15 @@ class CheckpointFile:
     """A single-file checkpoint opened for reading: `shapes` without reading tensors, `tensor(key)` on demand.
 
     safetensors: `safe_open` validates the file (header, offsets, size) and gives the metadata; each
-    tensor is then read with one `readinto` straight into its own 64-byte-aligned buffer and cast
-    right away. Measured on a 2 GB fp16 SD 1.5 file (bench/load_checkpoint.py) this beats reading
-    through the memory map: the map's touched pages count towards RSS on top of the copy, and
-    tensors taken from the map sit at unaligned offsets (slower kernels, different rounding).
-    Pickles (`.ckpt`) are memory-mapped by `torch.load(mmap=True)`, which aligns its records.
+    tensor is then read with one `readinto` straight into its own 64-byte-aligned buffer. A tensor
+    asked for in another floating dtype (fp16 file -> float32 modules) is read through a small
+    reused scratch buffer, 1 MiB at a time, each piece cast straight into the final tensor: no
+    stored-dtype copy of the whole tensor is ever allocated (that temporary cost a page fault per
+    4 KiB and ~15% of the load). Measured on a 2 GB fp16 SD 1.5 file (bench/load_checkpoint.py,
+    bench/startup.py) this beats reading through the memory map: the map's touched pages count
+    towards RSS on top of the copy, and tensors taken from the map sit at unaligned offsets (slower
+    kernels, different rounding). Pickles (`.ckpt`) are memory-mapped by `torch.load(mmap=True)`,
+    which aligns its records.
     """
 
     def __init__(self, path: str | Path):
@@ -57,6 +64,7 @@ class CheckpointFile:
         self._handle: Any = None
         self._entries: dict[str, dict[str, Any]] = {}
         self._data_start = 0
+        self._scratch: torch.Tensor | None = None
         self._state: dict[str, torch.Tensor] | None = None
         if self.path.suffix.lower() == ".safetensors" or _looks_like_safetensors(self.path):
             self._open_safetensors()
@@ -86,7 +94,12 @@ class CheckpointFile:
 
     def tensor(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor, cast to `dtype` (floating tensors only) if given."""
-        value = self._state[key] if self._state is not None else self._read(key)
+        if self._state is None:
+            stored = _SAFETENSORS_DTYPES[self._entries[key]["dtype"]]
+            if dtype is not None and stored.is_floating_point and stored != dtype:
+                return self._read_cast(key, stored, dtype)
+            return self._read(key)
+        value = self._state[key]
         if dtype is not None and value.is_floating_point() and value.dtype != dtype:
             return value.to(dtype)
         return value
@@ -101,11 +114,32 @@ class CheckpointFile:
             raise CheckpointError(f"{self.path}: tensor {key!r} is cut short (truncated file?)")
         return buffer.view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
+    def _read_cast(self, key: str, stored: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+        """Tensor `key` converted from its stored dtype to `dtype`, read piece by piece through the scratch buffer
+        (the same values as reading it whole and calling `.to(dtype)`: element-wise casts do not depend on
+        how the elements are grouped)."""
+        entry = self._entries[key]
+        start, end = entry["data_offsets"]
+        itemsize = stored.itemsize
+        out = torch.empty((end - start) // itemsize, dtype=dtype)
+        if self._scratch is None:
+            self._scratch = torch.empty(_CAST_CHUNK_BYTES, dtype=torch.uint8)
+        scratch, view = self._scratch, memoryview(self._scratch.numpy())
+        per_chunk = _CAST_CHUNK_BYTES // itemsize
+        self._handle.seek(self._data_start + start)
+        for first in range(0, out.numel(), per_chunk):
+            count = min(per_chunk, out.numel() - first)
+            if self._handle.readinto(view[: count * itemsize]) != count * itemsize:
+                raise CheckpointError(f"{self.path}: tensor {key!r} is cut short (truncated file?)")
+            out[first : first + count].copy_(scratch[: count * itemsize].view(stored))
+        return out.reshape(entry["shape"])
+
     def close(self) -> None:
         """Close the file / drop loaded tensors."""
         if self._handle is not None:
             self._handle.close()
         self._handle = None
+        self._scratch = None
         self._state = None
 
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import stats
 
 from difusi.errors import ParamError
 
@@ -76,6 +75,8 @@ def beta_sigmas(n: int, sigma_min: float, sigma_max: float, alpha: float = 0.6, 
     """Lee et al. 2024, "Beta Sampling is All You Need": sigma positions at Beta(alpha, beta) quantiles of
     1 - i/(n-1), mapped linearly onto [sigma_min, sigma_max] (A1111's formulation), which puts more steps
     near both ends."""
+    from scipy import stats  # lazy: scipy.stats costs ~0.5 s to import and only this schedule needs it
+
     quantiles = stats.beta.ppf(1 - np.linspace(0, 1, n), alpha, beta)
     return _append_zero(torch.tensor(sigma_min + quantiles * (sigma_max - sigma_min), dtype=torch.float64))
 
