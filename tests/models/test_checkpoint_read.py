@@ -116,3 +116,19 @@ def test_file_cut_short_after_opening_is_a_checkpoint_error(stored, cast):
             reader.tensor("big", target)
     finally:
         reader.close()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_reading_many_tensors_in_threads_matches_load_file(stored, threads):
+    path, dtype = stored
+    reference = load_file(path)
+    wanted = {key: (torch.float32 if index % 2 else None) for index, key in enumerate(reference)}
+    reader = CheckpointFile(path)
+    try:
+        got = reader.tensors(wanted, threads=threads)
+    finally:
+        reader.close()
+    assert list(got) == list(wanted)
+    for key, want in wanted.items():
+        expected = reference[key] if want is None or not reference[key].is_floating_point() else reference[key].to(want)
+        assert _same(got[key], expected), key

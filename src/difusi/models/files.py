@@ -8,11 +8,13 @@ tensors and plain containers; a file whose pickle names any other callable (the 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import warnings
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -104,33 +106,76 @@ class CheckpointFile:
             return value.to(dtype)
         return value
 
+    def tensors(self, wanted: dict[str, torch.dtype | None], threads: int | None = None) -> dict[str, torch.Tensor]:
+        """Several tensors at once (`{key: dtype or None}`, as `tensor`), read by `threads` threads (default: torch's
+        intra-op thread count, at most 4). Positional reads (`os.preadv`) release the GIL, so two cores copy from the
+        page cache in parallel as safetensors' own loader does; each thread has its own cast buffer."""
+        if self._state is not None or len(wanted) < 2:
+            return {key: self.tensor(key, dtype) for key, dtype in wanted.items()}
+        count = max(1, min(threads or torch.get_num_threads(), 4, len(wanted)))
+        if count == 1:
+            return {key: self.tensor(key, dtype) for key, dtype in wanted.items()}
+        # Balance the threads by bytes: biggest tensors first, each to the least loaded thread.
+        groups: list[list[str]] = [[] for _ in range(count)]
+        loads = [0] * count
+        for key in sorted(wanted, key=lambda k: -self._size(k)):
+            lightest = loads.index(min(loads))
+            groups[lightest].append(key)
+            loads[lightest] += self._size(key)
+
+        def read_group(keys: list[str]) -> dict[str, torch.Tensor]:
+            scratch = torch.empty(_CAST_CHUNK_BYTES, dtype=torch.uint8)
+            return {key: self._tensor_with(key, wanted[key], scratch) for key in keys}
+
+        with ThreadPoolExecutor(count) as pool:
+            parts = list(pool.map(read_group, groups))
+        merged = {key: value for part in parts for key, value in part.items()}
+        return {key: merged[key] for key in wanted}
+
+    def _size(self, key: str) -> int:
+        start, end = self._entries[key]["data_offsets"]
+        return end - start
+
+    def _tensor_with(self, key: str, dtype: torch.dtype | None, scratch: torch.Tensor) -> torch.Tensor:
+        stored = _SAFETENSORS_DTYPES[self._entries[key]["dtype"]]
+        if dtype is not None and stored.is_floating_point and stored != dtype:
+            return self._read_cast(key, stored, dtype, scratch)
+        return self._read(key)
+
+    def _pread(self, view: memoryview, offset: int, key: str) -> None:
+        """Fill `view` from file offset `offset` (positional: safe from several threads at once)."""
+        done = 0
+        while done < len(view):
+            got = os.preadv(self._handle.fileno(), [view[done:]], offset + done)
+            if got <= 0:
+                raise CheckpointError(f"{self.path}: tensor {key!r} is cut short (truncated file?)")
+            done += got
+
     def _read(self, key: str) -> torch.Tensor:
         entry = self._entries[key]
         start, end = entry["data_offsets"]
         buffer = torch.empty(end - start, dtype=torch.uint8)
-        self._handle.seek(self._data_start + start)
-        got = self._handle.readinto(memoryview(buffer.numpy()))
-        if got != end - start:
-            raise CheckpointError(f"{self.path}: tensor {key!r} is cut short (truncated file?)")
+        self._pread(memoryview(buffer.numpy()), self._data_start + start, key)
         return buffer.view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
-    def _read_cast(self, key: str, stored: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
-        """Tensor `key` converted from its stored dtype to `dtype`, read piece by piece through the scratch buffer
+    def _read_cast(self, key: str, stored: torch.dtype, dtype: torch.dtype, scratch: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """Tensor `key` converted from its stored dtype to `dtype`, read piece by piece through a scratch buffer
         (the same values as reading it whole and calling `.to(dtype)`: element-wise casts do not depend on
         how the elements are grouped)."""
         entry = self._entries[key]
         start, end = entry["data_offsets"]
         itemsize = stored.itemsize
         out = torch.empty((end - start) // itemsize, dtype=dtype)
-        if self._scratch is None:
-            self._scratch = torch.empty(_CAST_CHUNK_BYTES, dtype=torch.uint8)
-        scratch, view = self._scratch, memoryview(self._scratch.numpy())
+        if scratch is None:
+            if self._scratch is None:
+                self._scratch = torch.empty(_CAST_CHUNK_BYTES, dtype=torch.uint8)
+            scratch = self._scratch
+        view = memoryview(scratch.numpy())
         per_chunk = _CAST_CHUNK_BYTES // itemsize
-        self._handle.seek(self._data_start + start)
         for first in range(0, out.numel(), per_chunk):
             count = min(per_chunk, out.numel() - first)
-            if self._handle.readinto(view[: count * itemsize]) != count * itemsize:
-                raise CheckpointError(f"{self.path}: tensor {key!r} is cut short (truncated file?)")
+            self._pread(view[: count * itemsize], self._data_start + start + first * itemsize, key)
             out[first : first + count].copy_(scratch[: count * itemsize].view(stored))
         return out.reshape(entry["shape"])
 

@@ -287,11 +287,12 @@ def _load_single_file(reader: CheckpointFile, device: str | torch.device, precis
     spec = detect(reader.shapes, sidecar)
     family = spec.family_spec or base_spec(spec.family)
     prefixes = _component_dtypes(family, precision)
-    state = {}
+    wanted = {}
     for key in reader.shapes:
         dtype = next((dtype for prefix, dtype in prefixes if key.startswith(prefix)), None)
         if dtype is not None:
-            state[key] = reader.tensor(key, dtype)  # cast while reading: one copy per tensor, in its final dtype
+            wanted[key] = dtype
+    state = reader.tensors(wanted)  # cast while reading: one copy per tensor, in its final dtype; threads in parallel
     unet_sd, vae_sd, text_sds = convert.split_ldm_checkpoint(state, spec.family, spec.unet_config, spec.vae_config)
     del state
     name = sidecar.get("name") or reader.path.name.rsplit(".", 1)[0]
