@@ -197,7 +197,7 @@ CONVERT_CHILD = textwrap.dedent("""
     from difusi.models.detect import detect
     from difusi.models.files import CheckpointFile
     from difusi.models.sidecar import read_sidecar
-    from difusi.models.text_encoders import load_tokenizer
+    from difusi.models.text_encoders import reference_tokenizer
     source, folder = Path(sys.argv[1]), Path(sys.argv[2])
     reader = CheckpointFile(source)
     sidecar = read_sidecar(source)
@@ -228,7 +228,7 @@ CONVERT_CHILD = textwrap.dedent("""
                 fitted[name] = value
     text.load_state_dict(fitted, strict=False)
     text.to(dtype).save_pretrained(tmp / "text_encoder")
-    load_tokenizer().save_pretrained(tmp / "tokenizer")
+    reference_tokenizer().save_pretrained(tmp / "tokenizer")
     (tmp / "scheduler").mkdir()
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps({
         "_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,

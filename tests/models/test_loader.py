@@ -38,7 +38,8 @@ def test_load_every_layout_gives_the_original_weights(checkpoint_factory, family
     assert_same_weights(synth.vae, model.vae)
     assert len(model.text_encoders) == len(synth.text_encoders)
     for original, wrapped in zip(synth.text_encoders, model.text_encoders, strict=True):
-        assert type(_encoder_model(wrapped)) is type(original)
+        # difusi's own CLIP class (difusi.models.clip) standing in for transformers' class of the same name
+        assert type(_encoder_model(wrapped)).__name__ == type(original).__name__
         assert_same_weights(original, _encoder_model(wrapped))
     assert not any(p.requires_grad for p in model.unet.parameters())
 

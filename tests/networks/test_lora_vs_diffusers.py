@@ -4,8 +4,6 @@ diffusers / PEFT files, on tiny SD1 and SDXL; weights to float rounding, images 
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -32,14 +30,14 @@ def diffusers_fused(model, family, state, scale):
     modules, so both start from the same weights)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from difusi.prompts.tokens import load_clip_tokenizer
+    from difusi.models.synthetic import reference_modules
 
-    unet = copy.deepcopy(model.unet)
-    encoders = [copy.deepcopy(encoder.model) for encoder in model.text_encoders]
-    parts = dict(vae=model.vae, unet=unet, scheduler=DDIMScheduler(), tokenizer=load_clip_tokenizer(),
+    copies = reference_modules(model)  # diffusers' / transformers' own classes with the model's weights
+    unet, encoders = copies.unet, copies.text_encoders
+    parts = dict(vae=copies.vae, unet=unet, scheduler=DDIMScheduler(), tokenizer=copies.tokenizers[0],
                  text_encoder=encoders[0])
     if family == "sdxl":
-        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=encoders[1], tokenizer_2=load_clip_tokenizer())
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=encoders[1], tokenizer_2=copies.tokenizers[1])
     else:
         pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+from difusi.models.synthetic import reference_modules
 from difusi.params import GenerationParams
 from difusi.pipeline import txt2img
 from difusi.samplers import build_sigmas, get_sampler
@@ -56,12 +57,12 @@ def _noise(model, params):
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(params.seed))
 
 
-def _reference_text_encoder(encoder):
+def _reference_text_encoder(encoder, reference_model):
     """diffusers' SD2 layout drops the last text layer (its last hidden state is the penultimate layer + final LN);
     difusi keeps the full model and reads layer -2, as the original checkpoint defines it. Give diffusers its layout."""
     if encoder.hidden_layer == -1:
-        return encoder.model
-    truncated = copy.deepcopy(encoder.model)
+        return reference_model
+    truncated = copy.deepcopy(reference_model)
     keep = len(truncated.encoder.layers) + encoder.hidden_layer + 1
     truncated.encoder.layers = truncated.encoder.layers[:keep]
     truncated.config.num_hidden_layers = keep
@@ -69,9 +70,12 @@ def _reference_text_encoder(encoder):
 
 
 def _sd_reference(model):
+    # diffusers' and transformers' own classes with difusi's loaded weights: the reference shares no module code.
+    copies = reference_modules(model)
     encoder = model.text_encoders[0]
     reference = StableDiffusionPipeline(
-        vae=model.vae, text_encoder=_reference_text_encoder(encoder), tokenizer=encoder.tokenizer, unet=model.unet,
+        vae=copies.vae, text_encoder=_reference_text_encoder(encoder, copies.text_encoders[0]),
+        tokenizer=copies.tokenizers[0], unet=copies.unet,
         scheduler=_euler_scheduler(model), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     reference.vae.register_to_config(scaling_factor=model.scaling_factor)
@@ -79,10 +83,11 @@ def _sd_reference(model):
 
 
 def _sdxl_reference(model, force_zeros_for_empty_prompt):
-    clip_l, clip_g = model.text_encoders
+    copies = reference_modules(model)
     reference = StableDiffusionXLPipeline(
-        vae=model.vae, text_encoder=clip_l.model, text_encoder_2=clip_g.model, tokenizer=clip_l.tokenizer,
-        tokenizer_2=clip_g.tokenizer, unet=model.unet, scheduler=_euler_scheduler(model),
+        vae=copies.vae, text_encoder=copies.text_encoders[0], text_encoder_2=copies.text_encoders[1],
+        tokenizer=copies.tokenizers[0], tokenizer_2=copies.tokenizers[1], unet=copies.unet,
+        scheduler=_euler_scheduler(model),
         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
     )
     reference.vae.register_to_config(scaling_factor=model.scaling_factor, force_upcast=False)

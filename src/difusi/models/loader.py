@@ -8,9 +8,11 @@ model hub: no `from_pretrained` on a hub id, configs come from the file's shapes
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,11 +100,44 @@ class LoadedModel:
 
 
 def _build_on_meta(cls: Any, config: Mapping[str, Any], state: Mapping[str, torch.Tensor], what: str) -> Any:
-    """Construct `cls` from `config` without allocating, then adopt `state`'s tensors as its parameters."""
-    with torch.device("meta"):
+    """Construct `cls` from `config` without initialising its weights, then adopt `state`'s tensors as its
+    parameters (`load_state_dict(assign=True)`: no copy).
+
+    Built on the CPU with the weight initialisers switched off (`_no_weight_init`), not on the `meta` device: the
+    untouched `torch.empty` storage costs no memory (the pages are never written, and are freed when `state`'s
+    tensors take their place), while the first ops on `meta` import torch's Python meta registrations and
+    symbolic-shape machinery (sympy): about 0.4 s of every first image on this machine (bench/startup.py)."""
+    with _no_weight_init():
         module = cls.from_config(dict(config)) if hasattr(cls, "from_config") else cls(config)
     _adopt(module, state, what)
     return module
+
+
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+                 "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+@contextlib.contextmanager
+def _no_weight_init() -> Iterator[None]:
+    """`torch.nn.init`'s initialisers as no-ops while modules are built whose weights are replaced right after (the
+    idea of accelerate's `init_empty_weights`, without the meta device). Layers call them as `init.<name>`, so
+    replacing the module attributes reaches every `reset_parameters`."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS}
+    with _INIT_LOCK:
+        try:
+            for name in _INITIALISERS:
+                setattr(torch.nn.init, name, _keep)
+            yield
+        finally:
+            for name, function in saved.items():
+                setattr(torch.nn.init, name, function)
+
+
+def _keep(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return tensor
+
+
+_INIT_LOCK = threading.Lock()
 
 
 def _adopt(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
@@ -133,16 +168,18 @@ def _materialize_buffers(module: torch.nn.Module, what: str) -> None:
 
 
 def _text_model_class(with_projection: bool) -> Any:
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    """difusi's own CLIP text models (`difusi.models.clip`): transformers' module for module, without the second
+    and more transformers' import costs; transformers stays the tests' reference."""
+    from difusi.models.clip import text_model_class
 
-    return CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return text_model_class(with_projection)
 
 
 def _build_text_encoder(spec: TextEncoderSpec, state: Mapping[str, torch.Tensor], what: str) -> Any:
-    from transformers import CLIPTextConfig
+    from difusi.models.clip import CLIPTextConfig
 
-    config = CLIPTextConfig(**spec.config)
-    with torch.device("meta"):
+    config = CLIPTextConfig(spec.config)
+    with _no_weight_init():
         model = _text_model_class(spec.with_projection)(config)
     _adopt(model, _fit_text_state(model, state), what)
     return model

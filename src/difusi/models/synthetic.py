@@ -19,7 +19,7 @@ import torch
 
 from difusi.models import convert
 from difusi.models.detect import BOS_TOKEN_ID, CLIP_VOCAB_SIZE, EOS_TOKEN_ID
-from difusi.models.text_encoders import load_tokenizer
+from difusi.models.text_encoders import reference_tokenizer
 
 FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 FORMATS = ("safetensors", "ckpt", "diffusers")
@@ -276,7 +276,7 @@ def _write_diffusers(path: Path, family: str, prediction: str, unet: Any, vae: A
         name = "text_encoder" if i == 0 else "text_encoder_2"
         _save_pretrained(model, path / name, dtype)
         index[name] = ["transformers", type(model).__name__]
-        tokenizer = load_tokenizer(openclip=(family == "sd2" or i == 1))
+        tokenizer = reference_tokenizer(openclip=(family == "sd2" or i == 1))
         tokenizer.save_pretrained(path / ("tokenizer" if i == 0 else "tokenizer_2"))
         index["tokenizer" if i == 0 else "tokenizer_2"] = ["transformers", "CLIPTokenizer"]
     scheduler = {
@@ -366,10 +366,45 @@ def reference_pipeline(synth: SyntheticCheckpoint) -> Any:
     if synth.family == "sdxl":
         return StableDiffusionXLPipeline(
             vae=synth.vae, text_encoder=synth.text_encoders[0], text_encoder_2=synth.text_encoders[1],
-            tokenizer=load_tokenizer(False), tokenizer_2=load_tokenizer(True), unet=synth.unet, scheduler=scheduler,
+            tokenizer=reference_tokenizer(False), tokenizer_2=reference_tokenizer(True), unet=synth.unet, scheduler=scheduler,
             force_zeros_for_empty_prompt=False,
         )
     return StableDiffusionPipeline(
-        vae=synth.vae, text_encoder=synth.text_encoders[0], tokenizer=load_tokenizer(synth.family == "sd2"),
+        vae=synth.vae, text_encoder=synth.text_encoders[0], tokenizer=reference_tokenizer(synth.family == "sd2"),
         unet=synth.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+@dataclass
+class ReferenceModules:
+    """diffusers' and transformers' own classes holding a loaded model's exact weights: what the equality tests
+    compare difusi's modules (`difusi.models.unet`, `autoencoder`, `clip`) and pipeline with."""
+
+    unet: Any
+    vae: Any
+    text_encoders: list[Any]
+    tokenizers: list[Any]
+
+
+def reference_modules(model: Any) -> ReferenceModules:
+    """Copies of `model`'s UNet, VAE and text encoders as diffusers / transformers modules (same configs, same
+    tensors), with transformers' tokenizers (OpenCLIP's pad for encoders that pad with 0)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from difusi.models.families import OPENCLIP_PAD_ID
+
+    def copy_into(reference: torch.nn.Module, source: torch.nn.Module) -> torch.nn.Module:
+        reference.load_state_dict({key: value.detach().clone() for key, value in source.state_dict().items()})
+        return reference.to(next(source.parameters()).dtype).eval()
+
+    unet = copy_into(UNet2DConditionModel.from_config(dict(model.unet.config)), model.unet)
+    vae = copy_into(AutoencoderKL.from_config(dict(model.vae.config)), model.vae)
+    texts, tokenizers = [], []
+    for encoder in model.text_encoders:
+        config = CLIPTextConfig(**encoder.model.config.to_dict())
+        with_projection = hasattr(encoder.model, "text_projection")
+        texts.append(copy_into((CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config),
+                               encoder.model))
+        tokenizers.append(reference_tokenizer(encoder.pad_token_id == OPENCLIP_PAD_ID))
+    return ReferenceModules(unet, vae, texts, tokenizers)

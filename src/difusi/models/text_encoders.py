@@ -46,12 +46,24 @@ FAMILY_ENCODERS: dict[str, list[EncoderSettings]] = {
 
 @lru_cache(maxsize=2)
 def load_tokenizer(openclip: bool = False) -> Any:
-    """The shipped CLIP BPE tokenizer; `openclip=True` pads with token 0 like OpenCLIP. Cached (vocab load ~0.5 s)."""
+    """The shipped CLIP BPE tokenizer (difusi's own, `difusi.prompts.bpe`: the same ids as transformers'
+    `CLIPTokenizer`); `openclip=True` pads with token 0 like OpenCLIP. Cached."""
+    from difusi.prompts.bpe import ClipTokenizer
+
+    pad = {"pad_token": OPENCLIP_PAD_TOKEN} if openclip else {}
+    # model_max_length as in SD's tokenizer configs (77)
+    return ClipTokenizer(TOKENIZER_DIR / "vocab.json", TOKENIZER_DIR / "merges.txt", model_max_length=MAX_LENGTH,
+                         **pad)
+
+
+@lru_cache(maxsize=2)
+def reference_tokenizer(openclip: bool = False) -> Any:
+    """transformers' `CLIPTokenizer` on the same files: the reference the tests compare with, and what diffusers'
+    pipelines and `save_pretrained` need (`difusi.models.synthetic`)."""
     from transformers import CLIPTokenizer
 
     pad = {"pad_token": OPENCLIP_PAD_TOKEN} if openclip else {}
     files = {"vocab": str(TOKENIZER_DIR / "vocab.json"), "merges": str(TOKENIZER_DIR / "merges.txt")}
-    # model_max_length as in SD's tokenizer configs (77), which diffusers' pipelines read for padding
     return CLIPTokenizer(**files, model_max_length=MAX_LENGTH, **pad)
 
 

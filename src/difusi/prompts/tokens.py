@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 from typing import Any, Protocol
 
 from difusi.prompts.parser import BREAK, parse_prompt_attention
@@ -140,7 +141,7 @@ def tokenize_prompt(
 
     Args:
         text: one prompt text (already resolved by :func:`~difusi.prompts.parser.get_prompt_schedule`).
-        tokenizer: a transformers ``CLIPTokenizer`` (see :func:`load_clip_tokenizer`).
+        tokenizer: a CLIP tokenizer (:func:`load_clip_tokenizer`, or transformers' ``CLIPTokenizer``).
         pad_token_id: the encoder's padding id (EOS for CLIP ViT-L, 0 for OpenCLIP).
         comma_backtrack: how far back (in tokens) a comma may be to move the tail of a full chunk.
         embeddings: textual-inversion embeddings to look for (None: plain tokens only).
@@ -257,8 +258,7 @@ def load_clip_tokenizer() -> Any:
     The same vocabulary serves CLIP ViT-L (SD1), OpenCLIP ViT-H (SD2) and both SDXL encoders;
     only the pad id differs, and that is the encoder's business (``pad_token_id``).
     """
-    from transformers import CLIPTokenizer
+    from difusi.prompts.bpe import ClipTokenizer  # difusi's own: transformers' CLIPTokenizer ids, no transformers
 
     folder = resources.files("difusi") / "assets" / "tokenizers" / "clip"
-    # transformers 5 names these `vocab`/`merges`; unknown keywords are silently ignored, so be exact.
-    return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
+    return ClipTokenizer(Path(str(folder / "vocab.json")), Path(str(folder / "merges.txt")), model_max_length=77)
