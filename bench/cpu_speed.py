@@ -295,16 +295,13 @@ def measure_vae(model, repeats: int) -> dict:
 
 
 def diffusers_pipeline(model):
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DPMSolverMultistepScheduler
 
-    encoder = model.text_encoders[0]
+    from difusi.models.synthetic import reference_pipeline_for
+
     scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                             use_karras_sigmas=True, prediction_type=model.prediction_type)
-    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=encoder.model, tokenizer=encoder.tokenizer,
-                                   unet=model.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return reference_pipeline_for(model, scheduler)  # diffusers' own classes with the same weights
 
 
 def image_cases(model, size: int, steps: int, modes: dict) -> tuple[dict, dict]:

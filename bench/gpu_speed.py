@@ -208,24 +208,17 @@ def difusi_job(model: Any, arch: Arch, batch: int, steps: int) -> Callable[[], d
 
 def diffusers_pipeline(model: Any) -> Any:
     """diffusers' pipeline on difusi's own modules: identical weights and dtype, no second copy on the card."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import EulerDiscreteScheduler
 
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        num_train_timesteps=1000, prediction_type=model.prediction_type,
                                        steps_offset=1)
-    if model.family == "sdxl":
-        clip_l, clip_g = model.text_encoders
-        pipe = StableDiffusionXLPipeline(vae=model.vae, text_encoder=clip_l.model, text_encoder_2=clip_g.model,
-                                         tokenizer=clip_l.tokenizer, tokenizer_2=clip_g.tokenizer, unet=model.unet,
-                                         scheduler=scheduler, force_zeros_for_empty_prompt=False)
-    else:
-        encoder = model.text_encoders[0]
-        pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=encoder.model, tokenizer=encoder.tokenizer,
-                                       unet=model.unet, scheduler=scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-    # No fp32 upcast of the VAE inside diffusers: it would also convert difusi's shared VAE module in place,
-    # and difusi decodes in the loaded precision (with its NaN fallback), so both decode alike.
-    pipe.vae.register_to_config(scaling_factor=model.scaling_factor, force_upcast=False)
+    from difusi.models.synthetic import reference_pipeline_for
+
+    # diffusers' own classes with the same weights; no fp32 upcast of the VAE inside diffusers: difusi decodes in
+    # the loaded precision (with its NaN fallback), so both decode alike.
+    pipe = reference_pipeline_for(model, scheduler)
+    pipe.vae.register_to_config(force_upcast=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -14,7 +14,7 @@ import statistics
 import time
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DPMSolverMultistepScheduler
 
 import difusi  # noqa: F401  (offline env before Hugging Face imports)
 from difusi.api import get_model
@@ -48,13 +48,11 @@ def main() -> None:
                               scheduler="Karras", width=size, height=size)
     ours = _time(lambda: txt2img(model, params), args.repeats)
 
-    encoder = model.text_encoders[0]
+    from difusi.models.synthetic import reference_pipeline_for
+
     scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                             use_karras_sigmas=True, prediction_type=model.prediction_type)
-    reference = StableDiffusionPipeline(vae=model.vae, text_encoder=encoder.model, tokenizer=encoder.tokenizer,
-                                        unet=model.unet, scheduler=scheduler, safety_checker=None,
-                                        feature_extractor=None, requires_safety_checker=False)
-    reference.set_progress_bar_config(disable=True)
+    reference = reference_pipeline_for(model, scheduler)  # diffusers' own classes with the same weights
     generator = torch.Generator("cpu")
 
     def run_reference():

@@ -42,24 +42,14 @@ def _difusi_pixels(model: Any, params: GenerationParams) -> np.ndarray:
 
 
 def _reference(model: Any) -> Any:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import EulerDiscreteScheduler
 
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        num_train_timesteps=1000, prediction_type=model.prediction_type,
                                        timestep_spacing="trailing")
-    if model.family == "sdxl":
-        clip_l, clip_g = model.text_encoders
-        pipe = StableDiffusionXLPipeline(vae=model.vae, text_encoder=clip_l.model, text_encoder_2=clip_g.model,
-                                         tokenizer=clip_l.tokenizer, tokenizer_2=clip_g.tokenizer, unet=model.unet,
-                                         scheduler=scheduler, force_zeros_for_empty_prompt=False)
-        pipe.vae.register_to_config(scaling_factor=model.scaling_factor, force_upcast=False)
-        return pipe
-    encoder = model.text_encoders[0]
-    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=encoder.model, tokenizer=encoder.tokenizer,
-                                   unet=model.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.vae.register_to_config(scaling_factor=model.scaling_factor)
-    return pipe
+    from difusi.models.synthetic import reference_pipeline_for
+
+    return reference_pipeline_for(model, scheduler)
 
 
 def _reference_pixels(model: Any, params: GenerationParams) -> np.ndarray:

@@ -34,13 +34,16 @@ def eight_bit(result) -> np.ndarray:
 
 
 def diffusers_pixels(model, params):
-    """diffusers' StableDiffusionPipeline on `model`'s modules, same prompt, Euler sigmas and initial noise."""
-    encoder = model.text_encoders[0]
+    """diffusers' StableDiffusionPipeline on `model`'s weights, same prompt, Euler sigmas and initial noise."""
+    from difusi.models.synthetic import reference_modules
+
+    copies = reference_modules(model)  # diffusers' / transformers' own (eager) classes with the model's weights
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        num_train_timesteps=1000, prediction_type=model.prediction_type,
                                        timestep_spacing="trailing")
-    reference = StableDiffusionPipeline(vae=model.vae, text_encoder=encoder.model, tokenizer=encoder.tokenizer,
-                                        unet=model.unet, scheduler=scheduler, safety_checker=None,
+    reference = StableDiffusionPipeline(vae=copies.vae, text_encoder=copies.text_encoders[0],
+                                        tokenizer=copies.tokenizers[0], unet=copies.unet, scheduler=scheduler,
+                                        safety_checker=None,
                                         feature_extractor=None, requires_safety_checker=False)
     reference.set_progress_bar_config(disable=True)
     sigmas = build_sigmas(get_sampler("Euler"), "Karras", params.steps, DiscreteNoiseTable())

@@ -396,7 +396,8 @@ def reference_modules(model: Any) -> ReferenceModules:
 
     def copy_into(reference: torch.nn.Module, source: torch.nn.Module) -> torch.nn.Module:
         reference.load_state_dict({key: value.detach().clone() for key, value in source.state_dict().items()})
-        return reference.to(next(source.parameters()).dtype).eval()
+        first = next(source.parameters())
+        return reference.to(device=first.device, dtype=first.dtype).eval()
 
     unet = copy_into(UNet2DConditionModel.from_config(dict(model.unet.config)), model.unet)
     vae = copy_into(AutoencoderKL.from_config(dict(model.vae.config)), model.vae)
@@ -408,3 +409,25 @@ def reference_modules(model: Any) -> ReferenceModules:
                                encoder.model))
         tokenizers.append(reference_tokenizer(encoder.pad_token_id == OPENCLIP_PAD_ID))
     return ReferenceModules(unet, vae, texts, tokenizers)
+
+
+def reference_pipeline_for(model: Any, scheduler: Any, *, force_zeros_for_empty_prompt: bool = False) -> Any:
+    """A diffusers `StableDiffusion(XL)Pipeline` of diffusers' / transformers' own classes holding `model`'s exact
+    weights (`reference_modules`), with `scheduler`; the VAE's scaling factor is the model's and SDXL's VAE is not
+    upcast (difusi decodes in the loaded precision)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    copies = reference_modules(model)
+    parts = dict(vae=copies.vae, unet=copies.unet, scheduler=scheduler, text_encoder=copies.text_encoders[0],
+                 tokenizer=copies.tokenizers[0])
+    if len(copies.text_encoders) == 2:
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=copies.text_encoders[1],
+                                         tokenizer_2=copies.tokenizers[1],
+                                         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+        pipe.vae.register_to_config(scaling_factor=model.scaling_factor, force_upcast=False)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        pipe.vae.register_to_config(scaling_factor=model.scaling_factor)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
