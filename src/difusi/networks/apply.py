@@ -8,7 +8,8 @@ before it left it, which matters for DoRA and (IA)^3), so sampling costs nothing
 - layers are merged one at a time, so the memory held beyond the model is the saved originals of the touched
   layers (one clone each, on the layer's own device and dtype) plus one layer's temporary;
 - only touched layers are saved, and restored with `copy_`, so removing every network, or going A -> B -> A, gives
-  the original bits back;
+  the original bits back; a saved original is kept in float16 or bfloat16 when that holds it exactly (a float32
+  model loaded from a float16 file), halving that memory;
 - a network that fails (unknown algorithm, another model family, no layer that fits) leaves the model as it was:
   the layers written so far are restored and the previous set is merged again (the same arithmetic, so the same
   bits);
@@ -180,8 +181,8 @@ def _merge_one(state: MergeState, plan: _Plan, touched: set[int]) -> list[str]:
             misfits.append(module_key)
             continue
         if id(module) not in state.saved:
-            state.saved[id(module)] = _Saved(target, module.weight.detach().clone(),
-                                             None if bias is None else bias.detach().clone())
+            state.saved[id(module)] = _Saved(target, _compact_copy(module.weight.detach()),
+                                             None if bias is None else _compact_copy(bias.detach()))
         touched.add(id(module))
         _write(module, _add(module.weight.detach(), delta_weight, multiplier),
                None if bias is None or delta_bias is None else _add(bias.detach(), delta_bias, multiplier))
@@ -197,6 +198,18 @@ def _merge_one(state: MergeState, plan: _Plan, touched: set[int]) -> list[str]:
         warnings.append(f"LoRA {plan.name}: {len(plan.unmatched)} keys name no layer of this model and were ignored "
                         f"(e.g. {', '.join(plan.unmatched[:3])})")
     return warnings
+
+
+def _compact_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of `tensor` in the narrowest float dtype that holds every value exactly (float16, then bfloat16), else
+    a plain clone. A float32 model loaded from a float16 file (most checkpoints) is exactly float16 inside, so its
+    saved originals take half the memory, and `copy_` back restores the same bits."""
+    if tensor.dtype == torch.float32:
+        for narrow in (torch.float16, torch.bfloat16):
+            candidate = tensor.to(narrow)
+            if torch.equal(candidate.to(tensor.dtype), tensor):
+                return candidate
+    return tensor.clone()
 
 
 def _add(original: torch.Tensor, delta: torch.Tensor, multiplier: float) -> torch.Tensor:
