@@ -34,7 +34,7 @@ def onednn_linear_available() -> bool:
 
 
 def enabled_by_default() -> bool:
-    """The exact fast path is on unless `DIFUSI_EAGER=1` asks for diffusers' eager modules (for comparisons)."""
+    """The exact fast path is on unless `DIFUSI_EAGER=1` asks for the plain eager layers (for comparisons)."""
     return os.environ.get("DIFUSI_EAGER", "") not in ("1", "true", "yes")
 
 
