@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from difusi.models.layers import first_device, first_dtype
+
 __all__ = [
     "CLIPTextConfig",
     "CLIPTextModel",
@@ -299,18 +301,11 @@ class _Module(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The first floating-point parameter's dtype."""
-        for tensor in (*self.parameters(), *self.buffers()):
-            if tensor.is_floating_point():
-                return tensor.dtype
-        return torch.float32
+        return first_dtype(self)
 
     @property
     def device(self) -> torch.device:
-        """The first parameter's device."""
-        for tensor in (*self.parameters(), *self.buffers()):
-            return tensor.device
-        return torch.device("cpu")
+        return first_device(self)
 
 
 def _causal_mask(attention_mask: torch.Tensor | None, length: int, device: torch.device) -> torch.Tensor | None:

@@ -105,18 +105,27 @@ class ConfiguredModule(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The first floating-point parameter's dtype (diffusers' `get_parameter_dtype`)."""
-        for tensor in (*self.parameters(), *self.buffers()):
-            if tensor.is_floating_point():
-                return tensor.dtype
-        return torch.float32
+        return first_dtype(self)
 
     @property
     def device(self) -> torch.device:
-        """The first parameter's device."""
-        for tensor in (*self.parameters(), *self.buffers()):
-            return tensor.device
-        return torch.device("cpu")
+        return first_device(self)
+
+
+def first_dtype(module: nn.Module) -> torch.dtype:
+    """A module's dtype as diffusers and transformers report it: its first floating-point tensor's
+    (diffusers' `get_parameter_dtype`); float32 when it has none."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def first_device(module: nn.Module) -> torch.device:
+    """A module's device: its first tensor's (the CPU when it has none)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def per_level(value: Any, levels: int) -> list[Any]:
