@@ -431,11 +431,11 @@ def _signed(value: float | None) -> str:
 
 NOTES = [
     "How to read: the apply computes `W0 + m * up @ down * alpha / rank` for every covered layer from the saved "
-    "originals, writes it in place and keeps one clone of each original (`saved_bytes`); a job whose LoRA set did not "
-    "change skips it (\"same set again\"), the remove copies the originals back. The first merge builds every new "
-    "weight before writing any (so a failing LoRA leaves the model untouched), so its peak RSS is about the weights "
-    "plus twice the touched layers; afterwards the saved originals stay resident until the remove, and the allocator "
-    "may keep the freed pages (the RSS after the remove need not drop).",
+    "originals, writes it in place layer by layer and keeps one copy of each original (`saved_bytes`; in float16 "
+    "when that holds it exactly); a job whose LoRA set did not change skips it (\"same set again\"), the remove "
+    "copies the originals back. The peak RSS of the first apply is about the weights plus the saved originals; these "
+    "stay resident until the remove, and the allocator may keep the freed pages (the RSS after the remove need not "
+    "drop).",
     "Per-step: the ratio is of each ABBA pair, medians of ratios; a median within the quartile spread of 1.0 is no "
     "measurable difference. This host is shared, so only ratios within one run compare.",
     "SDXL float32 (13.9 GB of weights, the saved originals and the merge's transient copies: ~40 GB) does not fit a "

@@ -97,10 +97,7 @@ class CheckpointFile:
     def tensor(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor, cast to `dtype` (floating tensors only) if given."""
         if self._state is None:
-            stored = _SAFETENSORS_DTYPES[self._entries[key]["dtype"]]
-            if dtype is not None and stored.is_floating_point and stored != dtype:
-                return self._read_cast(key, stored, dtype)
-            return self._read(key)
+            return self._tensor_with(key, dtype, None)
         value = self._state[key]
         if dtype is not None and value.is_floating_point() and value.dtype != dtype:
             return value.to(dtype)
@@ -136,7 +133,8 @@ class CheckpointFile:
         start, end = self._entries[key]["data_offsets"]
         return end - start
 
-    def _tensor_with(self, key: str, dtype: torch.dtype | None, scratch: torch.Tensor) -> torch.Tensor:
+    def _tensor_with(self, key: str, dtype: torch.dtype | None, scratch: torch.Tensor | None) -> torch.Tensor:
+        """One safetensors tensor; a cast goes through `scratch` (the reader's own buffer when None)."""
         stored = _SAFETENSORS_DTYPES[self._entries[key]["dtype"]]
         if dtype is not None and stored.is_floating_point and stored != dtype:
             return self._read_cast(key, stored, dtype, scratch)

@@ -1,7 +1,7 @@
-"""`load_model`: a checkpoint file or diffusers folder -> ready diffusers/transformers modules, offline.
+"""`load_model`: a checkpoint file or diffusers folder -> difusi's own UNet / VAE / CLIP modules, offline.
 
-Modules are constructed from detected config dicts on the `meta` device (no random init, no
-memory) and then take the checkpoint's tensors directly (`load_state_dict(assign=True)`), so
+Modules are constructed from detected config dicts with the weight initialisers switched off (no random
+init, no memory touched) and then take the checkpoint's tensors directly (`load_state_dict(assign=True)`), so
 loading costs about one model's worth of memory in the requested dtype. Nothing here touches a
 model hub: no `from_pretrained` on a hub id, configs come from the file's shapes or the folder.
 """
@@ -99,7 +99,7 @@ class LoadedModel:
 # ----------------------------------------------------------------------------- module construction
 
 
-def _build_on_meta(cls: Any, config: Mapping[str, Any], state: Mapping[str, torch.Tensor], what: str) -> Any:
+def _build_and_adopt(cls: Any, config: Mapping[str, Any], state: Mapping[str, torch.Tensor], what: str) -> Any:
     """Construct `cls` from `config` without initialising its weights, then adopt `state`'s tensors as its
     parameters (`load_state_dict(assign=True)`: no copy).
 
@@ -151,20 +151,6 @@ def _adopt(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str
         )
         raise CheckpointError(f"{what}: the checkpoint's tensors do not fit the detected architecture ({detail})")
     module.load_state_dict(state, strict=True, assign=True)
-    _materialize_buffers(module, what)
-
-
-def _materialize_buffers(module: torch.nn.Module, what: str) -> None:
-    """Non-persistent buffers are not in a state dict and stay on `meta`; rebuild the ones we know."""
-    for name, buffer in list(module.named_buffers()):
-        if not buffer.is_meta:
-            continue
-        owner_name, _, attr = name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        if attr == "position_ids":  # CLIP embeddings: arange over positions
-            owner.register_buffer(attr, torch.arange(buffer.shape[-1]).expand(buffer.shape).clone(), persistent=False)
-        else:
-            raise CheckpointError(f"{what}: cannot initialise buffer {name!r} (internal error)")
 
 
 def _text_model_class(with_projection: bool) -> Any:
@@ -221,24 +207,7 @@ def _finish(module: Any, device: str | torch.device) -> Any:
     module.to(device)
     module.eval()
     module.requires_grad_(False)
-    _use_sdpa(module)
     return module
-
-
-def _use_sdpa(module: Any) -> None:
-    """PyTorch's fused scaled-dot-product attention (`F.scaled_dot_product_attention`) on every device: diffusers'
-    `AttnProcessor2_0` for the UNet and VAE, transformers' "sdpa" implementation for CLIP. Both are diffusers' and
-    transformers' defaults today; setting them explicitly keeps a changed default or a saved config from
-    silently bringing back the slower, memory-hungry explicit softmax(QK^T)V."""
-    processors = getattr(module, "attn_processors", None)  # diffusers modules only; difusi's always use SDPA
-    if processors:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        if not all(isinstance(p, AttnProcessor2_0) for p in processors.values()):
-            module.set_attn_processor(AttnProcessor2_0())
-    config = getattr(module, "config", None)
-    if config is not None and hasattr(config, "_attn_implementation") and config._attn_implementation != "sdpa":
-        config._attn_implementation = "sdpa"
 
 
 # ----------------------------------------------------------------------------- prediction type
@@ -333,8 +302,8 @@ def _load_single_file(reader: CheckpointFile, device: str | torch.device, precis
     unet_sd, vae_sd, text_sds = convert.split_ldm_checkpoint(state, spec.family, spec.unet_config, spec.vae_config)
     del state
     name = sidecar.get("name") or reader.path.name.rsplit(".", 1)[0]
-    unet = _finish(_build_on_meta(_unet_class(), spec.unet_config, unet_sd, f"{reader.path} UNet"), device)
-    vae = _finish(_build_on_meta(_vae_class(), spec.vae_config, vae_sd, f"{reader.path} VAE"), device)
+    unet = _finish(_build_and_adopt(_unet_class(), spec.unet_config, unet_sd, f"{reader.path} UNet"), device)
+    vae = _finish(_build_and_adopt(_vae_class(), spec.vae_config, vae_sd, f"{reader.path} VAE"), device)
     texts = [
         _finish(_build_text_encoder(t, sd, f"{reader.path} text encoder {i}"), device)
         for i, (t, sd) in enumerate(zip(spec.text_encoders, text_sds, strict=True))
@@ -414,9 +383,9 @@ def _load_diffusers_folder(root: Path, device: str | torch.device, precision: Pr
     def cast(sd: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
 
-    unet = _finish(_build_on_meta(_unet_class(), unet_config, cast(read_component_state_dict(root / "unet"), precision.unet),
+    unet = _finish(_build_and_adopt(_unet_class(), unet_config, cast(read_component_state_dict(root / "unet"), precision.unet),
                                   f"{root} UNet"), device)
-    vae = _finish(_build_on_meta(_vae_class(), vae_config, cast(read_component_state_dict(root / "vae"), precision.vae),
+    vae = _finish(_build_and_adopt(_vae_class(), vae_config, cast(read_component_state_dict(root / "vae"), precision.vae),
                                  f"{root} VAE"), device)
     specs, texts = [], []
     for layout in family.text_encoders:

@@ -363,9 +363,17 @@ def list_vae_files(folders: Sequence[Path], checkpoint_folders: Sequence[Path] =
     return found
 
 
+def vae_dict(vae_files: Sequence[Path]) -> dict[str, Path]:
+    """A1111's `vae_dict`: each file name -> its file (the first listed, when two folders share a name)."""
+    named: dict[str, Path] = {}
+    for file in vae_files:
+        named.setdefault(file.name, file)
+    return named
+
+
 def vae_names(vae_files: Sequence[Path]) -> list[str]:
     """The "SD VAE" choices after "Automatic" and "None": the files' names (A1111 `vae_dict` keys), each once."""
-    return list(dict.fromkeys(file.name for file in vae_files))
+    return list(vae_dict(vae_files))
 
 
 def find_vae_near_checkpoint(checkpoint_path: Path | None, vae_files: Sequence[Path] = ()) -> Path | None:

@@ -129,7 +129,7 @@ def _match(model: Any, state: MergeState, use: NetworkUse) -> _Plan:
     groups, unmatched = group_by_module(use.network.tensors, state.index)
     if not groups:
         raise NetworkError(name, f"matches no layer of the loaded model ({len(unmatched)} keys, e.g. "
-                                 f"{', '.join(unmatched[:3])}): it is made for another model family{_family_hint(use)}")
+                                 f"{', '.join(unmatched[:3])}): it is made for another model family")
     return _Plan(use, name, groups, unmatched)
 
 
@@ -188,8 +188,7 @@ def _merge_one(state: MergeState, plan: _Plan, touched: set[int]) -> list[str]:
                None if bias is None or delta_bias is None else _add(bias.detach(), delta_bias, multiplier))
     if misfits and len(misfits) == len(plan.groups):
         raise NetworkError(plan.name, f"no layer fits: {len(misfits)} layers have other shapes in the loaded model "
-                                      f"(e.g. {misfits[0]}): it is made for another model family"
-                                      f"{_family_hint(use)}")
+                                      f"(e.g. {misfits[0]}): it is made for another model family")
     warnings = []
     if misfits:
         warnings.append(f"LoRA {plan.name}: {len(misfits)} layers have other shapes than the model's and were left "
@@ -231,13 +230,3 @@ def _check_family(model: Any, use: NetworkUse, name: str) -> None:
     if made_for != "unknown" and family in FAMILY_NAMES and made_for != family:
         raise NetworkError(name, f"is a LoRA for {FAMILY_NAMES[made_for]}, and the loaded model is "
                                  f"{FAMILY_NAMES[family]}: it is made for another model family")
-
-
-def _family_hint(use: NetworkUse) -> str:
-    keys = use.network.tensors.keys()
-    base = use.network.metadata.get("ss_base_model_version") or use.network.file.base_model
-    if base:
-        return f" (its metadata says {base})"
-    if any(key.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for key in keys):
-        return " (its keys are SDXL's: two text encoders)"
-    return ""

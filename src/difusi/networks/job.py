@@ -111,21 +111,23 @@ def check_job(params: Any, library: NetworkLibrary, *, allow_paths: bool = True)
     """Parse the tags and resolve every LoRA and the VAE name without touching a model, so front ends fail before
     any work (ParamError for a bad multiplier, NetworkError for an unknown or ambiguous name). `allow_paths=False`
     (requests from the network) accepts only files listed in the folders, never a path."""
+    return _resolve(params, library, allow_paths)[0]
+
+
+def _resolve(params: Any, library: NetworkLibrary, allow_paths: bool) -> tuple[PromptNetworks, list[NetworkFile]]:
+    """The parsed prompt and the file of each of its LoRA tags (in order); the VAE choice checked."""
     parsed = parse_network_tags(params.prompt)
-    for tag in parsed.loras:
-        library.find_lora(tag.name)
-    choice = params.sd_vae.strip()
-    if choice.casefold() not in (AUTOMATIC.casefold(), NONE.casefold(), "auto"):
-        try:
-            found = resolve_vae(choice, None, library.vae_files())
-        except NetworkError:
-            library.refresh()  # a file added since the folders were listed
-            found = resolve_vae(choice, None, library.vae_files())
-        if not allow_paths and found not in library.vae_files():
-            names = ", ".join(library.vae_names()) or "none"
-            raise NetworkError(choice, f"no VAE of that name in the VAE folder; choose {AUTOMATIC!r}, {NONE!r} or "
-                                       f"one of: {names}", field="sd_vae")
-    return parsed
+    files = [library.find_lora(tag.name) for tag in parsed.loras]
+    try:
+        found = resolve_vae(params.sd_vae, None, library.vae_files())
+    except NetworkError:
+        library.refresh()  # a file added since the folders were listed
+        found = resolve_vae(params.sd_vae, None, library.vae_files())
+    if not allow_paths and found is not None and found not in library.vae_files():
+        names = ", ".join(library.vae_names()) or "none"
+        raise NetworkError(params.sd_vae, f"no VAE of that name in the VAE folder; choose {AUTOMATIC!r}, {NONE!r} or "
+                                          f"one of: {names}", field="sd_vae")
+    return parsed, files
 
 
 def lora_hash_notes(lora_hashes: str, library: NetworkLibrary) -> list[str]:
@@ -150,11 +152,10 @@ def lora_hash_notes(lora_hashes: str, library: NetworkLibrary) -> list[str]:
 def prepare_job(model: Any, params: Any, library: NetworkLibrary | None = None) -> JobNetworks:
     """Apply the job's networks to `model` (see the module docstring) and say what was done."""
     library = library_for(None) if library is None else library
-    parsed = check_job(params, library)
+    parsed, files = _resolve(params, library, allow_paths=True)
     uses: list[NetworkUse] = []
     named: list[tuple[str, NetworkFile]] = []
-    for tag in parsed.loras:
-        file = library.find_lora(tag.name)
+    for tag, file in zip(parsed.loras, files, strict=True):
         uses.append(NetworkUse(library.reader.read(file), tag.te_multiplier, tag.unet_multiplier, tag.name))
         if tag.te_multiplier != 0 or tag.unet_multiplier != 0:
             named.append((tag.name, file))

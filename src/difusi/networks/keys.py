@@ -38,8 +38,9 @@ _PARAMETER_ALIASES = {
     "lora_linear_layer.down.weight": "lora_down.weight", "lora_linear_layer.up.weight": "lora_up.weight",
     "lora_A.alpha": "alpha",
 }
-_DOTTED_PARAMETERS = tuple(_PARAMETER_ALIASES) + ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha",
-                                                   "dora_scale")
+_DOTTED_PARAMETERS = tuple(sorted((*_PARAMETER_ALIASES, "lora_down.weight", "lora_up.weight", "lora_mid.weight",
+                                    "alpha", "dora_scale"), key=len, reverse=True))
+"""Parameter names of dotted keys, longest first (the longest one a key ends with decides)."""
 _OLD_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.")
 
 
@@ -93,7 +94,7 @@ def split_key(key: str, index: Mapping[str, Target]) -> tuple[str, str] | None:
         module, parameter = key.split(".", 1)
         return module, _PARAMETER_ALIASES.get(parameter, parameter)
     key = _OLD_PROCESSOR.sub(lambda match: f".{match.group(1)}{'.0' if match.group(1) == 'to_out' else ''}.lora.", key)
-    for parameter in sorted(_DOTTED_PARAMETERS, key=len, reverse=True):
+    for parameter in _DOTTED_PARAMETERS:
         if key.endswith("." + parameter) and (module := key[: -len(parameter) - 1]) in index:
             return module, _PARAMETER_ALIASES.get(parameter, parameter)
     return None

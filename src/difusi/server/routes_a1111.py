@@ -142,10 +142,9 @@ def refresh_embeddings(engine: EngineDep) -> None:
 @router.get("/sd-vae")
 def sd_vae(engine: EngineDep) -> list[dict[str, Any]]:
     """A1111's VAE listing: `model_name` (what `sd_vae` takes) and `filename` of each VAE file."""
-    first = {}
-    for path in engine.networks.vae_files():
-        first.setdefault(path.name, path)  # A1111's `vae_dict`: one entry per file name
-    return [{"model_name": name, "filename": str(path)} for name, path in first.items()]
+    from difusi.models.vae_files import vae_dict
+
+    return [{"model_name": name, "filename": str(path)} for name, path in vae_dict(engine.networks.vae_files()).items()]
 
 
 @router.post("/refresh-vae")
