@@ -72,7 +72,7 @@ class FieldSpec:
     """Closed interval of allowed values (numbers only)."""
     multiple_of: int | None = None
     choices: str | None = None
-    """Named list the value must come from: "samplers", "schedulers", "checkpoints", "rng_sources" or "vaes" (checked
+    """Named list the value must come from: "samplers", "schedulers", "checkpoints", "rng_sources", "vaes" or "backends" (checked
     by their registries)."""
     flags: tuple[str, ...] = ()
     """CLI spellings, canonical first; "PROMPT" is the positional argument; () = not on the command line."""
@@ -205,6 +205,12 @@ class GenerationParams:
                                     range=(1, 50), flags=("--deepcache-interval",), metavar="N",
                                     infotext="DeepCache interval", group="speed")
     """Opt-in speed-up (DeepCache): recompute the UNet's deep blocks every N-th call. 1 = off."""
+    backend: str = param("auto", label="UNet backend",
+                         help="how the UNet runs: auto (a compiled graph where it pays and is installed, else "
+                              "torch), torch, openvino or onnx; never changes the infotext",
+                         choices="backends", flags=("--backend",), group="speed", widget="select")
+    """Where the UNet runs on the CPU (`difusi.speed.graph`): the same numbers within float rounding, so it is not in
+    the infotext (an image made with any backend is remade by any other)."""
     batch_size: int = param(1, label="Batch size", help="images per batch", range=(1, 64), flags=("--batch-size",),
                             group="batch")
     n_iter: int = param(1, label="Batch count", help="batches, run one after the other", range=(1, 1000),
@@ -264,6 +270,7 @@ class GenerationParams:
         _check_prompt_syntax(checked)
         _check_sampler_and_schedule(checked)
         _check_rng(checked)
+        _check_backend(checked)
         return checked
 
     @property
@@ -392,6 +399,12 @@ def _check_rng(params: GenerationParams) -> None:
     from difusi.rng import check_source
 
     check_source(params.rng)  # raises ParamError("rng", ...) naming CPU, GPU, NV
+
+
+def _check_backend(params: GenerationParams) -> None:
+    from difusi.speed.graph import check_backend
+
+    check_backend(params.backend)  # raises ParamError("backend", ...) naming the backends
 
 
 def _convert(spec: FieldSpec, value: Any) -> Any:

@@ -40,6 +40,7 @@ from difusi.samplers.noise import BrownianNoiseSampler, ImageNoiseSampler
 from difusi.speed import prepare_model
 from difusi.speed.cfg_cutoff import skip_uncond
 from difusi.speed.deepcache import deepcache
+from difusi.speed.graph import unet_for
 from difusi.speed.tome import token_merging
 from difusi.vae import decode_latents, latents_to_pil
 
@@ -153,7 +154,7 @@ def txt2img(
         cond_schedule, uncond_schedule = _encode(model, resolved.replace(prompt=clip_prompt), schedule_steps)
     if (ti_hashes := embeddings_used.ti_hashes()) is not None:
         job_networks.infotext["TI hashes"] = ti_hashes
-    denoiser = _denoiser(model, table)
+    denoiser = _denoiser(model, table, resolved)
 
     for iteration in range(params.n_iter):
         _stop_between_phases(should_stop, result, started)
@@ -363,9 +364,9 @@ def _execution_device(model) -> torch.device:
     return torch.device(device) if device is not None else next(model.unet.parameters()).device
 
 
-def _denoiser(model, table: DiscreteNoiseTable):
-    unet = model.unet
-    dtype = next(unet.parameters()).dtype
+def _denoiser(model, table: DiscreteNoiseTable, params: GenerationParams):
+    unet = unet_for(model, params)  # the torch module, or a compiled graph of it (difusi.speed.graph)
+    dtype = next(model.unet.parameters()).dtype
 
     def network(x_in, t, context, pooled=None, time_ids=None):
         # The one cast to the UNet's precision (fp16/bf16 on a GPU) and back: the sampler only sees float32.

@@ -21,9 +21,9 @@ from difusi.server import a1111
 # Values the generic rule below cannot pick: sizes that suit a 64-px model and cost little, a clip skip the tiny text
 # encoder has layers for, and few steps and images so the HTTP leg stays cheap.
 CONSTRAINED = {"width": 128, "height": 64, "steps": 3, "batch_size": 2, "n_iter": 2, "clip_skip": 2}
-NOT_IN_INFOTEXT = {"batch_size", "n_iter", "model"}
+NOT_IN_INFOTEXT = {"batch_size", "n_iter", "model", "backend"}
 """A1111 writes no batch size/count into an image's infotext; the checkpoint is written as Model/Model hash and
-selects the model instead of setting a field."""
+selects the model instead of setting a field; the UNet backend computes the same numbers, so it is not written."""
 
 
 def sample_value(spec: FieldSpec):
@@ -38,6 +38,8 @@ def sample_value(spec: FieldSpec):
         return "difusi-mini"
     if spec.choices == "vaes":
         return VAE_FILE  # in the test server's VAE folder
+    if spec.choices == "backends":
+        return "torch"
     if spec.choices == "rng_sources":
         return "NV"  # A1111's CUDA emulation: computed on the CPU, so the real server below can make the images
     if spec.type is str:

@@ -194,6 +194,14 @@ def rng_sources() -> list[str]:
     return list(RNG_SOURCES)
 
 
+@router.get("/backends")
+def backends() -> list[str]:
+    """The UNet backends (the `backend` field's choices, `difusi.speed.graph.BACKENDS`), for the web UI's select."""
+    from difusi.speed.graph import BACKENDS
+
+    return list(BACKENDS)
+
+
 # -- extra networks: the web UI's LoRA / Textual Inversion cards and the SD VAE choices -------------------------------
 PREVIEW_KINDS = ("lora", "embedding")
 """What `GET /difusi/v1/networks/preview/{kind}/{name}` serves thumbnails of."""
