@@ -365,7 +365,7 @@ def _execution_device(model) -> torch.device:
 
 
 def _denoiser(model, table: DiscreteNoiseTable, params: GenerationParams):
-    unet = unet_for(model, params)  # the torch module, or a compiled graph of it (difusi.speed.graph)
+    unet = unet_for(model, params).unet  # the torch module, or a compiled graph of it (difusi.speed.graph)
     dtype = next(model.unet.parameters()).dtype
 
     def network(x_in, t, context, pooled=None, time_ids=None):
