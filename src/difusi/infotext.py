@@ -27,7 +27,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from difusi.errors import ParamError
-from difusi.params import FIELDS, INFOTEXT_ALWAYS, INFOTEXT_CHANGED, GenerationParams
+from difusi.params import FIELDS, INFOTEXT_ALWAYS, INFOTEXT_CHANGED, TXT2IMG, GenerationParams
 
 PNG_TEXT_KEY = "parameters"
 """Name of the PNG text chunk A1111 (and every tool that reads it) stores the infotext in."""
@@ -84,6 +84,7 @@ def format_infotext(
     model_hash: str | None,
     version: str | None = None,
     extra: Mapping[str, Any] | None = None,
+    kind: str = TXT2IMG,
 ) -> str:
     """Write the infotext of ONE image (its own seed/subseed, A1111 writes per-image infotexts).
 
@@ -92,11 +93,17 @@ def format_infotext(
     Eta only when set, Sigma * only when changed). "Schedule type" is the resolved schedule ("Automatic"
     becomes the sampler's default) so the text stays reproducible if defaults change. `version` is the text
     after "Version: " (default "difusi <package version>"; a bare "0.1.0" is prefixed with "difusi ").
-    `extra` items go before Version, as A1111's `extra_generation_params`.
+    `extra` items go before Version, as A1111's `extra_generation_params`. `kind` is the job kind
+    (`difusi.params.JOB_KINDS`): only its fields are written, and a field that `requires` another (the hires
+    fields need `enable_hr`) only when that one is on.
     """
     items: dict[str, Any] = {}
     for name, spec in FIELDS.items():
         if spec.infotext is None or spec.infotext_when not in (INFOTEXT_ALWAYS, INFOTEXT_CHANGED):
+            continue
+        if kind not in spec.kinds:
+            continue
+        if spec.requires and kind in FIELDS[spec.requires].kinds and not getattr(params, spec.requires):
             continue
         if spec.infotext_when == INFOTEXT_CHANGED and getattr(params, name) == spec.default:
             continue
@@ -126,6 +133,15 @@ def _infotext_items(name: str, params: GenerationParams, seed: int, subseed: int
         return {}
     if name == "subseed":
         return {spec.infotext: subseed if params.subseed_strength > 0 else None}
+    if name == "hr_scale":  # A1111 writes the scale or the resize, never both
+        return {spec.infotext: None if params.hr_resize_x or params.hr_resize_y else format_number(value)}
+    if name == "hr_resize_x":
+        resized = params.hr_resize_x or params.hr_resize_y
+        return {"Hires resize": f"{params.hr_resize_x}x{params.hr_resize_y}" if resized else None}
+    if name == "hr_resize_y":
+        return {}
+    if spec.labels is not None:
+        return {spec.infotext: spec.labels[int(value)]}
     return {spec.infotext: format_number(value) if isinstance(value, float) else value}
 
 
@@ -230,6 +246,8 @@ def recipe_from_infotext(text: str) -> InfotextRecipe:
         values["sampler_name"], values["scheduler"] = _split_legacy_sampler(
             values["sampler_name"], values.get("scheduler", "Automatic")
         )
+    if any(key in fields for key in _HIRES_KEYS):  # A1111 reads hires fix from the presence of its keys
+        values["enable_hr"] = "true"
     notes: list[str] = []
     if "RNG" not in fields and "Steps" in fields:  # a settings line without a noise source
         values["rng"], note = _missing_rng(fields.get("Version", ""))
@@ -242,6 +260,9 @@ def recipe_from_infotext(text: str) -> InfotextRecipe:
         fields=fields,
         notes=notes,
     )
+
+
+_HIRES_KEYS = ("Hires upscale", "Hires resize-1", "Hires upscaler", "Hires steps")
 
 
 def _missing_rng(version: str) -> tuple[str, str | None]:

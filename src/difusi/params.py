@@ -44,8 +44,14 @@ MAX_PROMPT_CHARS = 10_000
 cross-attention layer at every step, and no real prompt needs it."""
 
 TXT2IMG = "txt2img"
-JOB_KINDS = (TXT2IMG,)
-"""Job kinds a field can belong to. img2img, hires fix and batch jobs add theirs here."""
+IMG2IMG = "img2img"
+INPAINT = "inpaint"
+JOB_KINDS = (TXT2IMG, IMG2IMG, INPAINT)
+"""Job kinds a field can belong to: txt2img (hires fix is part of it, as in A1111), img2img (from init images) and
+inpaint (img2img with a mask; outpainting makes one). An inpaint job uses every img2img field too."""
+ALL_KINDS = frozenset(JOB_KINDS)
+PICTURE_KINDS = frozenset({IMG2IMG, INPAINT})
+"""The kinds that start from init images (A1111's img2img tab)."""
 
 INFOTEXT_ALWAYS = "always"
 INFOTEXT_CHANGED = "changed"
@@ -85,11 +91,20 @@ class FieldSpec:
     """A1111 option (`override_settings` key) that sets this field per job, e.g. CLIP_stop_at_last_layers."""
     http: bool = True
     """Part of the A1111 request body (the checkpoint travels in override_settings instead)."""
-    kinds: frozenset[str] = frozenset({TXT2IMG})
+    kinds: frozenset[str] = ALL_KINDS
+    """Job kinds that use the field: its request model (txt2img or img2img), its UI tab, whether its infotext key
+    is written for an image."""
+    requires: str | None = None
+    """A bool field of the same job that must be on for this one to act and be written (the hires fields need
+    `enable_hr`; in img2img jobs, which have no `enable_hr`, the condition does not apply)."""
+    labels: tuple[str, ...] | None = None
+    """Names of an int or bool field's values, A1111's: the infotext writes `labels[value]` ("Masked content:
+    original") and reads either the name or the number."""
     group: str = "advanced"
-    """UI section: prompt, sampling, size, batch, seed, variation, advanced, speed."""
+    """UI section: prompt, sampling, size, batch, seed, variation, advanced, speed, hires, img2img, inpaint,
+    outpaint."""
     widget: str = "number"
-    """UI control: textarea, select, number, seed."""
+    """UI control: textarea, select, number, seed, checkbox, slider."""
     step: float | None = None
     """UI increment for number inputs."""
 
@@ -103,11 +118,12 @@ class FieldSpec:
         """The JSON the web UI builds its form from (`GET /difusi/v1/fields`); infinity becomes null."""
         low, high = self.range if self.range is not None else (None, None)
         return to_strict({
-            "name": self.name, "type": {int: "integer", float: "number", str: "string"}[self.type],
+            "name": self.name, "type": {int: "integer", float: "number", str: "string", bool: "boolean"}[self.type],
             "nullable": self.nullable, "default": self.default, "label": self.label, "help": self.help,
             "min": low, "max": high, "multiple_of": self.multiple_of,
             "step": self.step or self.multiple_of, "choices": self.choices, "flags": list(self.flags),
             "infotext": self.infotext, "option": self.option, "http": self.http, "kinds": sorted(self.kinds),
+            "requires": self.requires, "labels": list(self.labels) if self.labels else None,
             "group": self.group, "widget": self.widget,
         })
 
@@ -211,6 +227,119 @@ class GenerationParams:
                          choices="backends", flags=("--backend",), group="speed", widget="select")
     """Where the UNet runs on the CPU (`difusi.speed.graph`): the same numbers within float rounding, so it is not in
     the infotext (an image made with any backend is remade by any other)."""
+    # -- hires fix (txt2img): A1111's second pass, an img2img of the upscaled first image --------------------------
+    enable_hr: bool = param(False, label="Hires. fix",
+                            help="upscale the first image and redraw it (A1111's hires fix; the fields below)",
+                            flags=("--enable-hr",), kinds=frozenset({TXT2IMG}), group="hires", widget="checkbox")
+    """No infotext key of its own: A1111 reads hires fix from the "Hires upscale" / "Hires resize" keys."""
+    denoising_strength: float = param(0.75, label="Denoising strength",
+                                      help="how much of the picture is redrawn: 0 keeps it, 1 redraws it all "
+                                           "(img2img, and the hires pass)",
+                                      range=(0.0, 1.0), flags=("--denoising-strength",), infotext="Denoising strength",
+                                      infotext_when=INFOTEXT_ALWAYS, requires="enable_hr", group="img2img",
+                                      widget="slider", step=0.01)
+    hr_scale: float = param(2.0, label="Upscale by", help="hires fix: scale of the second pass (unless a resize is "
+                                                          "given)",
+                            range=(1.0, 8.0), flags=("--hr-scale",), infotext="Hires upscale",
+                            infotext_when=INFOTEXT_ALWAYS, kinds=frozenset({TXT2IMG}), requires="enable_hr",
+                            group="hires", step=0.05)
+    hr_resize_x: int = param(0, label="Resize width to", help="hires fix: target width (0 = from the height / scale)",
+                             range=(0, 4096), flags=("--hr-resize-x",), infotext="Hires resize-1",
+                             kinds=frozenset({TXT2IMG}), requires="enable_hr", group="hires", step=8)
+    hr_resize_y: int = param(0, label="Resize height to", help="hires fix: target height (0 = from the width / scale)",
+                             range=(0, 4096), flags=("--hr-resize-y",), infotext="Hires resize-2",
+                             kinds=frozenset({TXT2IMG}), requires="enable_hr", group="hires", step=8)
+    hr_upscaler: str = param("Latent", label="Upscaler",
+                             help="hires fix upscaler: a latent mode (Latent, Latent (bicubic), ...), None, Lanczos, "
+                                  "Nearest or a model upscaler's name",
+                             choices="upscalers", flags=("--hr-upscaler",), infotext="Hires upscaler",
+                             infotext_when=INFOTEXT_ALWAYS, kinds=frozenset({TXT2IMG}), requires="enable_hr",
+                             group="hires", widget="select")
+    hr_second_pass_steps: int = param(0, label="Hires steps", help="hires fix: steps of the second pass (0 = steps)",
+                                      range=(0, 1000), flags=("--hr-second-pass-steps", "--hr-steps"),
+                                      infotext="Hires steps", kinds=frozenset({TXT2IMG}), requires="enable_hr",
+                                      group="hires")
+    hr_sampler_name: str = param("", label="Hires sampling method",
+                                 help="hires fix: sampler of the second pass (empty = the same sampler)",
+                                 choices="samplers", flags=("--hr-sampler",), infotext="Hires sampler",
+                                 kinds=frozenset({TXT2IMG}), requires="enable_hr", group="hires", widget="select")
+    hr_scheduler: str = param("", label="Hires schedule type",
+                              help="hires fix: schedule of the second pass (empty = the same schedule)",
+                              choices="schedulers", flags=("--hr-scheduler",), infotext="Hires schedule type",
+                              kinds=frozenset({TXT2IMG}), requires="enable_hr", group="hires", widget="select")
+    hr_prompt: str = param("", label="Hires prompt", help="hires fix: prompt of the second pass (empty = the prompt)",
+                           flags=("--hr-prompt",), infotext="Hires prompt", kinds=frozenset({TXT2IMG}),
+                           requires="enable_hr", group="hires", widget="textarea")
+    hr_negative_prompt: str = param("", label="Hires negative prompt",
+                                    help="hires fix: negative prompt of the second pass (empty = the negative prompt)",
+                                    flags=("--hr-negative-prompt",), infotext="Hires negative prompt",
+                                    kinds=frozenset({TXT2IMG}), requires="enable_hr", group="hires",
+                                    widget="textarea")
+    # -- img2img: from init images ---------------------------------------------------------------------------------
+    resize_mode: int = param(0, label="Resize mode",
+                             help="how init images meet the job's size: 0 just resize, 1 crop and resize, 2 resize "
+                                  "and fill, 3 latent upscale",
+                             range=(0, 3), flags=("--resize-mode",), infotext="Resize mode", kinds=PICTURE_KINDS,
+                             labels=("Just resize", "Crop and resize", "Resize and fill",
+                                     "Just resize (latent upscale)"),
+                             group="img2img", widget="select")
+    initial_noise_multiplier: float = param(1.0, label="Noise multiplier for img2img",
+                                            help="scales the noise added to the init latents", range=(0.0, 2.0),
+                                            flags=("--initial-noise-multiplier",), infotext="Noise multiplier",
+                                            option="initial_noise_multiplier", kinds=PICTURE_KINDS, group="img2img",
+                                            step=0.01)
+    img2img_fix_steps: bool = param(False, label="Do exactly the steps the slider specifies",
+                                    help="img2img: run `steps` sampler steps whatever the strength (A1111's option; "
+                                         "off: strength x steps)",
+                                    flags=("--img2img-fix-steps",), infotext="Img2img fix steps",
+                                    option="img2img_fix_steps", kinds=PICTURE_KINDS, group="img2img",
+                                    widget="checkbox")
+    """A1111 keeps this an option and writes nothing; difusi writes it when on, so --from remakes the image."""
+    # -- inpainting: img2img with a mask ---------------------------------------------------------------------------
+    mask_blur: int = param(4, label="Mask blur", help="Gaussian blur of the mask, in pixels", range=(0, 64),
+                           flags=("--mask-blur",), infotext="Mask blur", infotext_when=INFOTEXT_ALWAYS,
+                           kinds=frozenset({INPAINT}), group="inpaint")
+    mask_blur_x: int | None = param(None, label="Mask blur x", help="horizontal mask blur (default: mask blur)",
+                                    range=(0, 64), flags=("--mask-blur-x",), kinds=frozenset({INPAINT}),
+                                    group="inpaint")
+    mask_blur_y: int | None = param(None, label="Mask blur y", help="vertical mask blur (default: mask blur)",
+                                    range=(0, 64), flags=("--mask-blur-y",), kinds=frozenset({INPAINT}),
+                                    group="inpaint")
+    inpainting_mask_invert: int = param(0, label="Mask mode", help="0 inpaint the masked area, 1 the rest",
+                                        range=(0, 1), flags=("--inpainting-mask-invert",), infotext="Mask mode",
+                                        kinds=frozenset({INPAINT}), labels=("Inpaint masked", "Inpaint not masked"),
+                                        group="inpaint", widget="select")
+    inpainting_fill: int = param(1, label="Masked content",
+                                 help="what the masked area starts from: 0 fill (the picture's colours), 1 original, "
+                                      "2 latent noise, 3 latent nothing",
+                                 range=(0, 3), flags=("--inpainting-fill",), infotext="Masked content",
+                                 kinds=frozenset({INPAINT}), labels=("fill", "original", "latent noise",
+                                                                     "latent nothing"),
+                                 group="inpaint", widget="select")
+    inpaint_full_res: bool = param(False, label="Inpaint area",
+                                   help="only masked: crop to the mask's box (plus padding), redraw it at the job's "
+                                        "size, paste it back",
+                                   flags=("--inpaint-full-res", "--only-masked"), infotext="Inpaint area",
+                                   kinds=frozenset({INPAINT}), labels=("Whole picture", "Only masked"),
+                                   group="inpaint", widget="checkbox")
+    inpaint_full_res_padding: int = param(32, label="Only masked padding, pixels",
+                                          help="only masked: margin around the mask's box", range=(0, 256),
+                                          flags=("--inpaint-full-res-padding",), infotext="Masked area padding",
+                                          infotext_when=INFOTEXT_ALWAYS, kinds=frozenset({INPAINT}),
+                                          requires="inpaint_full_res", group="inpaint")
+    inpainting_mask_weight: float = param(1.0, label="Inpainting conditioning mask strength",
+                                          help="inpainting checkpoints: how much of the masked picture the model "
+                                               "is shown (1 hides the masked area, 0 shows it all)",
+                                          range=(0.0, 1.0), flags=("--inpainting-mask-weight",),
+                                          infotext="Conditional mask weight", option="inpainting_mask_weight",
+                                          group="inpaint", step=0.01)
+    # -- outpainting: extend the canvas and inpaint the new area (A1111's "Poor man's outpainting") ----------------
+    outpaint_pixels: int = param(0, label="Outpaint pixels", help="extend the canvas by this many pixels (0 = off)",
+                                 range=(0, 1024), flags=("--outpaint",), metavar="PIXELS", kinds=PICTURE_KINDS,
+                                 group="outpaint", step=8)
+    outpaint_directions: str = param("left,right,up,down", label="Outpaint directions",
+                                     help="the sides to extend: any of left, right, up, down, comma separated",
+                                     flags=("--outpaint-directions",), kinds=PICTURE_KINDS, group="outpaint")
     batch_size: int = param(1, label="Batch size", help="images per batch", range=(1, 64), flags=("--batch-size",),
                             group="batch")
     n_iter: int = param(1, label="Batch count", help="batches, run one after the other", range=(1, 1000),
@@ -271,6 +400,8 @@ class GenerationParams:
         _check_sampler_and_schedule(checked)
         _check_rng(checked)
         _check_backend(checked)
+        _check_outpaint(checked)
+        _check_hires(checked)
         return checked
 
     @property
@@ -329,8 +460,12 @@ def check_field(spec: FieldSpec, value: Any) -> None:
     if spec.type is str:
         if not isinstance(value, str):
             raise ParamError(spec.name, f"must be a string, got {value!r}")
-        if spec.choices in ("samplers", "schedulers") and not value.strip():
+        if spec.name in ("sampler_name", "scheduler") and not value.strip():
             raise ParamError(spec.name, "must be a non-empty string")
+        return
+    if spec.type is bool:
+        if not isinstance(value, bool):
+            raise ParamError(spec.name, f"must be true or false, got {value!r}")
         return
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ParamError(spec.name, f"must be a number, got {value!r}")
@@ -393,12 +528,79 @@ def _check_sampler_and_schedule(params: GenerationParams) -> None:
 
     get_sampler(params.sampler_name)  # raises ParamError("sampler_name", ...) listing valid names
     get_schedule(params.scheduler)  # raises ParamError("scheduler", ...); "Automatic" is a schedule too
+    if (hires_sampler := same_as_first(params.hr_sampler_name)) is not None:
+        _renamed("hr_sampler_name", get_sampler, hires_sampler)
+    if (hires_schedule := same_as_first(params.hr_scheduler)) is not None:
+        _renamed("hr_scheduler", get_schedule, hires_schedule)
+
+
+def same_as_first(value: str) -> str | None:
+    """A hires-pass choice, or None for "the first pass's" (empty, or A1111's "Use same sampler" / "Use same
+    scheduler")."""
+    text = value.strip()
+    return None if not text or text.lower().startswith("use same") else text
+
+
+def _renamed(field_name: str, lookup: Any, value: str) -> None:
+    """`lookup(value)`, its ParamError re-issued under `field_name` (the hires fields share the first pass's lists)."""
+    try:
+        lookup(value)
+    except ParamError as error:
+        raise ParamError(field_name, error.message) from None
 
 
 def _check_rng(params: GenerationParams) -> None:
     from difusi.rng import check_source
 
     check_source(params.rng)  # raises ParamError("rng", ...) naming CPU, GPU, NV
+
+
+OUTPAINT_DIRECTIONS = ("left", "right", "up", "down")
+
+
+def outpaint_sides(params: GenerationParams) -> tuple[str, ...]:
+    """The sides `outpaint_directions` names, in OUTPAINT_DIRECTIONS order; ParamError for anything else."""
+    named = [part.strip().lower() for part in params.outpaint_directions.split(",") if part.strip()]
+    unknown = [part for part in named if part not in OUTPAINT_DIRECTIONS]
+    if unknown or not named:
+        raise ParamError("outpaint_directions", f"must name some of {', '.join(OUTPAINT_DIRECTIONS)} (comma "
+                                                f"separated), got {params.outpaint_directions!r}")
+    return tuple(side for side in OUTPAINT_DIRECTIONS if side in named)
+
+
+def _check_outpaint(params: GenerationParams) -> None:
+    if params.outpaint_pixels:
+        outpaint_sides(params)
+
+
+def _check_hires(params: GenerationParams) -> None:
+    """The second pass's size must fit the memory budget too, before anything runs."""
+    if not params.enable_hr:
+        return
+    from difusi.budget import check_budget
+    from difusi.hires import hires_size
+
+    size = hires_size(params)
+    try:
+        check_budget(size.width, size.height, params.batch_size)
+    except ParamError as error:
+        field_name = "hr_scale" if not (params.hr_resize_x or params.hr_resize_y) else "hr_resize_x"
+        raise ParamError(field_name, f"the hires pass ({size.width}x{size.height}): {error.message}") from None
+
+
+def _convert_bool(value: Any) -> bool:
+    """true/false, 1/0 (A1111 clients send `inpaint_full_res: 0`), and the CLI's and infotext's words."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.strip().lower()]
+    raise TypeError
+
+
+_BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False, "on": True,
+               "off": False}
 
 
 def _check_backend(params: GenerationParams) -> None:
@@ -410,7 +612,12 @@ def _check_backend(params: GenerationParams) -> None:
 def _convert(spec: FieldSpec, value: Any) -> Any:
     """Text (infotext, CLI, config) -> the field's type. Integral floats pass for ints ("20.0" is 20); bools never
     count as numbers. Anything that does not convert is a ParamError naming the field."""
+    if spec.labels is not None and isinstance(value, str) and value.strip() in spec.labels:
+        index = spec.labels.index(value.strip())  # an infotext's "Masked content: original"
+        return bool(index) if spec.type is bool else index
     try:
+        if spec.type is bool:
+            return _convert_bool(value)
         if spec.type is int:
             if isinstance(value, bool):
                 raise TypeError
@@ -427,5 +634,5 @@ def _convert(spec: FieldSpec, value: Any) -> Any:
             raise TypeError
         return str(value)
     except (TypeError, ValueError):
-        kind = {int: "an integer", float: "a number"}.get(spec.type, "a string")
+        kind = {int: "an integer", float: "a number", bool: "true or false"}.get(spec.type, "a string")
         raise ParamError(spec.name, f"must be {kind}, got {value!r}") from None

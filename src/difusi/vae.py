@@ -1,4 +1,5 @@
-"""Latents -> pixels: VAE decode (whole, or in overlapping tiles when the image is large) and PIL conversion."""
+"""Pixels <-> latents: VAE encode and decode (whole, or in overlapping tiles when the image is large) and PIL
+conversion."""
 
 from __future__ import annotations
 
@@ -90,6 +91,60 @@ def _ramp(height: int, width: int, overlap: int, like: torch.Tensor) -> torch.Te
         return (distance / max(1, overlap)).clamp(max=1.0)
 
     return (edge(height)[:, None] * edge(width)[None, :])[None, None]
+
+
+def encode_images(vae, images: torch.Tensor, scaling_factor: float, tiled: bool | None = None) -> torch.Tensor:
+    """Images [B, 3, H, W] in [-1, 1] -> scaled latents (float32): the mean of the VAE's latent distribution, so an
+    encode is deterministic (A1111 samples it with the global RNG; diffusers' img2img samples with the job's
+    generator; the mean is what both approach and what a seed-for-seed remake needs).
+
+    Large pictures (more than TILED_ABOVE latent pixels) are encoded in overlapping tiles blended with linear
+    ramps, like `decode_latents`; a half-precision VAE that gives NaN/inf is moved to float32 and the encode
+    redone."""
+    moments = _encode(vae, images, tiled)
+    if next(vae.parameters()).dtype != torch.float32 and not torch.isfinite(moments).all():
+        log.warning("the VAE gave NaN/inf while encoding; using float32 from now on (A1111's no-half-vae fallback)")
+        torch.nn.Module.to(vae, torch.float32)
+        moments = _encode(vae, images, tiled)
+    return moments * scaling_factor
+
+
+def _encode(vae, images: torch.Tensor, tiled: bool | None) -> torch.Tensor:
+    images = images.to(next(vae.parameters()).dtype)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if tiled is None:
+        tiled = (images.shape[-1] // factor) * (images.shape[-2] // factor) > TILED_ABOVE
+    if not tiled:
+        try:
+            return vae.encode(images).latent_dist.mean.float()
+        except (torch.OutOfMemoryError, MemoryError):
+            pass
+    return _encode_tiled(vae, images, factor).float()
+
+
+def _encode_tiled(vae, images: torch.Tensor, factor: int, tile: int = TILE_LATENT,
+                  overlap: int = TILE_OVERLAP) -> torch.Tensor:
+    _, _, height, width = images.shape
+    tile_px, stride_px = tile * factor, (tile - overlap) * factor
+    outputs = weights = None
+    for top in _tile_starts(height, tile_px, stride_px):
+        for left in _tile_starts(width, tile_px, stride_px):
+            piece = images[:, :, top : top + tile_px, left : left + tile_px]
+            encoded = vae.encode(piece).latent_dist.mean
+            if outputs is None:
+                outputs = encoded.new_zeros(encoded.shape[0], encoded.shape[1], height // factor, width // factor)
+                weights = encoded.new_zeros(1, 1, height // factor, width // factor)
+            ramp = _ramp(encoded.shape[-2], encoded.shape[-1], overlap, encoded)
+            y, x = top // factor, left // factor
+            outputs[:, :, y : y + encoded.shape[-2], x : x + encoded.shape[-1]] += encoded * ramp
+            weights[:, :, y : y + encoded.shape[-2], x : x + encoded.shape[-1]] += ramp
+    return outputs / weights
+
+
+def pil_to_tensor(pictures: list[Image.Image]) -> torch.Tensor:
+    """8-bit RGB PIL images of one size -> [B, 3, H, W] float32 in [-1, 1] (A1111's `x / 255 * 2 - 1`)."""
+    array = np.stack([np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0 for picture in pictures])
+    return torch.from_numpy(array).permute(0, 3, 1, 2) * 2.0 - 1.0
 
 
 def latents_to_pil(decoded: torch.Tensor) -> list[Image.Image]:

@@ -77,11 +77,13 @@ def sd1_shapes():
     return _shapes("sd1", *build_modules("sd1"))
 
 
-def test_inpainting_is_named(sd1_shapes):
+def test_inpainting_unet_is_its_family(sd1_shapes):
     shapes = dict(sd1_shapes)
     key = "model.diffusion_model.input_blocks.0.0.weight"
     shapes[key] = (shapes[key][0], 9, 3, 3)
-    with pytest.raises(UnsupportedModelError, match="inpainting"):
+    assert detect(shapes).family == "sd1"
+    shapes[key] = (shapes[key][0], 7, 3, 3)  # neither the latent's 4 nor an inpainting UNet's 9
+    with pytest.raises(UnsupportedModelError, match="7 input channels"):
         detect(shapes)
 
 

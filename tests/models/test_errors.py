@@ -113,7 +113,8 @@ def test_unsupported_family_names_it(tmp_path):
         load_model(path)
 
 
-def test_inpainting_file_is_named(tmp_path, checkpoint_factory):
+def test_inpainting_file_loads_as_its_family(tmp_path, checkpoint_factory):
+    """A 9-input-channel UNet is an inpainting checkpoint of its family (no longer refused), and says so."""
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(checkpoint_factory("sd1").path))
@@ -121,8 +122,9 @@ def test_inpainting_file_is_named(tmp_path, checkpoint_factory):
     state[key] = torch.zeros(state[key].shape[0], 9, 3, 3)
     path = tmp_path / "inpaint.safetensors"
     save_file(state, str(path))
-    with pytest.raises(UnsupportedModelError, match=r"not supported yet: detected inpainting \(9 input channels\)"):
-        load_model(path)
+    model = load_model(path)
+    assert model.family == "sd1" and model.inpainting
+    assert not load_model(checkpoint_factory("sd1").path).inpainting
 
 
 def test_tensor_with_wrong_shape_is_a_clear_error(tmp_path, checkpoint_factory):

@@ -92,7 +92,6 @@ def sd1_shapes():
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    ("in9", "inpainting (9 input channels)"),
     ("in8", "instruct-pix2pix (8 input channels)"),
     ("unclip", "SD1 with class/image embedding (unCLIP)"),
     ("refiner", "SDXL refiner"),

@@ -103,9 +103,10 @@ def detect_family_spec(shapes: Shapes) -> FamilySpec:
 
 
 def _check_in_channels(shapes: Shapes, in_channels: int) -> None:
-    """Input channels the family table does not name (9, 8, 5 are records) must still equal the latent's."""
+    """Input channels the family table does not name (8, 5 are records) must equal the latent's, or the latent's + 5
+    (an inpainting UNet: latents, mask, masked-picture latents)."""
     latent = shapes[VAE_PREFIX + "decoder.conv_in.weight"][1] if VAE_PREFIX + "decoder.conv_in.weight" in shapes else 4
-    if in_channels != latent:
+    if in_channels not in (latent, latent + 5):
         raise UnsupportedModelError(
             f"not supported yet: detected UNet with {in_channels} input channels for {latent} latent channels")
 

@@ -212,8 +212,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
                supported=False, diffusers_classes=("Flux",)),
     FamilySpec("sd3", "sd3", "SD3 (MMDiT joint_blocks transformer)", Detection(segments=("joint_blocks.",), needs_unet=False),
                supported=False, diffusers_classes=("StableDiffusion3",)),
-    # UNet input channels other than the latent's: conditioning variants of any family.
-    FamilySpec("inpainting", "sd1", "inpainting (9 input channels)", Detection(unet_in_channels=9), supported=False),
+    # UNet input channels other than the latent's: conditioning variants of any family. Inpainting UNets (latent + 5:
+    # the mask and the masked picture's latents) are no record: they load as their family (`LoadedModel.inpainting`).
     FamilySpec("instruct-pix2pix", "sd1", "instruct-pix2pix (8 input channels)", Detection(unet_in_channels=8),
                supported=False),
     FamilySpec("depth", "sd2", "depth-conditioned (5 input channels)", Detection(unet_in_channels=5), supported=False),

@@ -74,6 +74,12 @@ class LoadedModel:
     _sha256: str | None = None
 
     @property
+    def inpainting(self) -> bool:
+        """An inpainting checkpoint (sd-v1-5-inpainting, SDXL inpainting): its UNet also reads the mask and the masked
+        picture's latents (`latent_channels + 5` input channels)."""
+        return int(self.unet_config.get("in_channels", self.latent_channels)) == self.latent_channels + 5
+
+    @property
     def sha256(self) -> str:
         """Full sha256 of the file (computed on first use, then cached on disk by size+mtime)."""
         if self._sha256 is None:

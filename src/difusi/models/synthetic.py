@@ -178,8 +178,9 @@ def _randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
             param.add_(noise.to(param.dtype) * scale)
 
 
-def build_modules(family: str, size: str = "tiny", seed: int = 0) -> tuple[Any, Any, list[Any]]:
-    """Randomly initialised (unet, vae, [text encoders]) for a family, deterministic in `seed`."""
+def build_modules(family: str, size: str = "tiny", seed: int = 0, inpainting: bool = False) -> tuple[Any, Any, list[Any]]:
+    """Randomly initialised (unet, vae, [text encoders]) for a family, deterministic in `seed`; `inpainting` gives
+    the UNet the 9 input channels of an inpainting checkpoint (latents, mask, masked-picture latents)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -187,6 +188,8 @@ def build_modules(family: str, size: str = "tiny", seed: int = 0) -> tuple[Any, 
     if size == "sd15" and base != "sd1":
         raise ValueError("size='sd15' exists only for family 'sd1'")
     unet_cfg, vae_cfg, text_cfgs = sd15_configs() if size == "sd15" else tiny_configs(base)
+    if inpainting:
+        unet_cfg = {**unet_cfg, "in_channels": unet_cfg.get("out_channels", 4) + 5}
     torch.manual_seed(seed)  # default inits draw from the global generator
     unet = UNet2DConditionModel.from_config(unet_cfg)
     vae = AutoencoderKL.from_config(vae_cfg)
@@ -211,8 +214,10 @@ def write_tiny_checkpoint(
     size: str = "tiny",
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    inpainting: bool = False,
 ) -> SyntheticCheckpoint:
-    """Write a random checkpoint of `family` ("sd1", "sd2" (eps), "sd2-v", "sdxl") in layout `fmt`.
+    """Write a random checkpoint of `family` ("sd1", "sd2" (eps), "sd2-v", "sdxl") in layout `fmt`
+    (`inpainting`: a 9-input-channel UNet, as sd-v1-5-inpainting and the SDXL inpainting model).
 
     `fmt`: "safetensors" / "ckpt" (single-file LDM layout; a `.ckpt` holds `{"state_dict": ...}`
     like Lightning checkpoints) or "diffusers" (a pipeline folder at `path`). `size="sd15"` gives
@@ -231,7 +236,7 @@ def write_tiny_checkpoint(
     path = Path(path)
     base = family.removesuffix("-v")
     prediction = "v_prediction" if family.endswith("-v") else "epsilon"
-    unet, vae, texts = build_modules(family, size, seed)
+    unet, vae, texts = build_modules(family, size, seed, inpainting)
     if fmt == "diffusers":
         _write_diffusers(path, base, prediction, unet, vae, texts, dtype)
     else:

@@ -315,13 +315,14 @@ def encode_prompt(encoders: Sequence[ClipTextEncoder], text: str, clip_skip: int
 
 
 def encode_prompt_schedule(
-    encoders: Sequence[ClipTextEncoder], prompt: str, steps: int, clip_skip: int = 1
+    encoders: Sequence[ClipTextEncoder], prompt: str, steps: int, clip_skip: int = 1, hires_steps: int | None = None
 ) -> list[tuple[int, Conditioning]]:
     """``[(end_step, Conditioning), ...]`` for a prompt with editing/alternation (see
     :func:`~difusi.prompts.parser.get_prompt_schedule`). Each distinct text is encoded once; entries
     with the same text share one :class:`Conditioning`. Pick per step with :func:`conditioning_at`.
+    ``hires_steps``: the hires-fix pass's schedule (see ``get_prompt_schedule``).
     """
-    schedule = get_prompt_schedule(prompt, steps)
+    schedule = get_prompt_schedule(prompt, steps, hires_steps)
     encoded = encode_texts(encoders, [text for _, text in schedule], clip_skip)
     return [(end_step, conditioning) for (end_step, _), conditioning in zip(schedule, encoded, strict=True)]
 

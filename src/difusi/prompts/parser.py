@@ -207,9 +207,11 @@ class _Unparsable(Exception):
 class _ScheduleParser:
     """Recursive-descent parser for the grammar in the module docstring."""
 
-    def __init__(self, text: str, steps: int):
+    def __init__(self, text: str, steps: int, step_offset: int = 0, fraction_offset: float = 0.0):
         self.text = text
         self.steps = steps
+        self.step_offset, self.fraction_offset = step_offset, fraction_offset
+        """The hires pass's offsets: a step number counts on from the first pass's steps, a fraction from 1.0."""
         self.pos = 0
         self.warnings: list[str] = []
         """Groups that look like prompt editing but are literal text (A1111's reading), for `prompt_warnings`."""
@@ -310,7 +312,9 @@ class _ScheduleParser:
         if value < 0:
             raise ParamError("prompt", f"{_WHEN_HELP}; got negative {number!r} in {source!r}")
         if "." in number:
-            value *= self.steps
+            value = (value - self.fraction_offset) * self.steps
+        else:
+            value -= self.step_offset
         return self.steps if value >= self.steps else int(value)
 
 
@@ -320,7 +324,7 @@ _WHEN_HELP = (
 )
 
 
-def get_prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+def get_prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None) -> list[tuple[int, str]]:
     """Resolve prompt editing and alternation into ``[(end_step, text), ...]``.
 
     Each text applies up to and including its ``end_step``; the list is sorted and its last
@@ -334,11 +338,19 @@ def get_prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     >>> get_prompt_schedule("a [fantasy:cyberpunk:0.25] landscape", 20)
     [(5, 'a fantasy landscape'), (20, 'a cyberpunk landscape')]
 
+    With ``hires_steps`` the schedule is the hires-fix pass's (A1111's rule since 1.6, `use_old_scheduling` off):
+    ``hires_steps`` long, a fraction counted from 1.0 (``[a:b:1.3]`` switches 30 % into the hires pass) and a step
+    number from the end of the first pass's ``steps`` (``[a:b:25]`` after 20 steps: 5 steps into it); edits that
+    ended in the first pass show their ``after`` text throughout.
+
+    >>> get_prompt_schedule("a [cat:dog:1.5] photo", 20, hires_steps=10)
+    [(5, 'a cat photo'), (10, 'a dog photo')]
+
     Raises:
         ParamError: field ``"steps"`` when ``steps`` < 1; field ``"prompt"`` for a negative ``when``.
         A ``when`` that is not a number is literal text (see :func:`prompt_warnings`).
     """
-    return _schedule(prompt, steps)[0]
+    return _schedule(prompt, steps, hires_steps)[0]
 
 
 def prompt_warnings(prompt: str, steps: int, field: str = "prompt") -> list[str]:
@@ -352,13 +364,17 @@ def prompt_warnings(prompt: str, steps: int, field: str = "prompt") -> list[str]
     return [f"{field}: {warning}" for warning in _schedule(prompt, steps)[1]]
 
 
-def _schedule(prompt: str, steps: int) -> tuple[list[tuple[int, str]], list[str]]:
+def _schedule(prompt: str, steps: int, hires_steps: int | None = None) -> tuple[list[tuple[int, str]], list[str]]:
     """`get_prompt_schedule` plus its warnings (without the field prefix), from one parse."""
     if not isinstance(prompt, str):
         raise ParamError("prompt", f"must be a string, got {type(prompt).__name__}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ParamError("steps", f"must be an integer >= 1, got {steps!r}")
-    parser = _ScheduleParser(prompt, steps)
+    if hires_steps is None:
+        parser = _ScheduleParser(prompt, steps)
+    else:
+        parser = _ScheduleParser(prompt, hires_steps, step_offset=steps, fraction_offset=1.0)
+        steps = hires_steps
     try:
         nodes = parser.parse()
     except _Unparsable as reason:
