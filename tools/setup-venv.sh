@@ -10,6 +10,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   python -m pip install -q --disable-pip-version-check "torch==2.13.0"
   if [ -n "${DIFUSI_EXTRAS:-}" ]; then
     python -m pip install -q --disable-pip-version-check -e ".[${DIFUSI_EXTRAS}]"
+    case "${DIFUSI_EXTRAS}" in
+      # The upscaler tests' reference (spandrel's architectures on the same weights). --no-deps, so not in the
+      # test extra: its declared dependencies pull torchvision, which does not import against the CPU torch here.
+      *test*) python -m pip install -q --disable-pip-version-check --no-deps "spandrel==0.4.2" ;;
+    esac
   else
     python -m pip install -q --disable-pip-version-check -e .
   fi

@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # Lazy: `import difusi` stays cheap (no torch import) for the CLI's argument errors.
-    if name in ("generate", "get_model"):
+    if name in ("generate", "get_model", "img2img", "upscale"):
         from difusi import api
 
         return getattr(api, name)

@@ -1,8 +1,10 @@
-"""The small Python API: `generate(prompt, ...)` with the default model, or any checkpoint by path/name.
+"""The small Python API: `generate(prompt, ...)` with the default model, or any checkpoint by path/name;
+`img2img(prompt, pictures, ...)` to redraw, inpaint (`mask=`) or outpaint pictures; `upscale(picture, ...)`.
 
-    from difusi import generate
+    from difusi import generate, img2img
     result = generate("a red circle on a blue background", seed=1, steps=20)
     result.images[0].save("circle.png")   # PNG with its infotext chunk
+    redrawn = img2img("a green circle on a blue background", ["circle.png"], denoising_strength=0.6, seed=1)
 
 Models are kept in one process-wide cache, so repeated calls do not re-read the file; naming another
 model frees the previous one.
@@ -16,7 +18,9 @@ from typing import Any
 from difusi.devices import check_offload, resolve_device, resolve_precision
 from difusi.models import LoadedModel, ModelCache, default_model_path, resolve_checkpoint
 from difusi.params import GenerationParams
-from difusi.pipeline import GenerationResult, txt2img
+from difusi.pipeline import GenerationResult
+from difusi.pipeline import img2img as _img2img
+from difusi.pipeline import txt2img
 
 _MODELS = ModelCache()
 
@@ -61,3 +65,32 @@ def generate(prompt: str, *, model: str | Path | None = None, models_dir: str | 
     check_job(params, networks)  # an unknown LoRA / VAE fails before a model is read too
     loaded = get_model(model, models_dir, device=device, precision=precision, offload=offload)
     return txt2img(loaded, params, networks=networks)
+
+
+def img2img(prompt: str, init_images: list[Any], *, mask: Any = None, model: str | Path | None = None,
+            models_dir: str | Path | None = None, device: str = "auto", precision: str = "auto",
+            offload: str = "none", vae: str | None = None, **fields: Any) -> GenerationResult:
+    """Redraw `init_images` (PIL images, paths or bytes) for `prompt` by `denoising_strength` (A1111's img2img);
+    `mask` (white = redraw) inpaints; `outpaint_pixels=N` extends the canvas. `fields` are GenerationParams fields
+    (the img2img and inpaint ones included: denoising_strength, resize_mode, mask_blur, inpainting_fill,
+    inpaint_full_res, ...); width and height default to the first picture's size. Errors as `generate`, plus
+    ParamError "init_images" / "mask" for unreadable pictures or an unusable mask."""
+    from difusi.networks.job import check_job, library_for
+
+    if vae is not None:
+        fields["sd_vae"] = vae
+    params = GenerationParams(prompt=prompt, model=None if model is None else str(model), **fields)
+    params.validated(native_size=512)
+    networks = library_for(models_dir)
+    check_job(params, networks)
+    loaded = get_model(model, models_dir, device=device, precision=precision, offload=offload)
+    return _img2img(loaded, params, init_images, mask, networks=networks)
+
+
+def upscale(image: Any, *, scale: float = 2.0, upscaler: str = "Lanczos", models_dir: str | Path | None = None) -> Any:
+    """A picture enlarged by `scale` with an upscaler (A1111's Extras: "Lanczos", "Nearest" or a model file's name
+    from the models folder's ESRGAN / RealESRGAN / upscale_models folders), as a PIL image."""
+    from difusi.images.load import open_image
+    from difusi.upscalers import get_upscaler
+
+    return get_upscaler(upscaler, models_dir).upscale(open_image(image, "image"), scale)

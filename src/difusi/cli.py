@@ -31,7 +31,7 @@ from difusi.budget import with_budget_flags as _with_budget_flags
 from difusi.devices import add_device_flags  # in devices.py so the server needs no cli
 from difusi.errors import CheckpointError, DifusiError, Interrupted, NumericalError, ParamError, StorageError
 from difusi.infotext import KEY_TO_FIELD, parse_infotext, read_infotext, recipe_from_infotext
-from difusi.params import FIELDS, FieldSpec, GenerationParams, format_value
+from difusi.params import FIELDS, PICTURE_KINDS, TXT2IMG, FieldSpec, GenerationParams, format_value
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"difusi {difusi.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_generate(commands)
+    _add_img2img(commands)
+    _add_upscale(commands)
     _add_batch(commands)
     _add_xyz(commands)
     info = commands.add_parser("info", help="print the parameters stored in an image")
@@ -132,7 +134,29 @@ def _add_generate(commands: Any) -> None:
         description="Generate images. Flags left out keep the image's values with --from/--infotext, "
         "else the defaults.",
     )
-    _add_field_flags(gen)
+    _add_field_flags(gen, kinds={TXT2IMG})
+    _add_job_flags(gen)
+
+
+def _add_img2img(commands: Any) -> None:
+    job = commands.add_parser(
+        "img2img",
+        help="redraw a picture from a prompt (inpaint with --mask, outpaint with --outpaint)",
+        description="img2img, A1111's second tab: IMAGE is redrawn by --denoising-strength (0 keeps it, 1 redraws "
+        "it all); --mask M.png (white = redraw, or IMAGE's transparency) inpaints; --outpaint PIXELS extends the "
+        "canvas and inpaints the new area. --from takes the fields of an earlier image (an img2img result: give its "
+        "init picture as IMAGE).",
+    )
+    job.add_argument("image", metavar="IMAGE", help="the init picture (PNG, JPEG, WebP)")
+    _add_field_flags(job, kinds=PICTURE_KINDS)
+    job.add_argument("--mask", default=None, metavar="MASK.png", help="inpainting mask: white is redrawn")
+    job.add_argument("--init-image", action="append", default=[], metavar="IMAGE",
+                     help="another init picture (repeat; image i of the job uses picture i modulo their number)")
+    _add_job_flags(job)
+
+
+def _add_job_flags(gen: Any) -> None:
+    """The flags every image job has besides the field table's: where fields come from, output, folders, device."""
     source = gen.add_mutually_exclusive_group()
     source.add_argument("--from", dest="from_image", default=None, metavar="IMAGE",
                         help="start from the parameters (and model) stored in IMAGE; flags override them")
@@ -146,12 +170,24 @@ def _add_generate(commands: Any) -> None:
     add_budget_flags(gen)
 
 
-def _add_field_flags(parser: Any, *, prompt: bool = True) -> None:
-    """Every field-table flag (the speed modes in their own help group); `prompt=False` leaves out PROMPT."""
-    fast = parser.add_argument_group(SPEED_GROUP)
+def _add_field_flags(parser: Any, *, prompt: bool = True, kinds: set[str] | frozenset[str] | None = None) -> None:
+    """Every field-table flag of the job `kinds` (all when None; the speed modes and the hires, img2img, inpaint
+    and outpaint fields in their own help groups); `prompt=False` leaves out PROMPT."""
+    groups = {name: parser.add_argument_group(title) for name, title in GROUP_TITLES.items()}
     for spec in FIELDS.values():
+        if kinds is not None and not spec.kinds & kinds:
+            continue
         if spec.flags and (prompt or not spec.flags[0].isupper()):
-            _add_field_flag(fast if spec.group == "speed" else parser, spec)
+            _add_field_flag(groups.get(spec.group, parser), spec)
+
+
+GROUP_TITLES = {
+    "hires": "hires fix (a second pass at a larger size)",
+    "img2img": "img2img",
+    "inpaint": "inpainting (with --mask)",
+    "outpaint": "outpainting",
+    "speed": SPEED_GROUP,
+}
 
 
 def _add_runner_flags(parser: Any, what: str) -> None:
@@ -174,6 +210,10 @@ def _add_field_flag(parser: Any, spec: FieldSpec) -> None:
     if spec.flags[0].isupper():  # the positional PROMPT
         parser.add_argument(spec.name, nargs="?", default=None, metavar=spec.flags[0], help=help_text)
         return
+    if spec.type is bool:
+        parser.add_argument(*spec.flags, dest=spec.name, action=argparse.BooleanOptionalAction, default=None,
+                            help=spec.help)
+        return
     value_type = {int: _int_type, float: _float_type, str: str}[spec.type]
     metavar = spec.metavar or spec.flags[0].lstrip("-").replace("-", "_").upper()
     parser.add_argument(*spec.flags, dest=spec.name, type=value_type, default=None, metavar=metavar, help=help_text)
@@ -191,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "generate": _with_budget_flags(cmd_generate),
+        "img2img": _with_budget_flags(cmd_generate),
+        "upscale": _with_budget_flags(_cmd_upscale),
         "batch": _with_budget_flags(cmd_batch),
         "xyz": _with_budget_flags(cmd_xyz),
         "info": cmd_info,
@@ -270,7 +312,9 @@ def _check_device_flags(args: argparse.Namespace) -> Any:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """`difusi generate` and `difusi img2img` (which has IMAGE, --mask and --init-image besides)."""
     device = _check_device_flags(args)
+    pictures = _read_pictures(args)
     params, recipe = _generation_params(args)
     params.validated(native_size=512)  # fail fast, before loading a model (512 only stands in for a missing size)
     output_paths = _output_paths(args.output, params.total_images)
@@ -299,7 +343,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from difusi.store import OutputStore
 
     with OutputStore(store_dir) as store:
-        return _run(model, params, store, output_paths, networks)
+        return _run(model, params, store, output_paths, networks, pictures)
+
+
+def _read_pictures(args: argparse.Namespace) -> tuple[list[Any], Any] | None:
+    """`difusi img2img`'s init pictures and mask, read and checked before any model loads (None for generate)."""
+    if getattr(args, "image", None) is None:
+        return None
+    from difusi.images.load import open_image
+
+    pictures = [open_image(path, "init_images") for path in [args.image, *args.init_image]]
+    mask = None if args.mask is None else open_image(args.mask, "mask")
+    return pictures, mask
 
 
 def _generation_params(args: argparse.Namespace) -> tuple[GenerationParams, Any]:
@@ -421,8 +476,9 @@ def _known_checkpoints(models_dir: Path) -> list[Any]:
     return known_checkpoints(models_dir)
 
 
-def _run(model: Any, params: GenerationParams, store: Any, output_paths: list[Path] | None, networks: Any) -> int:
-    from difusi.pipeline import txt2img
+def _run(model: Any, params: GenerationParams, store: Any, output_paths: list[Path] | None, networks: Any,
+         pictures: tuple[list[Any], Any] | None = None) -> int:
+    from difusi.pipeline import img2img, txt2img
 
     stop = threading.Event()
     bar = _ProgressReporter()
@@ -441,8 +497,12 @@ def _run(model: Any, params: GenerationParams, store: Any, output_paths: list[Pa
     previous = signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGINT, _stop_handler(stop))
     try:
-        result = txt2img(model, params, progress=bar.update, should_stop=_announce_stop(stop, bar), on_image=on_image,
-                         networks=networks)
+        callbacks = {"progress": bar.update, "should_stop": _announce_stop(stop, bar), "on_image": on_image,
+                     "networks": networks}
+        if pictures is None:
+            result = txt2img(model, params, **callbacks)
+        else:
+            result = img2img(model, params, pictures[0], pictures[1], **callbacks)
     except Interrupted as stopped:
         bar.close()
         _print_warnings(getattr(stopped, "result", None))
@@ -554,6 +614,18 @@ class _ProgressReporter:
 
 
 # ----------------------------------------------------------------------------- batch
+
+
+def _add_upscale(commands: Any) -> None:
+    from difusi.upscalers.command import add_upscale_parser
+
+    add_upscale_parser(commands)
+
+
+def _cmd_upscale(args: argparse.Namespace) -> int:
+    from difusi.upscalers.command import cmd_upscale
+
+    return cmd_upscale(args)
 
 
 def _add_batch(commands: Any) -> None:

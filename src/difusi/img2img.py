@@ -11,14 +11,17 @@ modules/sd_samplers_common.py `setup_img2img_steps`, modules/sd_samplers_kdiffus
 - **Pictures.** Each init picture is flattened onto white, resized to the job's size by `resize_mode`
   (`difusi.images.resize`; mode 3 encodes it at its own size and resizes the latents, bilinear), encoded to the
   mean of the VAE's latent distribution. Image i of the job uses init picture `i % len(init_images)`.
-- **Masks.** `difusi.images.masks`: binary, inverted for "Inpaint not masked", blurred; "only masked" crops the
-  picture and mask to the blurred mask's box (plus padding, grown to the job's aspect ratio) and works there at the
-  job's size. The latent mask (the blurred mask at latent size, rounded: A1111's `mask_round`) blends every model
+- **Masks.** `difusi.images.masks`: an RGBA mask's alpha thresholded, any other mask's luminance as it is,
+  inverted for "Inpaint not masked", blurred (OpenCV's 8-bit Gaussian, bit for bit); "only masked" crops the
+  picture and mask to the blurred mask's box (plus padding, grown to the job's aspect ratio) and works there at
+  the job's size. The latent mask (the blurred mask at latent size, rounded: A1111's `mask_round`) blends every model
   call's denoised estimate with the init latents outside it, and the final latents once more; the decoded image
   is then resized into its box and the original is composited over it through the overlay mask, so pixels where
   the overlay mask is 0 are exactly the original's.
 - **Masked content.** 0 fill (the picture's colours blurred into the hole before encoding), 1 original, 2 latent
-  noise (the hole's init latents replaced by the seed's unit noise), 3 latent nothing (zeros).
+  noise (the hole's init latents replaced by the seed's unit noise), 3 latent nothing (zeros). As in A1111, every
+  mode but "original" encodes the filled picture (so 2 and 3 keep the latents of the filled picture outside the
+  hole, and an inpainting checkpoint's conditioning sees it too).
 - **Inpainting checkpoints** see `cat([mask, masked-picture latents])` next to the latents in every call
   (A1111's `inpainting_image_conditioning`: the picture lerped towards `picture * (1 - mask)` by
   `inpainting_mask_weight`); txt2img on them uses an all-ones mask and a grey picture.
@@ -148,11 +151,14 @@ def prepare_picture(params: GenerationParams, image: Image.Image, mask: Image.Im
         overlay_mask = double_for_overlay(job_mask)
         if params.resize_mode != 3:
             picture = resize_image(params.resize_mode, picture, width, height, upscale)
-        overlay = overlay_of(picture, resize_image(params.resize_mode, overlay_mask, *picture.size))
+        # The overlay is at the job's size, where the result is: with latent upscale (mode 3) the picture itself is
+        # encoded at its own size, so the overlay gets a resized copy (A1111 pastes it unscaled: a bug there).
+        overlay_picture = picture if picture.size == (width, height) else resize_image(0, picture, width, height)
+        overlay = overlay_of(overlay_picture, overlay_mask)
         if latent_mask is not None:
             latent_mask = resize_image(params.resize_mode, latent_mask, width, height)
     latent_mask = job_mask if latent_mask is None else latent_mask
-    if params.inpainting_fill == FILL:
+    if params.inpainting_fill != ORIGINAL:  # A1111: `if self.inpainting_fill != 1: image = masking.fill(...)`
         picture = fill(picture, latent_mask.resize(picture.size))
     return PreparedPicture(pixels=picture, original_size=original_size, latent_mask=latent_mask, overlay=overlay,
                            paste_box=paste_box, conditioning_mask=job_mask)

@@ -33,15 +33,16 @@ def test_full_a1111_client_body_ignores_nothing_it_could_mean():
 
 
 def test_honoured_keys_come_from_the_field_table_and_the_request_base():
-    from difusi.params import FIELDS
+    from difusi.params import FIELDS, TXT2IMG
 
-    assert {name for name, spec in FIELDS.items() if spec.http} | {"sampler_index", "override_settings",
+    assert {name for name, spec in FIELDS.items() if spec.http and TXT2IMG in spec.kinds} | {"sampler_index", "override_settings",
                                                                    "save_images", "send_images"} == a1111.HONOURED_KEYS
 
 
 @pytest.mark.parametrize(("sent", "listed"), [
-    ({"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent"}, ["enable_hr", "hr_scale", "hr_upscaler"]),
-    ({"enable_hr": False, "hr_scale": 2, "hr_upscaler": "Latent"}, []),  # hires settings without hires: no effect
+    ({"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent"}, []),  # hires fix is honoured
+    ({"enable_hr": True, "hr_checkpoint_name": "other.safetensors", "hr_cfg": 5}, ["hr_checkpoint_name", "hr_cfg"]),
+    ({"enable_hr": False, "hr_checkpoint_name": "other.safetensors"}, []),  # hires settings without hires: no effect
     ({"restore_faces": True, "tiling": True}, ["restore_faces", "tiling"]),
     ({"styles": ["cinematic"], "alwayson_scripts": {"controlnet": {"args": []}}}, ["styles", "alwayson_scripts"]),
     ({"script_name": "prompt matrix", "script_args": [1, 2]}, ["script_name", "script_args"]),
@@ -58,14 +59,13 @@ def test_ignored_fields_lists_only_what_asked_for_something(sent, listed):
 
 
 def test_txt2img_info_lists_ignored_fields_and_the_server_logs_one_line(client, caplog):
-    body = {**FAST, "prompt": "a cat", "enable_hr": True, "restore_faces": True, "styles": ["s"], "tiling": True,
+    body = {**FAST, "prompt": "a cat", "restore_faces": True, "styles": ["s"], "tiling": True,
             "alwayson_scripts": {"adetailer": {}}, "script_name": "prompt matrix"}
     with caplog.at_level(logging.WARNING, logger="difusi.server"):
         info = _info(client, body)
-    assert info["ignored_fields"] == ["enable_hr", "restore_faces", "styles", "tiling", "alwayson_scripts",
-                                      "script_name"]
+    assert info["ignored_fields"] == ["restore_faces", "styles", "tiling", "alwayson_scripts", "script_name"]
     lines = [record.getMessage() for record in caplog.records if record.name == "difusi.server"]
-    assert lines == ["txt2img: ignoring request fields difusi does not support yet: enable_hr, restore_faces, "
+    assert lines == ["txt2img: ignoring request fields difusi does not support yet: restore_faces, "
                      "styles, tiling, alwayson_scripts, script_name"]
     assert _info(client, {**A1111_CLIENT_BODY, **FAST, "override_settings": {}})["ignored_fields"] == []
 
@@ -85,8 +85,7 @@ def test_prompt_warnings_reach_the_info(client):
     assert _info(client, {**FAST, "prompt": "a cat"})["warnings"] == []
 
 
-@pytest.mark.parametrize("path", ["img2img", "extra-single-image", "extra-batch-images", "interrogate",
-                                  "create/embedding", "train/hypernetwork"])
+@pytest.mark.parametrize("path", ["interrogate", "create/embedding", "train/hypernetwork"])
 def test_a1111_endpoints_difusi_lacks_answer_501_naming_them(client, path):
     response = client.post(f"/sdapi/v1/{path}", json={"init_images": [], "image": ""})
     assert response.status_code == 501, response.text

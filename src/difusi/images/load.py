@@ -56,6 +56,8 @@ def open_image(source: bytes | str | Path | Image.Image, field: str = "image", *
         _check_size(image.size, field, max_pixels)  # from the header, before the pixels are decoded
         image.load()
         image = ImageOps.exif_transpose(image)
+    except ParamError:
+        raise  # the size check's own message (a ParamError is a ValueError: keep it out of the clause below)
     except Image.DecompressionBombError as error:
         raise ParamError(field, f"is too large to decode: {error}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):

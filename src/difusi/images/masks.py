@@ -1,7 +1,7 @@
 """A1111's inpainting mask rules (modules/processing.py `StableDiffusionProcessingImg2Img.init`, modules/masking.py).
 
-White (255) marks what is redrawn. The steps, in A1111's order: a binary mask (the alpha channel of an RGBA
-mask, else its luminance, thresholded at 128), inverted for "Inpaint not masked", blurred with a Gaussian
+White (255) marks what is redrawn. The steps, in A1111's order: the mask (the alpha channel of an RGBA mask,
+thresholded at 128, else its luminance as it is), inverted for "Inpaint not masked", blurred with a Gaussian
 (separately in x and y, kernel `2 * int(2.5 * sigma + 0.5) + 1` taps, OpenCV's reflect-101 border), then either
 "only masked" (crop to the blurred mask's box plus padding, grown to the job's aspect ratio) or "whole picture"
 (resized to the job's size, doubled and clipped for the overlay). The overlay puts the original back wherever the
@@ -17,17 +17,18 @@ from difusi.errors import ParamError
 
 
 def binary_mask(mask: Image.Image, field: str = "mask") -> Image.Image:
-    """A1111's `create_binary_mask(image, round=True)`: an L image of 0 / 255. An RGBA mask whose alpha is used
-    (not all opaque) is read from its alpha channel, else from its luminance. An empty mask is an error: there
-    would be nothing to inpaint."""
+    """A1111's `create_binary_mask(image, round=True)` (modules/processing.py): an RGBA mask whose alpha is used (not
+    all opaque) is read from its alpha channel, thresholded (`255 if x > 128 else 0`: what A1111's brush canvas
+    sends); any other mask is its luminance as it is, so a grey uploaded mask stays soft (A1111 rounds only the
+    latent mask and an inpainting checkpoint's mask). An empty (all 0) mask is an error: there would be nothing to
+    inpaint."""
     if mask.mode == "RGBA" and mask.getextrema()[-1] != (255, 255):
-        gray = mask.split()[-1]
+        gray = mask.split()[-1].convert("L").point(lambda value: 255 if value > 128 else 0)
     else:
         gray = mask.convert("L")
-    binary = gray.point(lambda value: 255 if value > 127 else 0)
-    if binary.getbbox() is None:
+    if gray.getbbox() is None:
         raise ParamError(field, "is all black: nothing to inpaint (paint the area to redraw white)")
-    return binary
+    return gray
 
 
 def alpha_mask(image: Image.Image) -> Image.Image | None:
@@ -39,26 +40,46 @@ def alpha_mask(image: Image.Image) -> Image.Image | None:
 
 
 def gaussian_blur(mask: Image.Image, sigma_x: int, sigma_y: int) -> Image.Image:
-    """OpenCV's `GaussianBlur(mask, (k, 1), sigma_x)` then `(1, k), sigma_y` as A1111 calls it, in numpy (float
-    accumulation, rounded to 8 bits; OpenCV's fixed-point 8-bit path can differ by one level)."""
-    array = np.asarray(mask.convert("L"), dtype=np.float64)
+    """OpenCV's `GaussianBlur(mask, (k, 1), sigma_x)` then `GaussianBlur(mask, (1, k), sigma_y)` as A1111 calls it,
+    bit for bit: two 8-bit images in a row, each from OpenCV's bit-exact fixed-point path for 8-bit pictures
+    (taps in 8 fractional bits, `_fixed_point_kernel`; the sum rounded half up to 8 bits). A float blur rounded once
+    differs by up to 2 levels and moves the edge of the area the overlay keeps exactly."""
+    array = np.asarray(mask.convert("L"), dtype=np.int64)
     if sigma_x > 0:
         array = _blur_axis(array, sigma_x, axis=1)
     if sigma_y > 0:
         array = _blur_axis(array, sigma_y, axis=0)
-    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(array.astype(np.uint8), mode="L")
+
+
+def _fixed_point_kernel(sigma: float) -> np.ndarray:
+    """OpenCV's 8-bit Gaussian kernel (`getGaussianKernelBitExact` + `getGaussianKernelFixedPoint_ED`): the
+    normalised Gaussian of `2 * int(2.5 * sigma + 0.5) + 1` taps (A1111's size) times 256, rounded from the tails
+    inwards with the rounding error carried to the next tap; the centre tap takes the rest, so the taps sum to 256."""
+    size = 2 * int(2.5 * sigma + 0.5) + 1
+    offsets = np.arange(size) - size // 2
+    kernel = np.exp(-(offsets.astype(np.float64) ** 2) / (2.0 * sigma * sigma))
+    kernel /= kernel.sum()
+    fixed = np.zeros(size, dtype=np.int64)
+    error = 0.0
+    for i in range(size // 2):
+        adjusted = kernel[i] * 256.0 + error
+        fixed[i] = fixed[size - 1 - i] = int(np.rint(adjusted))
+        error = adjusted - fixed[i]
+    fixed[size // 2] = 256 - 2 * int(fixed[: size // 2].sum())
+    return fixed
 
 
 def _blur_axis(array: np.ndarray, sigma: float, axis: int) -> np.ndarray:
-    size = 2 * int(2.5 * sigma + 0.5) + 1
-    offsets = np.arange(size) - size // 2
-    kernel = np.exp(-(offsets**2) / (2.0 * sigma * sigma))
-    kernel /= kernel.sum()
+    """One 8-bit pass along `axis`: integer taps, BORDER_REFLECT_101, (sum + 128) >> 8, clipped to 0..255."""
+    kernel = _fixed_point_kernel(sigma)
+    offsets = np.arange(len(kernel)) - len(kernel) // 2
     length = array.shape[axis]
     out = np.zeros_like(array)
     for offset, weight in zip(offsets, kernel, strict=True):
-        out += weight * np.take(array, _reflect_101(np.arange(length) + offset, length), axis=axis)
-    return out
+        if weight:
+            out += weight * np.take(array, _reflect_101(np.arange(length) + offset, length), axis=axis)
+    return np.clip((out + 128) >> 8, 0, 255)
 
 
 def _reflect_101(index: np.ndarray, length: int) -> np.ndarray:

@@ -9,6 +9,7 @@
 | lora        | `Lora/`, `LyCORIS/` (A1111), `loras/` (ComfyUI) |                                          |
 | embedding   | `embeddings/` (ComfyUI, difusi)                | A1111's top-level `embeddings/` (next to `models/`) |
 | vae         | `VAE/` (A1111), `vae/` (ComfyUI)               |                                          |
+| upscaler    | `ESRGAN/`, `RealESRGAN/`, `SwinIR/`, `DAT/` (A1111), `upscale_models/` (ComfyUI) | read by `difusi.upscalers` |
 
 A *models root* is the folder given, and its `models/` sub-folder when it has one (an install folder). Every
 kind's folders are searched recursively (sub-folders are part of a file's name: `styles/ink`). The shipped
@@ -28,12 +29,13 @@ KIND_FOLDERS: dict[str, tuple[str, ...]] = {
     "lora": ("Lora", "LyCORIS", "loras"),
     "embedding": ("embeddings",),
     "vae": ("VAE", "vae"),
+    "upscaler": ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "upscale_models"),
 }
 """A1111's and ComfyUI's folder names per kind (the table above)."""
 
 NOT_CHECKPOINTS: tuple[str, ...] = (
     "Lora", "LyCORIS", "loras", "embeddings", "VAE", "vae", "VAE-approx", "hypernetworks", "ControlNet",
-    "controlnet", "ESRGAN", "RealESRGAN", "SwinIR", "LDSR", "GFPGAN", "Codeformer", "upscale_models", "clip",
+    "controlnet", "ESRGAN", "RealESRGAN", "SwinIR", "DAT", "LDSR", "GFPGAN", "Codeformer", "upscale_models", "clip",
     "clip_vision", "text_encoders", "style_models", "gligen", "unet", "diffusion_models", "photomaker",
     "deepbooru", "BLIP", "karlo", "configs",
 )

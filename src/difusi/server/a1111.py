@@ -31,7 +31,7 @@ from pydantic_core import PydanticCustomError
 
 from difusi import strict_json
 from difusi.errors import ParamError
-from difusi.params import FIELDS, TXT2IMG, FieldSpec, GenerationParams
+from difusi.params import FIELDS, PICTURE_KINDS, TXT2IMG, FieldSpec, GenerationParams
 
 
 def _strict_number(kind: type) -> Any:
@@ -52,6 +52,19 @@ def _strict_number(kind: type) -> Any:
     return BeforeValidator(check)
 
 
+def _strict_bool() -> Any:
+    """JSON true/false, and 0/1 (A1111 clients send `inpaint_full_res: 0`, its UI's radio index); nothing else."""
+
+    def check(value: Any) -> Any:
+        if value is None or isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise PydanticCustomError("bool_type", "Input should be true or false (or 0 / 1)")
+
+    return BeforeValidator(check)
+
+
 def _request_field(spec: FieldSpec) -> tuple[Any, Any]:
     """(annotation, pydantic Field) of one request key, from the field table. Ranges go into the schema for
     documentation only: `GenerationParams.validated` checks them, with the same message as every front end."""
@@ -65,6 +78,8 @@ def _request_field(spec: FieldSpec) -> tuple[Any, Any]:
     description = f"{spec.help}; default {default!r}" if default not in (None, "") else spec.help
     if spec.type is str:
         annotation: Any = Annotated[str | None, Strict()]
+    elif spec.type is bool:
+        annotation = Annotated[bool | None, _strict_bool()]
     else:
         annotation = Annotated[spec.type | None, _strict_number(spec.type)]
     return annotation, Field(None, description=description, json_schema_extra=schema or None)
@@ -88,6 +103,24 @@ Txt2ImgRequest = create_model(
     __base__=_RequestBase,
     __doc__="Body of `POST /sdapi/v1/txt2img` (and `/difusi/v1/jobs`): every txt2img field of the field table.",
     **{name: _request_field(spec) for name, spec in FIELDS.items() if spec.http and TXT2IMG in spec.kinds},
+)
+
+
+class _PicturesBase(_RequestBase):
+    """The img2img request keys that are pictures (A1111's `StableDiffusionImg2ImgProcessingAPI`)."""
+
+    init_images: list[str] = Field(description="init pictures, base64 or data URLs; image i uses picture i modulo n")
+    mask: str | None = Field(None, description="inpainting mask (white = redraw), base64 or data URL, the init "
+                                               "picture's size")
+    include_init_images: bool | None = Field(None, description="echo init_images and mask in `parameters`")
+
+
+Img2ImgRequest = create_model(
+    "Img2ImgRequest",
+    __base__=_PicturesBase,
+    __doc__="Body of `POST /sdapi/v1/img2img` (and `/difusi/v1/img2img`): every img2img and inpaint field of the "
+            "field table, the init pictures and the mask.",
+    **{name: _request_field(spec) for name, spec in FIELDS.items() if spec.http and spec.kinds & PICTURE_KINDS},
 )
 
 
@@ -149,7 +182,7 @@ def ignored_fields(request: Txt2ImgRequest) -> list[str]:
         master = _master_of(key)
         if master is not None and _means_nothing(master, extra.get(master)):
             continue  # e.g. hr_scale: 2 without enable_hr does nothing in A1111 either
-        if key not in HONOURED_KEYS and not _means_nothing(key, value):
+        if key not in type(request).model_fields and not _means_nothing(key, value):
             ignored.append(key)
     for key, value in (request.override_settings or {}).items():
         if key not in HONOURED_OVERRIDES and not _means_nothing(key, value):
@@ -227,6 +260,13 @@ class Txt2ImgJob:
     """The request as sent, echoed back as `parameters` (A1111 does the same)."""
     ignored: list[str] = dataclass_field(default_factory=list)
     """Request keys sent with a meaning difusi does not act on yet (`ignored_fields`); reported in `info`."""
+    pictures: list[Image.Image] | None = None
+    """img2img: the decoded init pictures (None for txt2img)."""
+    mask: Image.Image | None = None
+
+    @property
+    def kind(self) -> str:
+        return "txt2img" if self.pictures is None else "img2img"
 
 
 def to_txt2img_job(request: Txt2ImgRequest, defaults: dict[str, Any] | None = None, save_default: bool = True) -> Txt2ImgJob:
@@ -260,10 +300,27 @@ def to_txt2img_job(request: Txt2ImgRequest, defaults: dict[str, Any] | None = No
     )
 
 
+def to_img2img_job(request: Any, defaults: dict[str, Any] | None = None, save_default: bool = True) -> Txt2ImgJob:
+    """Map an A1111 img2img request to a job (pictures decoded with the budget's checks); ParamError names the
+    field ("init_images", "mask", or a job field)."""
+    from difusi.images.load import decode_base64_image
+
+    job = to_txt2img_job(request, defaults, save_default)
+    if not request.init_images:
+        raise ParamError("init_images", "needs at least one picture (base64 or data URL)")
+    job.pictures = [decode_base64_image(data, "init_images") for data in request.init_images]
+    job.mask = None if not request.mask else decode_base64_image(request.mask, "mask")
+    if not request.include_init_images:  # A1111 echoes the pictures only when asked to
+        job.request = {key: value for key, value in job.request.items() if key not in ("init_images", "mask")}
+    return job
+
+
 def echo_parameters(job: Txt2ImgJob) -> dict[str, Any]:
     """The `parameters` object of the response: every job field with its value as requested."""
     echoed = {name: value for name, value in asdict(job.params).items() if name not in ("extra", "model")}
     echoed["s_tmax"] = None if echoed["s_tmax"] == float("inf") else echoed["s_tmax"]  # JSON has no infinity
+    if job.pictures is not None:
+        echoed.update(init_images=None, mask=None)
     echoed.update(job.request)
     echoed["save_images"] = job.save_images
     echoed["send_images"] = job.send_images

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from difusi import __version__
 from difusi.errors import NetworkError, ParamError
-from difusi.server import routes_a1111, routes_difusi
+from difusi.server import routes_a1111, routes_difusi, routes_extras
 from difusi.server.queue import JobQueue, QueueFull
 from difusi.server.routes_common import ApiError
 from difusi.server.routes_common import error_body as _error_body
@@ -86,6 +86,7 @@ def create_app(
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
                            allow_headers=["*"], allow_credentials=True)
+    app.include_router(routes_extras.router)  # first: its routes replace routes_a1111's [] / 501 placeholders
     app.include_router(routes_a1111.router)
     app.include_router(routes_difusi.router)
     install_ui(app)

@@ -207,7 +207,7 @@ class Engine:
 
     # -- the worker ---------------------------------------------------------------------------------------------------
     def run_job(self, job: Job) -> Any:
-        if job.kind == "txt2img":
+        if job.kind in ("txt2img", "img2img"):
             return self._txt2img(job)
         if job.kind == "xyz":
             return self._xyz(job)
@@ -238,7 +238,8 @@ class Engine:
         return model
 
     def _txt2img(self, job: Job) -> Txt2ImgOutcome:
-        from difusi.pipeline import txt2img
+        """A txt2img or img2img job (the latter carries its pictures: `spec.pictures`, `spec.mask`)."""
+        from difusi.pipeline import img2img, txt2img
 
         spec: a1111.Txt2ImgJob = job.payload
         info = self._checkpoint_by_name(spec.checkpoint) if spec.checkpoint else self._current
@@ -269,8 +270,12 @@ class Engine:
             return False
 
         try:
-            result = txt2img(model, params, progress=on_progress, should_stop=lambda: job.interrupted,
-                             should_skip=should_skip, on_image=on_image, networks=self.networks)
+            callbacks = {"progress": on_progress, "should_stop": lambda: job.interrupted, "should_skip": should_skip,
+                         "on_image": on_image, "networks": self.networks}
+            if spec.pictures is None:
+                result = txt2img(model, params, **callbacks)
+            else:
+                result = img2img(model, params, spec.pictures, spec.mask, **callbacks)
         except Interrupted as stopped:
             partial = getattr(stopped, "result", None)
             outcome.interrupted = True
@@ -369,6 +374,9 @@ class Engine:
             # Until those features exist, say what was not done rather than drop it silently (issue 19).
             warnings=list(getattr(result, "warnings", None) or []),
             ignored_fields=list(spec.ignored),
+            denoising_strength=resolved.denoising_strength if spec.pictures is not None or resolved.enable_hr
+            else None,
+            is_using_inpainting_conditioning=bool(model.inpainting),
         )
 
     # -- live previews -----------------------------------------------------------------------------------------------

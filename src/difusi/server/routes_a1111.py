@@ -21,6 +21,7 @@ from difusi.server.routes_common import (
     job_error,
     not_implemented,
     png_base64_with_infotext,
+    prepare_img2img,
     prepare_txt2img,
     prepare_xyz,
     submit,
@@ -29,14 +30,11 @@ from difusi.server.routes_common import (
 
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
 
-EMPTY_LISTS = ("upscalers", "latent-upscale-modes", "prompt-styles", "face-restorers",
+EMPTY_LISTS = ("prompt-styles", "face-restorers",
                "hypernetworks", "realesrgan-models", "script-info", "extensions")
 """A1111 listings difusi has nothing for; clients probe them, so they answer `[]` rather than 404."""
 
 NOT_IMPLEMENTED = {  # A1111 endpoint (modules/api/api.py) -> what it does, for the 501 message
-    "img2img": "POST /sdapi/v1/img2img (image to image, inpainting)",
-    "extra-single-image": "POST /sdapi/v1/extra-single-image (upscaling, face restoration)",
-    "extra-batch-images": "POST /sdapi/v1/extra-batch-images (upscaling, face restoration)",
     "interrogate": "POST /sdapi/v1/interrogate (CLIP / DeepDanbooru captions)",
     "create/embedding": "POST /sdapi/v1/create/embedding (textual inversion)",
     "create/hypernetwork": "POST /sdapi/v1/create/hypernetwork",
@@ -233,6 +231,18 @@ def skip(queue: QueueDep) -> None:
 @router.post("/png-info", response_model=a1111.PngInfoResponse, responses=a1111.ERROR_RESPONSES)
 def png_info(body: a1111.PngInfoRequest) -> dict[str, Any]:
     return _png_info(body.image)
+
+
+@router.post("/img2img", response_model=a1111.Txt2ImgResponse, responses=a1111.ERROR_RESPONSES)
+async def img2img(body: a1111.Img2ImgRequest, engine: EngineDep, queue: QueueDep) -> dict[str, Any]:
+    """Redraw `init_images` (A1111's img2img; with `mask`, inpainting; with `outpaint_pixels`, outpainting) and wait
+    for the images. Width and height default to the first picture's size."""
+    spec = await run_in_threadpool(prepare_img2img, engine, body)
+    job = submit(queue, "img2img", spec)
+    await wait_for_job(job)
+    if job.result is None:
+        raise job_error(job)
+    return await run_in_threadpool(_txt2img_response, job)
 
 
 # -- answers ------------------------------------------------------------------------------------------------------

@@ -92,6 +92,24 @@ def prepare_txt2img(engine: Any, body: a1111.Txt2ImgRequest) -> a1111.Txt2ImgJob
     return spec
 
 
+def prepare_img2img(engine: Any, body: Any) -> a1111.Txt2ImgJob:
+    """`prepare_txt2img` for an img2img request: its pictures decoded and checked (size, budget, format) too."""
+    spec = a1111.to_img2img_job(body, engine.param_defaults(), engine.default_save_images())
+    if spec.checkpoint is not None:
+        spec.checkpoint = engine.resolve_title(spec.checkpoint)
+    first = spec.pictures[0]
+    defaults = {"width": spec.params.width or max(64, first.width // 8 * 8),
+                "height": spec.params.height or max(64, first.height // 8 * 8)}
+    spec.params = spec.params.replace(**defaults)
+    spec.params.validated()
+    from difusi.networks.job import check_job
+
+    check_job(spec.params, engine.networks, allow_paths=False)
+    if spec.ignored:
+        log.warning("img2img: ignoring request fields difusi does not support yet: %s", ", ".join(spec.ignored))
+    return spec
+
+
 def prepare_xyz(engine: Any, body: a1111.Txt2ImgRequest, axes: tuple[str | None, str | None, str | None] | None = None,
                 ) -> a1111.XYZJob:
     """Map and check an X/Y/Z plot before it is queued: A1111's `script_args` (when `axes` is None) or difusi's

@@ -25,6 +25,7 @@ from difusi.server.routes_common import (
     error_body,
     job_error,
     png_base64_with_infotext,
+    prepare_img2img,
     prepare_txt2img,
     prepare_xyz,
     submit,
@@ -41,6 +42,15 @@ async def submit_job(body: a1111.Txt2ImgRequest, engine: EngineDep, queue: Queue
     """Queue a txt2img job (same body as /sdapi/v1/txt2img) and return its id at once."""
     spec = await run_in_threadpool(prepare_txt2img, engine, body)
     job = submit(queue, "txt2img", spec)
+    return job_status(engine, queue, job, images=False, preview=False)
+
+
+@router.post("/img2img", status_code=202, responses=a1111.ERROR_RESPONSES)
+async def submit_img2img(body: a1111.Img2ImgRequest, engine: EngineDep, queue: QueueDep) -> dict[str, Any]:
+    """Queue an img2img / inpaint / outpaint job (same body as /sdapi/v1/img2img) and return its id at once; poll
+    it at /difusi/v1/jobs/{id}."""
+    spec = await run_in_threadpool(prepare_img2img, engine, body)
+    job = submit(queue, "img2img", spec)
     return job_status(engine, queue, job, images=False, preview=False)
 
 
