@@ -18,9 +18,8 @@ from typing import Any
 from difusi.devices import check_offload, resolve_device, resolve_precision
 from difusi.models import LoadedModel, ModelCache, default_model_path, resolve_checkpoint
 from difusi.params import GenerationParams
-from difusi.pipeline import GenerationResult
+from difusi.pipeline import GenerationResult, txt2img
 from difusi.pipeline import img2img as _img2img
-from difusi.pipeline import txt2img
 
 _MODELS = ModelCache()
 

@@ -20,7 +20,17 @@ from tests.server.conftest import VAE_FILE
 
 from difusi import cli
 from difusi.infotext import KEY_TO_FIELD, format_infotext, recipe_from_infotext
-from difusi.params import FIELDS, INPAINT, JOB_KINDS, LIMITS, PICTURE_KINDS, TXT2IMG, FieldSpec, GenerationParams, field_table
+from difusi.params import (
+    FIELDS,
+    INPAINT,
+    JOB_KINDS,
+    LIMITS,
+    PICTURE_KINDS,
+    TXT2IMG,
+    FieldSpec,
+    GenerationParams,
+    field_table,
+)
 from difusi.server import a1111
 
 # Values the generic rule below cannot pick: sizes that suit a 64-px model and cost little, a clip skip the tiny text
