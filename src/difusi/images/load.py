@@ -16,6 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from difusi.errors import ParamError
 
+_ORIENTATION = 0x0112
 MAX_SIDE = 16384
 """Longest side accepted whatever the budget (PIL and the VAE tile at most this)."""
 
@@ -55,7 +56,8 @@ def open_image(source: bytes | str | Path | Image.Image, field: str = "image", *
         image = Image.open(io.BytesIO(raw))
         _check_size(image.size, field, max_pixels)  # from the header, before the pixels are decoded
         image.load()
-        image = ImageOps.exif_transpose(image)
+        if image.getexif().get(_ORIENTATION, 1) != 1:  # a copy otherwise, losing the PNG's text chunks
+            image = ImageOps.exif_transpose(image)
     except ParamError:
         raise  # the size check's own message (a ParamError is a ValueError: keep it out of the clause below)
     except Image.DecompressionBombError as error:

@@ -14,7 +14,6 @@ Only names from the upscaler list are accepted here, never file paths (unlike `d
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import threading
 from typing import Annotated, Any, Literal
@@ -132,18 +131,10 @@ def ignored_fields(body: ExtrasBaseRequest) -> list[str]:
 
 
 def _decode(data: str, field: str) -> Any:
-    from difusi.upscalers.extras import open_image
+    from difusi.budget import current_budget
+    from difusi.images.load import decode_base64_image
 
-    if not isinstance(data, str) or not data.strip():
-        raise ParamError(field, "must be a non-empty base64 string or data URL")
-    text = data.strip()
-    if text.startswith("data:"):
-        text = text.partition(",")[2]
-    try:
-        raw = base64.b64decode(text, validate=False)
-    except (binascii.Error, ValueError):
-        raise ParamError(field, "is not valid base64") from None
-    return open_image(raw, field)
+    return decode_base64_image(data, field, max_pixels=current_budget().max_pixels)
 
 
 def _run(engine: Any, body: ExtrasBaseRequest, sources: list[tuple[str, str]]) -> tuple[list[str], str, list[str]]:

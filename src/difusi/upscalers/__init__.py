@@ -32,21 +32,13 @@ from PIL import Image
 from difusi import settings
 from difusi.budget import check_budget
 from difusi.errors import ParamError
+from difusi.hires import LATENT_UPSCALE_MODES  # declared once, with the hires fix that uses them
 from difusi.upscalers import loading
 from difusi.upscalers.tiling import ESRGAN_TILE, ESRGAN_TILE_OVERLAP, tiled_upscale
 
 __all__ = ["LATENT_UPSCALE_MODES", "MAX_SCALE", "Upscaler", "UpscalerInfo", "get_upscaler", "list_upscalers",
            "destination_size", "check_scale"]
 
-LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
-    "Latent": ("bilinear", False),
-    "Latent (antialiased)": ("bilinear", True),
-    "Latent (bicubic)": ("bicubic", False),
-    "Latent (bicubic antialiased)": ("bicubic", True),
-    "Latent (nearest)": ("nearest", False),
-    "Latent (nearest-exact)": ("nearest-exact", False),
-}
-"""A1111's latent upscale modes: name -> (torch interpolate mode, antialias)."""
 
 MAX_SCALE = 8.0
 """Largest scale factor (A1111's extras slider and API allow 1..8; difusi also allows downscaling, (0, 8])."""

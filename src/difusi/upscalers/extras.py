@@ -22,12 +22,11 @@ from __future__ import annotations
 import html
 import io
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from difusi.budget import current_budget
@@ -38,31 +37,12 @@ POSTPROCESSING_KEYS = ("postprocessing", "extras")
 """PNG text chunks that hold A1111's postprocessing text (replaced, not kept from the input)."""
 
 
-def open_image(source: bytes | str | Path | BinaryIO, field: str = "image") -> Image.Image:
-    """A decoded image (first frame) from bytes, a path or a file; ParamError(field) when it is no image or when
-    its declared size is over the pixel budget (checked before decoding, so a small file cannot expand to GBs)."""
-    limit = current_budget().max_pixels
-    if Image.MAX_IMAGE_PIXELS:
-        limit = min(limit, int(Image.MAX_IMAGE_PIXELS))
-    handle = io.BytesIO(source) if isinstance(source, bytes) else source
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(handle)
-            width, height = image.size
-            if width * height > limit:
-                raise ParamError(field, f"is {width}x{height} = {width * height} pixels, over the budget of {limit} "
-                                        f"pixels per image (--max-pixels / DIFUSI_MAX_PIXELS)")
-            image.load()
-    except ParamError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ParamError(field, f"is too large to decode: {error}") from None
-    except FileNotFoundError:
-        raise ParamError(field, f"no such file: {source}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
-        raise ParamError(field, "is not a readable image (PNG, JPEG or WebP expected)") from None
-    return image
+def open_image(source: bytes | str | Path, field: str = "image") -> Image.Image:
+    """A picture to upscale (`difusi.images.load.open_image`), within the budget's pixels per image (its result must
+    fit the budget too)."""
+    from difusi.images.load import open_image as open_picture
+
+    return open_picture(source, field, max_pixels=current_budget().max_pixels)
 
 
 def text_items(image: Image.Image) -> dict[str, str]:
