@@ -25,7 +25,7 @@ from difusi.finite import ensure_finite
 from difusi.hires import crop_latents, hires_size, is_latent_upscaler, upscale_latents
 from difusi.images.load import open_image
 from difusi.images.resize import resize_image
-from difusi.img2img import (
+from difusi.init_images import (
     InitLatents,
     encode_batch,
     img2img_steps,
@@ -160,7 +160,7 @@ def img2img(
 ) -> GenerationResult:
     """Redraw `init_images` (A1111's img2img; image i of the job starts from picture `i % len(init_images)`) by
     `params.denoising_strength`; with a `mask` (white = redraw; or the alpha channel of a single RGBA picture) it
-    inpaints, and `params.outpaint_pixels` extends the canvas first. Rules: `difusi.img2img`. Width and height
+    inpaints, and `params.outpaint_pixels` extends the canvas first. Rules: `difusi.init_images`. Width and height
     default to the first picture's size (rounded down to a multiple of 8). The other arguments are `txt2img`'s.
 
     Raises ParamError naming the field: "init_images" / "mask" for unreadable pictures, a mask of another size or
@@ -296,7 +296,7 @@ def _upscaler(name: str, networks: NetworkLibrary | None) -> Callable[[Image.Ima
 
 
 def _img2img_sigmas(model, sampler, scheduler: str, steps: int, strength: float, fix_steps: bool, table):
-    """The img2img part of the schedule (`difusi.img2img.img2img_steps`); no steps at all for strength 0."""
+    """The img2img part of the schedule (`difusi.init_images.img2img_steps`); no steps at all for strength 0."""
     if strength == 0:
         return torch.zeros(1, dtype=torch.float64)
     n_schedule, t_enc = img2img_steps(steps, strength, fix_steps)

@@ -22,7 +22,7 @@ from scipy.ndimage import convolve1d
 
 from difusi.errors import ParamError
 from difusi.images.load import MAX_SIDE
-from difusi.img2img import encode_batch, prepare_picture
+from difusi.init_images import encode_batch, prepare_picture
 from difusi.models import default_model_path, load_model
 from difusi.params import GenerationParams
 from difusi.pipeline import img2img

@@ -34,7 +34,7 @@ from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2i
 from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as diffusers_inpaint
 from PIL import Image
 
-from difusi.img2img import img2img_steps, inpainting_conditioning
+from difusi.init_images import img2img_steps, inpainting_conditioning
 from difusi.models import load_model
 from difusi.models.synthetic import reference_modules, write_tiny_checkpoint
 from difusi.params import GenerationParams
