@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from difusi.errors import NetworkError
+from difusi.errors import NetworkError, ParamError
 from difusi.models.folders import kind_folders
 from difusi.models.vae_files import AUTOMATIC, NONE, apply_vae_setting, list_vae_files, resolve_vae, vae_names
 from difusi.networks.apply import NetworkUse, apply_networks
@@ -110,8 +110,23 @@ class JobNetworks:
 def check_job(params: Any, library: NetworkLibrary, *, allow_paths: bool = True) -> PromptNetworks:
     """Parse the tags and resolve every LoRA and the VAE name without touching a model, so front ends fail before
     any work (ParamError for a bad multiplier, NetworkError for an unknown or ambiguous name). `allow_paths=False`
-    (requests from the network) accepts only files listed in the folders, never a path."""
+    (requests from the network) accepts only files listed in the folders, never a path. The hires fix's upscaler
+    is a file of the models folder too: an unknown one is a ParamError("hr_upscaler") here, before any work."""
+    _check_hires_upscaler(params, library)
     return _resolve(params, library, allow_paths)[0]
+
+
+def _check_hires_upscaler(params: Any, library: NetworkLibrary) -> None:
+    from difusi.hires import LATENT_UPSCALE_MODES, is_latent_upscaler
+
+    if not getattr(params, "enable_hr", False) or is_latent_upscaler(params.hr_upscaler):
+        return
+    from difusi.upscalers import get_upscaler
+
+    try:
+        get_upscaler(params.hr_upscaler, library.models_dir)
+    except ParamError as error:
+        raise ParamError("hr_upscaler", f"{error.message}; or a latent mode: {', '.join(LATENT_UPSCALE_MODES)}") from None
 
 
 def _resolve(params: Any, library: NetworkLibrary, allow_paths: bool) -> tuple[PromptNetworks, list[NetworkFile]]:
