@@ -351,9 +351,15 @@ def _read_pictures(args: argparse.Namespace) -> tuple[list[Any], Any] | None:
     if getattr(args, "image", None) is None:
         return None
     from difusi.images.load import open_image
+    from difusi.init_images import check_pictures
 
-    pictures = [open_image(path, "init_images") for path in [args.image, *args.init_image]]
-    mask = None if args.mask is None else open_image(args.mask, "mask")
+    try:
+        pictures = [open_image(path, "init_images") for path in [args.image, *args.init_image]]
+        mask = None if args.mask is None else open_image(args.mask, "mask")
+        check_pictures(pictures, mask)
+    except ParamError as error:
+        flag = {"init_images": "IMAGE", "mask": "--mask"}.get(error.field, error.field)
+        raise UsageError(f"{flag}: {error.message}") from None
     return pictures, mask
 
 

@@ -92,6 +92,19 @@ class PreparedPicture:
         return apply_overlay(generated, self.overlay, self.paste_box)
 
 
+def check_pictures(images: list[Image.Image], mask: Image.Image | None) -> None:
+    """What can be told about the pictures before a model loads (front ends call it first): at least one picture;
+    a mask of the first picture's size that marks something to redraw."""
+    if not images:
+        raise ParamError("init_images", "needs at least one picture")
+    if mask is None:
+        return
+    if mask.size != images[0].size:
+        raise ParamError("mask", f"is {mask.width}x{mask.height} but the init picture is "
+                                 f"{images[0].width}x{images[0].height}; they must be the same size")
+    binary_mask(mask)
+
+
 def start_pictures(params: GenerationParams, images: list[Image.Image], mask: Image.Image | None
                    ) -> tuple[GenerationParams, list[Image.Image], Image.Image | None, Image.Image | None]:
     """Outpainting and the RGBA-alpha mask convention, before anything else: returns the params for the job (the

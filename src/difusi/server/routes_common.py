@@ -94,7 +94,10 @@ def prepare_txt2img(engine: Any, body: a1111.Txt2ImgRequest) -> a1111.Txt2ImgJob
 
 def prepare_img2img(engine: Any, body: Any) -> a1111.Txt2ImgJob:
     """`prepare_txt2img` for an img2img request: its pictures decoded and checked (size, budget, format) too."""
+    from difusi.init_images import check_pictures
+
     spec = a1111.to_img2img_job(body, engine.param_defaults(), engine.default_save_images())
+    check_pictures(spec.pictures, spec.mask)
     if spec.checkpoint is not None:
         spec.checkpoint = engine.resolve_title(spec.checkpoint)
     first = spec.pictures[0]
