@@ -221,10 +221,11 @@ def test_overrides_change_only_what_they_name(root, batch, monkeypatch, capsys):
 
 def test_infotext_flag_reports_ignored_keys_and_reproduces(root, batch, monkeypatch, capsys):
     (original, seed), (neighbour, _) = batch[0], batch[1]
-    pasted = read_infotext(original).replace(", Version:", ", Hires upscale: 2, ADetailer model: face_yolov8n.pt, Version:")
+    pasted = read_infotext(original).replace(", Version:", ", Face restoration: CodeFormer, ADetailer model: face_yolov8n.pt, "
+                                                          "Version:")
     done = in_process(root, monkeypatch, capsys, "generate", "--infotext", pasted, "--batch-size", "2")
     assert done.returncode == 0, done.stderr
-    assert "difusi: ignored keys: Hires upscale, ADetailer model" in done.stderr.splitlines()
+    assert "difusi: ignored keys: Face restoration, ADetailer model" in done.stderr.splitlines()
     (first, first_seed), (second, _) = results(done)
     assert first_seed == seed
     assert np.array_equal(pixels(first), pixels(original))

@@ -76,13 +76,13 @@ def test_hires_lora_ti_infotext():
     assert fields["TI hashes"] == "EasyNegative: c74b4e810b03, bad-hands-5: aa7651be154c"
     assert fields["Hires upscaler"] == "R-ESRGAN 4x+ Anime6B"
     assert fields["Version"] == "v1.6.0"
-    assert unknown == [
-        "Denoising strength",
-        "ENSD",
-        "Hires upscale",
-        "Hires steps",
-        "Hires upscaler",
-    ]  # "Lora hashes" and "TI hashes" describe the files the prompt names (difusi.networks): known, not ignored
+    assert unknown == ["ENSD"]  # the hires keys are honoured (difusi.hires); "Lora hashes" and "TI hashes" describe
+    # the files the prompt names (difusi.networks): known, not ignored
+    recipe = recipe_from_infotext(ANIME_HIRES)
+    assert recipe.values["enable_hr"] == "true" and recipe.values["hr_upscaler"] == "R-ESRGAN 4x+ Anime6B"
+    params = recipe.params()
+    assert (params.enable_hr, params.hr_scale, params.hr_second_pass_steps, params.denoising_strength) == (
+        True, float(fields["Hires upscale"]), int(fields["Hires steps"]), float(fields["Denoising strength"]))
 
 
 def test_model_name_with_comma_and_colon_is_unquoted():

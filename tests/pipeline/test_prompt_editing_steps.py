@@ -276,8 +276,9 @@ def test_each_model_call_takes_the_next_schedule_step_whatever_its_sigma():
         return x
 
     cond, uncond = _schedule(1, 3, 6), _schedule(6)
-    guided = _ScheduledCFG(denoiser, cond, uncond, 1.0, 2, SimpleNamespace(family="sd1"),
-                           SimpleNamespace(s_min_uncond=0.0))
+    run = SimpleNamespace(cond=cond, uncond=uncond, size=(64, 64), original_size=(64, 64))
+    guided = _ScheduledCFG(denoiser, run, SimpleNamespace(cfg_scale=1.0, s_min_uncond=0.0), 2,
+                           SimpleNamespace(family="sd1"))
     x = torch.zeros(2, 4, 8, 8)
     for sigma in [14.6, 3.0, 3.0, 0.5, torch.tensor(0.5), 2.0, 0.1, 0.1, 0.05]:
         guided(x, torch.as_tensor(sigma).expand(2) if isinstance(sigma, float) else sigma)
