@@ -245,8 +245,7 @@ def _generate(model, params, pictures, mask, progress, should_stop, should_skip,
         tracker = _StepTracker(progress, should_stop, should_skip, steps_per_batch, iteration, params.n_iter,
                                first_index)
         try:
-            with torch.inference_mode(), token_merging(model.unet, params.token_merging_ratio), \
-                    deepcache(model.unet, params.deepcache_interval):
+            with torch.inference_mode():
                 latents = _sample_batch(model, resolved, first, denoiser, batch_seeds, batch_subseeds, tracker,
                                         batch_pictures)
                 if hires is not None:
@@ -437,10 +436,12 @@ def _sample_batch(model, params, run: _Pass, denoiser, seeds, subseeds, tracker,
         noise_sampler = ImageNoiseSampler(drawn.generators, x)
     guided = _ScheduledCFG(denoiser, run, params, len(seeds), model, init)
     tracker.begin_pass()
-    samples = run.sampler(
-        guided, x, sigmas, extra_args={}, callback=tracker, disable=True, noise_sampler=noise_sampler,
-        **_sampler_options(run.sampler, params),
-    )
+    # Per pass: DeepCache's cached features belong to one latent size (the hires pass has another).
+    with token_merging(model.unet, params.token_merging_ratio), deepcache(model.unet, params.deepcache_interval):
+        samples = run.sampler(
+            guided, x, sigmas, extra_args={}, callback=tracker, disable=True, noise_sampler=noise_sampler,
+            **_sampler_options(run.sampler, params),
+        )
     if init is not None and init.keep is not None:
         samples = samples * (1.0 - init.keep) + init.latents * init.keep  # A1111's final blend
     return samples

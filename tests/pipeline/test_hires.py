@@ -24,7 +24,7 @@ from PIL import Image
 import difusi.pipeline as pipeline
 from difusi.hires import hires_size
 from difusi.models import default_model_path, load_model
-from difusi.params import GenerationParams
+from difusi.params import FIELDS, GenerationParams
 from difusi.pipeline import img2img, txt2img
 from difusi.prompts.conditioning import encode_prompt
 from difusi.prompts.parser import get_prompt_schedule
@@ -225,3 +225,13 @@ def test_hires_size_rule(size, fields, expected):
     params = GenerationParams(prompt="x", width=size[0], height=size[1], enable_hr=True, **fields)
     got = hires_size(params, 8)
     assert (got.width, got.height, got.crop_x, got.crop_y) == expected
+
+
+@pytest.mark.parametrize("speed", [{"deepcache_interval": 3}, {"token_merging_ratio": 0.3}])
+def test_speed_modes_start_afresh_in_the_hires_pass(mini, speed):
+    """DeepCache's cached deep features belong to the first pass's latent size: the second pass must not reuse them
+    (it would fail on the shapes or, worse, mix sizes); ToMe is set up per pass too."""
+    result = txt2img(mini, _params(enable_hr=True, hr_scale=2.0, **speed))
+    assert result.images[0].image.size == (128, 128)
+    name, value = next(iter(speed.items()))
+    assert f"{FIELDS[name].infotext}: {value}" in result.infotexts[0]
