@@ -16,16 +16,13 @@ Decisions that differ from A1111 (documented in the README):
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import math
 import time
 from dataclasses import asdict, dataclass
 from dataclasses import field as dataclass_field
 from typing import Annotated, Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, create_model
 from pydantic_core import PydanticCustomError
 
@@ -395,24 +392,11 @@ def info_json(info: dict[str, Any]) -> str:
 
 
 def decode_image(data: str, field: str = "image") -> Image.Image:
-    """A data URL or raw base64 string -> PIL image; ParamError(field) when it is neither."""
-    if not isinstance(data, str) or not data.strip():
-        raise ParamError(field, "must be a non-empty base64 string or data URL")
-    text = data.strip()
-    if text.startswith("data:"):
-        _, _, text = text.partition(",")
-    try:
-        raw = base64.b64decode(text, validate=False)
-    except (binascii.Error, ValueError):
-        raise ParamError(field, "is not valid base64") from None
-    try:
-        image = Image.open(io.BytesIO(raw))
-        image.load()
-    except Image.DecompressionBombError as error:  # a small file that would decode to gigabytes
-        raise ParamError(field, f"is too large to decode: {error}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
-        raise ParamError(field, "is not a readable image (PNG, JPEG or WebP expected)") from None
-    return image
+    """A data URL or raw base64 string -> PIL image (`difusi.images.load.decode_base64_image`: bombs and pictures
+    over the budget refused before decoding); ParamError(field) when it is neither."""
+    from difusi.images.load import decode_base64_image
+
+    return decode_base64_image(data, field)
 
 
 def png_text_items(image: Image.Image) -> dict[str, Any]:
