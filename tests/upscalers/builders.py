@@ -7,8 +7,10 @@ uint8 output is not saturated everywhere: a test comparing two implementations m
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 
 def _conv(state: dict, name: str, out_ch: int, in_ch: int, generator: torch.Generator, gain: float = 1.0) -> None:
@@ -73,3 +75,13 @@ def srvgg_compact(num_feat: int = 16, num_conv: int = 4, scale: int = 4, seed: i
         state[f"body.{2 * index + 3}.weight"] = torch.rand(num_feat, generator=generator) * 0.3
     _conv(state, f"body.{2 * num_conv + 2}", 3 * scale * scale, num_feat, generator, gain=0.3)
     return state
+
+
+def write_model(path: Path, state: dict[str, torch.Tensor], wrap: str | None = None) -> Path:
+    """A model file as the real ones are saved: safetensors, or torch.save of a plain (or wrapped) state dict."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file({key: value.contiguous() for key, value in state.items()}, path)
+    else:
+        torch.save({wrap: state} if wrap else state, path)
+    return path

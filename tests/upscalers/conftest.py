@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from builders import rrdbnet_basicsr, srvgg_compact, to_old_esrgan  # noqa: E402
+from builders import rrdbnet_basicsr, srvgg_compact, to_old_esrgan, write_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -35,16 +34,6 @@ def spandrel_arches() -> types.SimpleNamespace:
     from spandrel.architectures.ESRGAN import ESRGANArch
 
     return types.SimpleNamespace(esrgan=ESRGANArch(), compact=CompactArch())
-
-
-def write_model(path: Path, state: dict[str, torch.Tensor], wrap: str | None = None) -> Path:
-    """A model file as the real ones are saved: safetensors, or torch.save of a plain (or wrapped) state dict."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".safetensors":
-        save_file({key: value.contiguous() for key, value in state.items()}, path)
-    else:
-        torch.save({wrap: state} if wrap else state, path)
-    return path
 
 
 @pytest.fixture(scope="session")

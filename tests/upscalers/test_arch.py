@@ -6,9 +6,8 @@ import os
 
 import pytest
 import torch
-from builders import rrdbnet_basicsr, srvgg_compact, to_old_esrgan
+from builders import rrdbnet_basicsr, srvgg_compact, to_old_esrgan, write_model
 
-from conftest import write_model
 from difusi.errors import ParamError
 from difusi.upscalers import arch, loading
 
