@@ -165,7 +165,7 @@ def job_status(engine: Any, queue: JobQueue, job: Job, images: bool, preview: bo
         status["error"] = error_body(error.error, error.detail, error.field)
     if preview and job.status == RUNNING:
         status["preview"] = engine.preview_png_b64(job)
-    if job.kind in ("txt2img", "xyz") and job.result is not None:
+    if job.kind in ("txt2img", "img2img", "xyz") and job.result is not None:
         status["result"] = _job_result(job, images)
     return status
 
