@@ -170,10 +170,9 @@ def test_adding_a_family_is_adding_one_record(checkpoint_factory, monkeypatch):
 
 
 def test_the_pipeline_reads_the_record_not_the_name():
-    from difusi.params import GenerationParams
     from difusi.pipeline import _sdxl_time_ids
 
-    params = GenerationParams(prompt="x", width=64, height=96)
+    size = (96, 64)  # (height, width)
     conditioned = SimpleNamespace(family="sd1", family_spec=family_spec("sdxl"))
-    assert _sdxl_time_ids(conditioned, params).tolist() == [[96, 64, 0, 0, 96, 64]]
-    assert _sdxl_time_ids(SimpleNamespace(family="sdxl", family_spec=family_spec("sd1")), params) is None
+    assert _sdxl_time_ids(conditioned, size, size).tolist() == [[96, 64, 0, 0, 96, 64]]
+    assert _sdxl_time_ids(SimpleNamespace(family="sdxl", family_spec=family_spec("sd1")), size, size) is None

@@ -177,7 +177,8 @@ def ignored_fields(request: Txt2ImgRequest) -> list[str]:
         if xyz_script and key in ("script_name", "script_args"):
             continue  # the X/Y/Z plot is honoured (`difusi.batch.xyz`): its keys are not ignored
         master = _master_of(key)
-        if master is not None and _means_nothing(master, extra.get(master)):
+        master_value = getattr(request, master, None) if master in type(request).model_fields else extra.get(master)
+        if master is not None and _means_nothing(master, master_value):
             continue  # e.g. hr_scale: 2 without enable_hr does nothing in A1111 either
         if key not in type(request).model_fields and not _means_nothing(key, value):
             ignored.append(key)
