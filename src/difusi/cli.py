@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "generate": _with_budget_flags(cmd_generate),
         "img2img": _with_budget_flags(cmd_generate),
-        "upscale": _with_budget_flags(_cmd_upscale),
+        "upscale": _cmd_upscale,  # applies its own budget flags
         "batch": _with_budget_flags(cmd_batch),
         "xyz": _with_budget_flags(cmd_xyz),
         "info": cmd_info,
@@ -623,13 +623,13 @@ class _ProgressReporter:
 
 
 def _add_upscale(commands: Any) -> None:
-    from difusi.upscalers.command import add_upscale_parser
+    from difusi.upscale_cli import add_upscale_parser
 
     add_upscale_parser(commands)
 
 
 def _cmd_upscale(args: argparse.Namespace) -> int:
-    from difusi.upscalers.command import cmd_upscale
+    from difusi.upscale_cli import cmd_upscale
 
     return cmd_upscale(args)
 

@@ -10,7 +10,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from difusi.errors import ParamError
 from difusi.infotext import read_infotext
-from difusi.upscalers.command import add_upscale_parser, cmd_upscale
+from difusi.upscale_cli import add_upscale_parser, cmd_upscale
 
 INFOTEXT = "a cat\nNegative prompt: dog\nSteps: 20, Sampler: Euler a, Seed: 1, Size: 32x24, Version: difusi 1"
 
