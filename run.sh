@@ -4,6 +4,6 @@
 #   ./run.sh "a big yellow square at the top"  -> any prompt; extra args go to `difusi generate`
 set -euo pipefail
 cd "$(dirname "$0")"
-source ./tools/setup-venv.sh
+DIFUSI_EXTRAS="${DIFUSI_EXTRAS:-graph}" source ./tools/setup-venv.sh
 if [ $# -eq 0 ]; then set -- "a red circle on a blue background"; fi
 exec difusi generate "$@"

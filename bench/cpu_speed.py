@@ -29,6 +29,11 @@ are meaningful across runs. Sections (all by default):
   warm start from inductor's on-disk cache in a second process, and seconds per step vs the fast path.
 - `sdxl`: an SDXL-architecture random checkpoint (fp16 file, float32 run) in a fresh process: load time,
   one 512 px CFG image (2 steps), peak RSS.
+- `backends` (issue 18, `difusi.speed.graph`): for each installed graph backend (ONNX Runtime, OpenVINO), the
+  first-use conversion (fresh process, cold cache) and the cached load in a fresh process (seconds, peak RSS); with
+  it, the `unet`, `e2e` and `modes` sections gain a row per backend (the backend column): UNet CFG call at 256 and
+  512 px, whole images at 256 px (6 steps with `--backend-steps`) and 512 px (scaled to 20 steps), interleaved with
+  diffusers eager and difusi's torch path in the same run. The VAE decode runs on torch whatever the backend.
 
 Random weights make the images noise-like: the deviation numbers bound how far a mode moves the output,
 not how good it looks. Writes `cpu-speed.json` and `cpu-speed.md` to `--out`.
@@ -55,7 +60,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".bench-cache"
-SECTIONS = ["peak", "threads", "load", "unet", "vae", "e2e", "modes", "modes512", "mini", "compile", "sdxl"]
+SECTIONS = ["peak", "threads", "load", "backends", "unet", "vae", "e2e", "modes", "modes512", "mini", "compile", "sdxl"]
+GRAPH_CACHE = CACHE / "graph-cache"
 PROMPT = "a photo of an astronaut riding a horse on mars, highly detailed"
 NEGATIVE = "blurry, low quality"
 MODES = {
@@ -219,7 +225,7 @@ def unet_flops(unet, x, t, context) -> float:
     return counter.get_total_flops() + attention[0]
 
 
-def measure_unet(model, latent: int, repeats: int, ablations: bool, peak: float | None) -> dict:
+def measure_unet(model, latent: int, repeats: int, ablations: bool, peak: float | None, graphs: dict | None = None) -> dict:
     torch.manual_seed(0)
     x = torch.randn(2, 4, latent, latent)
     t = torch.tensor([500.0, 500.0])
@@ -236,14 +242,17 @@ def measure_unet(model, latent: int, repeats: int, ablations: bool, peak: float 
         })
         if threads > 1:
             variants["difusi exact, 1 thread"] = ("exact", torch.inference_mode, 1)
+    for backend in graphs or {}:
+        variants[f"difusi {backend}"] = ("exact", torch.inference_mode, threads)
     outputs = {}
 
     def call(name):
         path, context_manager, n = variants[name]
+        unet = graphs[name.split(" ", 1)[1]] if graphs and name.split(" ", 1)[1] in graphs else model.unet
         torch.set_num_threads(n)
         try:
             with context_manager():
-                outputs[name] = model.unet(x, t, encoder_hidden_states=context).sample
+                outputs[name] = unet(x, t, encoder_hidden_states=context).sample
         finally:
             torch.set_num_threads(threads)
 
@@ -308,8 +317,9 @@ def image_cases(model, size: int, steps: int, modes: dict) -> tuple[dict, dict]:
     from difusi.params import GenerationParams
     from difusi.pipeline import txt2img
 
+    # backend "torch": the difusi rows measure the torch path unless a case asks for a graph backend (issue 18)
     params = GenerationParams(prompt=PROMPT, negative_prompt=NEGATIVE, seed=1, steps=steps, cfg_scale=7.0,
-                              sampler_name="DPM++ 2M", scheduler="Karras", width=size, height=size)
+                              sampler_name="DPM++ 2M", scheduler="Karras", width=size, height=size, backend="torch")
     pipe = diffusers_pipeline(model)
     images: dict[str, np.ndarray] = {}
 
@@ -338,7 +348,8 @@ def deviation(image: np.ndarray, exact: np.ndarray) -> dict:
             "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse))}
 
 
-def measure_images(model, size: int, steps: int, modes: dict, repeats: int) -> dict:
+def measure_images(model, size: int, steps: int, modes: dict, repeats: int, graphs: dict | None = None) -> dict:
+    modes = {**modes, **{backend: {"backend": backend} for backend in graphs or {}}}
     cases, state = image_cases(model, size, steps, modes)
     current = {"path": None}
 
@@ -346,6 +357,9 @@ def measure_images(model, size: int, steps: int, modes: dict, repeats: int) -> d
         if current["path"] != state["paths"][name]:
             set_path(model, state["paths"][name])
             current["path"] = state["paths"][name]
+        backend = name.split(" ", 1)[1] if name.startswith("difusi ") else None
+        if graphs and backend in graphs:  # the compiled graph of this backend, built before (untimed)
+            model._difusi_graph_unet = graphs[backend]
 
     times = interleaved(cases, repeats, setup)
     base = med(times["diffusers eager"])
@@ -397,13 +411,120 @@ def measure_modes_512(model, vae: dict, repeats: int) -> dict:
     return rows
 
 
-def scaled_e2e(model, steps: int, unet_512: dict) -> dict:
+def scaled_e2e(model, steps: int, unet_512: dict, graphs: dict | None = None) -> dict:
     """One 512 px image per pipeline at `steps` steps, plus the 20-step estimate from the measured s/step."""
-    e2e = measure_images(model, 512, steps, {}, 1)
-    for name, key in (("diffusers eager", "diffusers eager (no_grad)"), ("difusi exact", "difusi exact")):
+    e2e = measure_images(model, 512, steps, {}, 1, graphs)
+    pairs = [("diffusers eager", "diffusers eager (no_grad)"), ("difusi exact", "difusi exact")]
+    pairs += [(f"difusi {backend}", f"difusi {backend}") for backend in graphs or {}]
+    for name, key in pairs:
         if key in unet_512:
             e2e["cases"][name]["scaled_20_steps"] = e2e["cases"][name]["seconds"] + (20 - steps) * unet_512[key]["seconds"]
+    base = e2e["cases"]["diffusers eager"].get("scaled_20_steps")
+    for case in e2e["cases"].values():
+        if base and "scaled_20_steps" in case:
+            case["scaled_speedup"] = base / case["scaled_20_steps"]
     return e2e
+
+
+# ----------------------------------------------------------------------------- graph backends (issue 18)
+
+
+GRAPH_LOAD_CHILD = textwrap.dedent("""
+    import json, resource, sys, time
+    import difusi, torch
+    from difusi.models import load_model
+    from difusi.params import GenerationParams
+    from difusi.speed import graph
+    path, backend = sys.argv[1], sys.argv[2]
+    model = load_model(path)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    s = time.perf_counter()
+    choice = graph.unet_for(model, GenerationParams(prompt="x", backend=backend, width=256, height=256))
+    load_s = time.perf_counter() - s
+    x, t, c = torch.randn(2, 4, 32, 32), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768)
+    with torch.inference_mode():
+        s = time.perf_counter(); choice.unet(x, t, encoder_hidden_states=c); first_call_s = time.perf_counter() - s
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    switch = {}
+    if sys.argv[3] == "1" and choice.backend == backend:
+        # A LoRA switch: a typical LoRA's layers (every attention projection) change in the torch UNet; the graph is
+        # rebuilt from the cached file with those tensors handed over (what GraphUNet.sync does), no re-export.
+        from difusi.speed.graph.backends import build_runner
+        unet = choice.unet
+        changed = {f"unet.{n}": p for n, p in model.unet.named_parameters() if ".attn" in n and ".to_" in n}
+        with torch.no_grad():
+            for p in changed.values():
+                p.mul_(1.01)
+        unet.runner = None
+        s = time.perf_counter(); unet.runner = build_runner(backend, unet.entry.graph_path, changed)
+        switch_s = time.perf_counter() - s
+        with torch.inference_mode():
+            got = unet(x, t, encoder_hidden_states=c).sample
+            want = model.unet(x, t, encoder_hidden_states=c).sample
+        switch = {"lora_switch_s": switch_s, "lora_tensors": len(changed),
+                  "lora_mb": sum(p.numel() * 4 for p in changed.values()) / 2**20,
+                  "lora_max_abs_diff": float((got - want).abs().max())}
+    print(json.dumps({"backend": choice.backend, "warnings": choice.warnings, "stats": graph.STATS,
+                      "load_s": load_s, "first_call_256_s": first_call_s, "peak_rss_after_model_mb": before,
+                      "peak_rss_mb": peak, **switch}))
+""")
+
+
+def measure_backends(model, checkpoint: Path) -> tuple[dict, dict]:
+    """Cold conversion (fresh process) and cached load (fresh process) per installed backend; returns the report and
+    the compiled graphs built here for the interleaved sections."""
+    import shutil
+
+    from difusi.speed import graph
+    from difusi.speed.graph import backends as graph_backends
+    from difusi.speed.graph import cache
+    from difusi.speed.graph.unet import GraphUNet
+
+    os.environ["DIFUSI_CACHE_DIR"] = str(GRAPH_CACHE)
+    report: dict = {"installed": {}, "versions": {}}
+    graphs = {}
+    for backend in graph_backends.GRAPH_BACKENDS:
+        installed = graph_backends.installed(backend)
+        report["installed"][backend] = installed
+        if not installed:
+            continue
+        report["versions"][backend] = graph_backends.backend_version(backend)
+        entry = cache.entry_for(model, backend, graph_backends.backend_version(backend))
+        shutil.rmtree(entry.folder, ignore_errors=True)
+        log(f"  {backend}: converting (fresh process, cold cache)")
+        started = time.perf_counter()
+        graph.convert_into(model, entry)
+        conversion = {**json.loads((entry.folder / "entry.json").read_text())["conversion"],
+                      "seconds": time.perf_counter() - started}  # wall clock, fresh process included
+        size = sum(p.stat().st_size for p in entry.folder.iterdir())
+        loads = []
+        for number in range(2):
+            out = subprocess.run([sys.executable, "-c", GRAPH_LOAD_CHILD, str(checkpoint), backend, str(number)],
+                                 capture_output=True,
+                                 text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+            if out.returncode != 0:
+                loads.append({"error": out.stderr.strip()[-500:]})
+                break
+            loads.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            log(f"  {backend}: cached load in a fresh process {loads[-1]['load_s']:.1f} s")
+        report[backend] = {"conversion": conversion, "cache_entry_gb": size / 1e9, "cached_load": loads,
+                           "cached_load_s": med([r["load_s"] for r in loads if "load_s" in r] or [float("nan")]),
+                           **{k: v for r in loads for k, v in r.items() if k.startswith("lora_")}}
+        started = time.perf_counter()
+        graph_unet = GraphUNet(model, backend, entry)
+        rss_before = _rss_mb()
+        graph_unet.sync(model)
+        report[backend]["in_bench_build_s"] = time.perf_counter() - started
+        report[backend]["in_bench_rss_delta_mb"] = _rss_mb() - rss_before
+        graphs[backend] = graph_unet
+    return report, graphs
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def measure_mini(repeats: int) -> dict:
@@ -558,6 +679,8 @@ def markdown(report: dict) -> str:
     lines = [f"# difusi CPU speed vs diffusers ({report['date']})", "",
              f"`{report['command']}` — {report['machine']}; torch {report['torch']}, diffusers {report['diffusers']}, "
              f"{report['threads']} threads. Same run, interleaved repeats, medians; only ratios compare across runs.", ""]
+    if report.get("cpu_flags"):
+        lines += [f"CPU vector flags: `{report['cpu_flags']}`.", ""]
     for note in report.get("notes", []):
         lines += [f"- {note}"]
     if report.get("notes"):
@@ -586,16 +709,20 @@ def markdown(report: dict) -> str:
     e2e = report.get("e2e")
     if e2e:
         lines += [f"## One CFG image at {e2e['size']} px, {e2e['steps']} steps DPM++ 2M Karras (and scaled to 20 steps)", "",
-                  "| pipeline | s/image | scaled to 20 steps | speed-up |", "|---|---:|---:|---:|"]
+                  "| pipeline | s/image | speed-up | scaled to 20 steps | speed-up at 20 steps | max abs diff (8-bit) |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for name, v in e2e["cases"].items():
-            lines.append(f"| {name} | {v['seconds']:.1f} | {v.get('scaled_20_steps', float('nan')):.0f} | "
-                         f"{v['speedup_vs_diffusers']:.2f}x |")
+            lines.append(f"| {name} | {v['seconds']:.1f} | {v['speedup_vs_diffusers']:.2f}x | "
+                         f"{v.get('scaled_20_steps', float('nan')):.0f} | {v.get('scaled_speedup', float('nan')):.2f}x | "
+                         f"{v['deviation_from_difusi_exact']['max_abs']:.0f} |")
         lines.append("")
-    for key, title in (("modes", "random SD 1.5 architecture"), ("mini", "default model difusi-mini")):
+    for key, title in (("backend_images", "graph backends, random SD 1.5 architecture"),
+                       ("modes", "random SD 1.5 architecture"), ("mini", "default model difusi-mini")):
         modes = report.get(key)
         if not modes:
             continue
-        lines += [f"## Fast modes, {title}: {modes['size']} px, {modes['steps']} steps DPM++ 2M Karras, CFG 7", "",
+        heading = "Whole images" if key == "backend_images" else "Fast modes"
+        lines += [f"## {heading}, {title}: {modes['size']} px, {modes['steps']} steps DPM++ 2M Karras, CFG 7", "",
                   "| pipeline | s/image | speed-up vs diffusers | max abs diff | mean abs diff | PSNR dB |",
                   "|---|---:|---:|---:|---:|---:|"]
         for name, v in modes["cases"].items():
@@ -637,6 +764,25 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {label} | {v['first_call_s']:.1f} | {v['compiled_s']:.2f} | {v['exact_s']:.2f} | "
                              f"{v['speedup_vs_exact']:.2f}x | {v['max_abs_diff']:.1e} |")
         lines.append("")
+    graph = report.get("backends")
+    if graph:
+        lines += ["## Graph backends (issue 18): conversion and cached load, SD 1.5 architecture", "",
+                  "| backend | version | first-use conversion s (fresh process) | its peak RSS GiB | cache entry GB | "
+                  "cached load s (fresh process) | that process's peak RSS GiB | LoRA switch s (tensors, max abs diff) |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for backend, installed in graph["installed"].items():
+            if not installed:
+                lines.append(f"| {backend} | not installed | | | | | | |")
+                continue
+            v = graph[backend]
+            conv = v["conversion"]
+            load = next((r for r in v["cached_load"] if "load_s" in r), {})
+            lines.append(f"| {backend} | {graph['versions'][backend].split('-')[0]} | {conv.get('wall_seconds', conv['seconds']):.0f} | "
+                         f"{conv.get('process_peak_rss_mb', float('nan')) / 1024:.1f} | {v['cache_entry_gb']:.2f} | "
+                         f"{v['cached_load_s']:.1f} | {load.get('peak_rss_mb', float('nan')) / 1024:.1f} | "
+                         f"{v.get('lora_switch_s', float('nan')):.1f} ({v.get('lora_tensors', 0)}, "
+                         f"{v.get('lora_max_abs_diff', float('nan')):.1e}) |")
+        lines.append("")
     sdxl = report.get("sdxl")
     if sdxl:
         lines += ["## SDXL architecture (random weights), 512 px", ""]
@@ -664,6 +810,17 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} logical CPUs, {isa}"
 
 
+def cpu_vector_flags() -> str:
+    """The CPU's vector ISA flags (lscpu's), recorded with every run: kernel choices depend on them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return " ".join(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma", "sse4")))
+    except OSError:
+        pass
+    return "?"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=None, help="SD 1.5-architecture file (default: random, cached)")
@@ -671,6 +828,7 @@ def main() -> None:
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (1 at 512 px)")
     parser.add_argument("--e2e-steps", type=int, default=4)
+    parser.add_argument("--backend-steps", type=int, default=6, help="steps of the 256 px backend images (default 6)")
     parser.add_argument("--modes-repeats", type=int, default=1, help="repeats of the 20-step 256 px images (default 1)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     parser.add_argument("--merge", action="store_true", help="keep the other sections of an existing cpu-speed.json")
@@ -683,7 +841,8 @@ def main() -> None:
     from diffusers import __version__ as diffusers_version
 
     report: dict = {"date": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC", "command": " ".join(["python bench/cpu_speed.py", *sys.argv[1:]]),
-                    "machine": machine(), "torch": torch.__version__, "diffusers": diffusers_version,
+                    "machine": machine(), "cpu_flags": cpu_vector_flags(), "torch": torch.__version__,
+                    "diffusers": diffusers_version,
                     "threads": torch.get_num_threads(), "sections": sections}
     args.out.mkdir(parents=True, exist_ok=True)
     if args.merge and (args.out / "cpu-speed.json").exists():
@@ -705,24 +864,31 @@ def main() -> None:
     if "peak" in sections:
         section("peak", lambda: measure_peak(5))
     peak = report.get("peak", {}).get("peak_gflops")
-    needs_sd15 = set(sections) & {"threads", "load", "unet", "vae", "e2e", "modes", "modes512", "compile"}
+    needs_sd15 = set(sections) & {"threads", "load", "backends", "unet", "vae", "e2e", "modes", "modes512", "compile"}
     checkpoint = ensure_sd15(args.checkpoint) if needs_sd15 else None
     if "threads" in sections:
         section("threads_policy", lambda: measure_threads(checkpoint, 2 if args.quick else 3))
     if "load" in sections:
         section("load", lambda: measure_load(checkpoint, 2 if args.quick else 3))
     model = None
-    if set(sections) & {"unet", "vae", "e2e", "modes", "modes512"}:
+    if set(sections) & {"backends", "unet", "vae", "e2e", "modes", "modes512"}:
         from difusi.models import load_model
 
         model = load_model(checkpoint)
+    graphs: dict = {}
+    if "backends" in sections:
+        log("backends")
+        report["backends"], graphs = measure_backends(model, checkpoint)
+        save()
     if "unet" in sections:
-        section("unet_256", lambda: measure_unet(model, 32, r256, True, peak))
-        section("unet_512", lambda: measure_unet(model, 64, r512, False, peak))
+        section("unet_256", lambda: measure_unet(model, 32, r256, True, peak, graphs))
+        section("unet_512", lambda: measure_unet(model, 64, r512, False, peak, graphs))
     if "vae" in sections:
         section("vae", lambda: measure_vae(model, r512))
     if "e2e" in sections:
-        section("e2e", lambda: scaled_e2e(model, args.e2e_steps, report.get("unet_512", {}).get("variants", {})))
+        section("e2e", lambda: scaled_e2e(model, args.e2e_steps, report.get("unet_512", {}).get("variants", {}), graphs))
+    if graphs:
+        section("backend_images", lambda: measure_images(model, 256, args.backend_steps, {}, r256, graphs))
     if "modes" in sections:
         section("modes", lambda: measure_images(model, 256, 20, MODES, args.modes_repeats))
     if "modes512" in sections:

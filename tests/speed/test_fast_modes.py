@@ -139,7 +139,7 @@ def test_ngms_image_equals_a_hand_written_euler_loop(model):
     resolved = params.validated(native_size=model.native_size)
     cond_schedule, uncond_schedule = _encode(model, resolved)
     cond, uncond = cond_schedule[0][1].context, uncond_schedule[0][1].context
-    cfg = CFGDenoiser(_denoiser(model, table, GenerationParams()))
+    cfg = CFGDenoiser(_denoiser(model, table, GenerationParams(backend="torch"))[0])
     x = torch.randn((1, 4, 32, 32), generator=torch.Generator("cpu").manual_seed(params.seed)) * sigmas[0]
     with torch.inference_mode():
         for i in range(params.steps):

@@ -414,6 +414,9 @@ def free_model(model: LoadedModel | None) -> None:
     """Drop a model's modules and collect, so its memory is returned before the next one loads."""
     if model is None:
         return
+    from difusi.speed.graph import release
+
+    release(model)  # a compiled UNet graph (about a UNet's size again) goes with its model
     model.unet = model.vae = None
     model.text_encoders = []
     gc.collect()

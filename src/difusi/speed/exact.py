@@ -14,6 +14,20 @@ AVX-512 kernels on AMD processors and reaches 50-100 GFLOPS on the UNet's linear
 Both are float32 the whole way: results differ from eager only by summation order (about 1e-6
 relative per layer; the tests bound the final image to 1e-3 of diffusers' eager pipeline).
 `restore_model` undoes both, so a test or a bench can put the eager modules back.
+
+Re-measured per CPU (issue 18; `bench/cpu_speed.py` section `unet` ablates each switch, and `choices()` picks them at
+run time from the CPU's vendor and features, deterministically, so every process of a machine computes the same
+bits). Each switch is kept where it was not slower:
+
+| CPU | oneDNN linear vs MKL | channels_last vs NCHW | whole exact path vs eager |
+|---|---|---|---|
+| AMD EPYC, AVX-512 (first host) | 2-3x on the UNet's GEMMs | kept | 1.3-1.6x |
+| AMD EPYC Zen 3, AVX2 (issue 18) | | | 1.01-1.16x |
+| Intel Xeon, AVX-512 + AMX (issue 18 session) | 0.98-1.60x per UNet shape | 1.10-1.14x at 256 px shapes, 0.94x at 64x64 | bench/results/graph |
+
+No measured CPU made either switch a loss, so `choices()` keeps both on x86 with oneDNN; on another architecture
+(ARM: oneDNN's ACL path, unmeasured) the linears stay on torch's default GEMM. `DIFUSI_EXACT_LINEAR=0|1` and
+`DIFUSI_EXACT_CHANNELS_LAST=0|1` override the choice (for a CPU where a bench says otherwise).
 """
 
 from __future__ import annotations
@@ -31,6 +45,25 @@ def onednn_linear_available() -> bool:
     return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and hasattr(
         torch.ops.mkldnn, "_linear_pointwise"
     )
+
+
+def _flag(name: str) -> bool | None:
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return None
+
+
+def choices() -> tuple[bool, bool]:
+    """(oneDNN linears, channels_last convolution weights) for the running CPU (table in the module docstring)."""
+    import platform
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+    linear = _flag("DIFUSI_EXACT_LINEAR")
+    channels_last = _flag("DIFUSI_EXACT_CHANNELS_LAST")
+    return (x86 if linear is None else linear), (True if channels_last is None else channels_last)
 
 
 def enabled_by_default() -> bool:
@@ -102,8 +135,9 @@ def prepare_model(model: Any, force: bool = False) -> bool:
     if (state == "eager" and not force) or not enabled_by_default() or not _on_cpu_float32(model):
         return False
     convs, texts = _model_modules(model)
-    prepare_modules(convs, linear=True, channels_last=True)
-    prepare_modules(texts, linear=True, channels_last=False)
+    linear, channels_last = choices()
+    prepare_modules(convs, linear=linear, channels_last=channels_last)
+    prepare_modules(texts, linear=linear, channels_last=False)
     setattr(model, _PREPARED, True)
     return True
 

@@ -3,16 +3,62 @@
 `unet_for(model, params)` returns a `UNetChoice` whose `unet` the pipeline's denoiser calls in place of `model.unet`,
 with the same signature (`(x, t, encoder_hidden_states=..., added_cond_kwargs=...) -> object with .sample`), and the
 warnings the job's result carries (e.g. a fallback to the torch path).
+
+Backends (`params.backend`, CLI `--backend`): "torch" (difusi's exact eager path), "onnx" (ONNX Runtime, CPU
+execution provider, an ONNX export of the UNet) and "openvino" (OpenVINO CPU plugin, f32, an IR converted by its
+PyTorch frontend), each made once per checkpoint file and cached on disk (`difusi.speed.graph.convert`,
+`difusi.speed.graph.cache`); "auto".
+Measured side by side on the same random SD 1.5-architecture weights (docs/bench/graph-backend.md, this session's
+2-core Xeon, AVX-512/AMX, bench run): a CFG call at 256 px 1.46x (OpenVINO) / 1.53x (ORT) diffusers eager, at 512 px
+1.15x / 1.04x; deviation ~1e-7 on outputs of magnitude 0.05 (float32 summation order only); first conversion ~35 s in
+a fresh process; cached load 1.9-4.2 s (OpenVINO) / 11.8 s (ORT); a LoRA switch 1.4 s / 8.9 s.
+Both take new weights without a re-export (see `unet.GraphUNet.sync`).
+
+Where a graph backend cannot run the job, the torch path does, and `UNetChoice.warnings` says why when a graph
+backend was asked for by name: its package is missing (one line naming the pip extra); DeepCache or ToMe is on (they
+patch the torch UNet's blocks, which a graph does not have); the model is not a float32 CPU model (GPU, fp16/bf16,
+offload, `--compile`); conversion or loading failed. NGMS needs nothing (it only skips calls), interrupts need
+nothing (calls are per step), NaN checks run on the returned latents as before.
+
+`auto` rule: a graph backend (one that already has a graph of this checkpoint in memory or in the disk cache, else
+the first installed of `AUTO_ORDER`) runs the job when that graph exists, or when the job is large enough to pay for
+a first conversion: estimated seconds saved (`SAVED_S_PER_MPIX_CALL` x UNet parameters / 860 M x million latent
+pixels x UNet batch rows x calls) >= estimated conversion + load (`CONVERT_FIXED_S` + `CONVERT_S_PER_GPARAM` x
+billion parameters). Constants from the bench run: SD 1.5 conversion 35 s wall + 2-4 s load; a call saves 0.62 s at
+256 px (2 x 32 x 32 rows: 300 s per million) and 0.81 s at 512 px (2 x 64 x 64: 100 s per million); 150 is used.
+So on this machine an SD 1.5 job converts from about two 512 px 20-step CFG images (one saves ~16-25 s, less than
+the ~38 s conversion) or ~120 CFG calls at 256 px; small UNets (difusi-mini, test checkpoints) stay on torch unless a
+graph is already cached. Otherwise torch.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from difusi.errors import ParamError
 
 BACKENDS = ("auto", "torch", "openvino", "onnx")
+AUTO_ORDER = ("openvino", "onnx")
+"""Preference of `auto` when both are installed: the faster on the measured CPU (docs/bench/graph-backend.md)."""
+
+# The amortisation rule's constants (module docstring; docs/bench/graph-backend.md), scaled by the UNet's size.
+SD15_PARAMS = 860e6
+SAVED_S_PER_MPIX_CALL = 150.0
+CONVERT_FIXED_S = 6.0
+CONVERT_S_PER_GPARAM = 37.0
+INLINE_MAX_PARAMS = 50_000_000
+"""UNets up to this size convert in the running process (a second copy is a few MB); larger ones in a fresh one."""
+CONVERT_ENV = "DIFUSI_GRAPH_CONVERT"
+""""process" or "inline" forces where conversion runs (tests, benches)."""
+
+STATS = {"conversions": 0, "loads": 0, "rebuilt_corrupt": 0}
+"""Counters for tests and benches: graphs exported, compiled graphs built from the cache, corrupt entries rebuilt."""
+
+_ATTRIBUTE = "_difusi_graph_unet"
 
 
 @dataclass
@@ -30,6 +76,210 @@ def check_backend(name: str) -> None:
         raise ParamError("backend", f"must be one of {', '.join(BACKENDS)}, got {name!r}")
 
 
+def available_backends() -> list[str]:
+    """The graph backends whose package imports here."""
+    from difusi.speed.graph.backends import GRAPH_BACKENDS, installed
+
+    return [name for name in GRAPH_BACKENDS if installed(name)]
+
+
 def unet_for(model: Any, params: Any) -> UNetChoice:
-    """The UNet for this job; the torch module itself until a graph backend is chosen."""
-    return UNetChoice(model.unet, "torch")
+    """The UNet for this job (see the module docstring for the rule); never raises for a backend problem."""
+    requested = getattr(params, "backend", "auto") or "auto"
+    if requested == "torch":
+        return UNetChoice(model.unet, "torch")
+    explicit = requested != "auto"
+    if explicit:
+        from difusi.speed.graph.backends import BackendMissing, import_backend
+
+        try:
+            import_backend(requested)
+        except BackendMissing as error:
+            return _torch(model, f"{error}; the UNet runs on torch")
+        name = requested
+    else:
+        installed = available_backends()
+        if not installed:
+            return UNetChoice(model.unet, "torch")
+        ordered = [b for b in AUTO_ORDER if b in installed] + [b for b in installed if b not in AUTO_ORDER]
+        name = next((b for b in ordered if _has_graph(model, b)), ordered[0])
+    problem = _unsupported(model, params)
+    if problem is not None:
+        if explicit or _worth_it(model, params, name):
+            return _torch(model, f"backend {name}: {problem}; the UNet runs on torch")
+        return UNetChoice(model.unet, "torch")
+    if not explicit:
+        if not _worth_it(model, params, name):
+            return UNetChoice(model.unet, "torch")
+        from difusi.speed.graph.backends import BackendMissing, import_backend
+
+        try:
+            import_backend(name)
+        except BackendMissing:
+            return UNetChoice(model.unet, "torch")  # installed but broken: auto stays quiet, an explicit name warns
+    try:
+        graph = graph_unet(model, name)
+    except Exception as error:  # noqa: BLE001  (a graph that cannot be made never costs the image)
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        return _torch(model, f"backend {name}: the UNet graph could not be used ({type(error).__name__}: {first}); "
+                             "the UNet runs on torch")
+    return UNetChoice(graph, name)
+
+
+def release(model: Any) -> None:
+    """Drop the model's compiled graph (its runtime memory, several GB for SD 1.5); `free_model` should call it."""
+    if model is not None and getattr(model, _ATTRIBUTE, None) is not None:
+        setattr(model, _ATTRIBUTE, None)
+
+
+def _torch(model: Any, warning: str) -> UNetChoice:
+    return UNetChoice(model.unet, "torch", [warning])
+
+
+def _unsupported(model: Any, params: Any) -> str | None:
+    """Why this job's UNet calls cannot go through a CPU float32 graph, or None."""
+    if (getattr(params, "deepcache_interval", 1) or 1) > 1 or (getattr(params, "token_merging_ratio", 0) or 0) > 0:
+        return "DeepCache and ToMe patch the torch UNet's blocks, which a compiled graph does not have"
+    try:
+        parameter = next(model.unet.parameters())
+    except (AttributeError, StopIteration, TypeError):
+        return "the model has no torch UNet to export"
+    import torch
+
+    if parameter.device.type != "cpu" or torch.device(getattr(model, "device", "cpu")).type != "cpu":
+        return "graph backends run on the CPU only"
+    if parameter.dtype != torch.float32:
+        return f"graph backends run float32 UNets, this one is {str(parameter.dtype).replace('torch.', '')}"
+    if getattr(model, "compiled", False):
+        return "the UNet is compiled with torch.compile (--compile)"
+    if getattr(model, "offload", "none") not in (None, "none"):
+        return "offload is on"
+    if not hasattr(getattr(model.unet, "config", None), "block_out_channels"):
+        return "the UNet is not a diffusers UNet2DConditionModel"
+    return None
+
+
+def _unet_params(model: Any) -> int:
+    return sum(parameter.numel() for parameter in model.unet.parameters())
+
+
+def job_work(model: Any, params: Any) -> float:
+    """Million latent-pixel rows the job's UNet calls process (calls x batch rows x latent pixels)."""
+    from difusi.samplers import get_sampler
+
+    try:
+        second_order = get_sampler(params.sampler_name).second_order
+    except Exception:  # noqa: BLE001  (an unknown sampler fails validation elsewhere)
+        second_order = False
+    calls = params.steps * (2 if second_order else 1) * params.n_iter
+    rows = params.batch_size * (1 if params.cfg_scale == 1 else 2)
+    factor = getattr(model, "vae_scale_factor", 8) or 8
+    return calls * rows * (params.width // factor) * (params.height // factor) / 1e6
+
+
+def estimates(model: Any, params: Any) -> tuple[float, float]:
+    """(seconds a graph would save on this job, seconds a first conversion costs) by the rule above."""
+    size = _unet_params(model)
+    saved = SAVED_S_PER_MPIX_CALL * size / SD15_PARAMS * job_work(model, params)
+    return saved, CONVERT_FIXED_S + CONVERT_S_PER_GPARAM * size / 1e9
+
+
+def _has_graph(model: Any, name: str) -> bool:
+    """A graph of this model for backend `name` is in memory or in the disk cache."""
+    existing = getattr(model, _ATTRIBUTE, None)
+    if existing is not None and existing.backend == name:
+        return True
+    try:
+        return cached_entry(model, name) is not None
+    except Exception:  # noqa: BLE001  (test doubles, unhashable paths: no graph)
+        return False
+
+
+def _worth_it(model: Any, params: Any, name: str) -> bool:
+    """`auto`: a cached graph exists, or the job saves more than a conversion costs."""
+    if _has_graph(model, name):
+        return True
+    try:
+        saved, cost = estimates(model, params)
+    except Exception:  # noqa: BLE001  (test doubles, unhashable paths: no graph)
+        return False
+    return saved >= cost
+
+
+def cached_entry(model: Any, name: str):
+    """The valid cache entry of this model's UNet for backend `name`, or None."""
+    from difusi.speed.graph import cache
+    from difusi.speed.graph.backends import backend_version
+
+    entry = cache.entry_for(model, name, backend_version(name))
+    return entry if cache.is_valid(entry) else None
+
+
+def graph_unet(model: Any, name: str):
+    """The model's `GraphUNet` for backend `name`: kept on the model between jobs, loaded from the disk cache, or
+    converted (once) and cached. Weights are synced with the torch UNet's (LoRA) before it is returned."""
+    from difusi.speed.graph import cache
+    from difusi.speed.graph.backends import backend_version
+    from difusi.speed.graph.unet import GraphUNet
+
+    graph = getattr(model, _ATTRIBUTE, None)
+    if graph is not None and (graph.backend != name or graph.torch_unet is not model.unet):
+        setattr(model, _ATTRIBUTE, None)  # one compiled copy per model: free the other backend's first
+        graph = None
+    if graph is None:
+        entry = cache.entry_for(model, name, backend_version(name))
+        if not cache.is_valid(entry):
+            if entry.folder.exists():
+                STATS["rebuilt_corrupt"] += 1
+                print(f"difusi: the cached UNet graph {entry.folder.name} is incomplete or damaged; converting again",
+                      file=sys.stderr, flush=True)
+            convert_into(model, entry)
+        graph = GraphUNet(model, name, entry)
+        try:
+            _load(graph, model)
+        except KeyError:
+            raise  # a merged LoRA changes a weight the graph cannot take (not damage): unet_for runs torch
+        except Exception:  # noqa: BLE001  (a file that passed the size check but does not load: rebuild once)
+            STATS["rebuilt_corrupt"] += 1
+            print(f"difusi: the cached UNet graph {entry.folder.name} does not load; converting again",
+                  file=sys.stderr, flush=True)
+            cache.remove(entry)
+            convert_into(model, entry)
+            _load(graph, model)
+        cache.touch(entry)
+        setattr(model, _ATTRIBUTE, graph)
+    else:
+        graph.sync(model)
+    return graph
+
+
+def _load(graph: Any, model: Any) -> None:
+    started = time.perf_counter()
+    print(f"difusi: loading the {graph.backend} UNet graph", file=sys.stderr, flush=True)
+    graph.sync(model)
+    STATS["loads"] += 1
+    graph.load_seconds = time.perf_counter() - started
+
+
+def convert_into(model: Any, entry: Any) -> None:
+    """Export the model file's UNet into `entry` (fresh process for large UNets), then publish it in the cache."""
+    from difusi.speed.graph import cache
+    from difusi.speed.graph.convert import convert_checkpoint, convert_in_child
+
+    mode = os.environ.get(CONVERT_ENV) or ("inline" if _unet_params(model) <= INLINE_MAX_PARAMS else "process")
+    staged = cache.staging_folder(entry)
+    STATS["conversions"] += 1
+    started = time.perf_counter()
+    try:
+        if mode == "process":
+            facts = convert_in_child(model.path, staged, entry.facts["backend"])
+        else:
+            facts = convert_checkpoint(model.path, staged, entry.facts["backend"])
+        facts["wall_seconds"] = time.perf_counter() - started
+        facts["mode"] = mode
+        cache.publish(entry, staged, facts)
+    finally:
+        if staged.exists():
+            cache.shutil.rmtree(staged, ignore_errors=True)
+    print(f"difusi: UNet graph converted in {time.perf_counter() - started:.1f} s and cached in {entry.folder}",
+          file=sys.stderr, flush=True)
