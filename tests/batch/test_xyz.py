@@ -82,7 +82,7 @@ def test_lora_multiplier_sweep_is_prompt_sr():
     ("steps=abc", "z", "Z axis (Steps): 'abc'"),
     ("steps=1.5", "x", "'1.5'"),
     ("nonsense=1", "x", "unknown axis type 'nonsense'"),
-    ("Hires steps=1,2", "x", "not supported"),
+    ("Styles=a,b", "x", "not supported"),
     ("steps", "x", "TYPE=VALUES"),
     ("steps=", "x", "no values"),
     ("steps=1-5 (+0)", "x", "step of 0"),
@@ -403,7 +403,7 @@ def test_script_args_mapping():
     assert dropdown.x.values == ("Euler", "LMS") and dropdown.include_lone_images
     sr = from_script_args(_script_args(7, "cat,dog", 1, "1,2"), prompt="a cat")
     assert sr.x.type.kind == xyz.PROMPT_SR and sr.y.type.field == "seed"
-    for bad in (_script_args(5, "10"), _script_args(99, "1"), ["x"], _script_args(4, "0")):
+    for bad in (_script_args(8, "10"), _script_args(99, "1"), ["x"], _script_args(4, "0")):  # 8: Prompt order
         with pytest.raises(AxisError) as raised:
             from_script_args(bad, prompt="p")
         assert raised.value.field == "script_args"
@@ -413,3 +413,19 @@ def test_png_bytes_decode():
     png = xyz.encode_png(_solid((1, 2, 3)), "text")
     with Image.open(io.BytesIO(png)) as image:
         assert image.text["parameters"] == "text"
+
+
+def test_a1111_hires_denoising_and_vae_axes_set_their_fields():
+    """A1111's "Hires steps", "Hires sampler", "Hires upscaler", "Denoising" and "VAE" axes are the hires-fix and
+    sd_vae fields now (issue 15; issue 14 left the VAE axis out)."""
+    from difusi.batch.xyz import parse_axis
+
+    for text, field, values in (("Hires steps=2,3", "hr_second_pass_steps", (2, 3)),
+                                ("Hires sampler=Euler,DPM++ 2M", "hr_sampler_name", ("Euler", "DPM++ 2M")),
+                                ("Hires upscaler=Latent,Lanczos", "hr_upscaler", ("Latent", "Lanczos")),
+                                ("Denoising=0.3,0.6", "denoising_strength", (0.3, 0.6)),
+                                ("VAE=None,Automatic", "sd_vae", ("None", "Automatic"))):
+        axis = parse_axis(text, "x")
+        assert (axis.type.field, axis.values) == (field, values), text
+    with pytest.raises(AxisError):
+        parse_axis("Denoising=1.5", "x")

@@ -63,7 +63,7 @@ def pixels(model, job) -> np.ndarray:
 
 
 def graph_of(model):
-    return getattr(model, "_difusi_graph_unet", None)
+    return model.derived.get("graph_unet")
 
 
 def counting(model):

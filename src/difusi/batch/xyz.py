@@ -50,13 +50,13 @@ NOTHING, FIELD_AXIS, PROMPT_SR, CHECKPOINT = "nothing", "field", "prompt_sr", "c
 
 A1111_AXIS_OPTIONS: tuple[tuple[str, str | None], ...] = (
     ("Nothing", NOTHING), ("Seed", "seed"), ("Var. seed", "subseed"), ("Var. strength", "subseed_strength"),
-    ("Steps", "steps"), ("Hires steps", None), ("CFG Scale", "cfg_scale"), ("Prompt S/R", PROMPT_SR),
-    ("Prompt order", None), ("Sampler", "sampler_name"), ("Hires sampler", None), ("Checkpoint name", CHECKPOINT),
+    ("Steps", "steps"), ("Hires steps", "hr_second_pass_steps"), ("CFG Scale", "cfg_scale"), ("Prompt S/R", PROMPT_SR),
+    ("Prompt order", None), ("Sampler", "sampler_name"), ("Hires sampler", "hr_sampler_name"), ("Checkpoint name", CHECKPOINT),
     ("Negative Guidance minimum sigma", "s_min_uncond"), ("Sigma Churn", "s_churn"), ("Sigma min", "s_tmin"),
     ("Sigma max", "s_tmax"), ("Sigma noise", "s_noise"), ("Schedule type", "scheduler"),
     ("Schedule min sigma", None), ("Schedule max sigma", None), ("Schedule rho", None), ("Eta", "eta"),
-    ("Clip skip", "clip_skip"), ("Denoising", None), ("Initial noise multiplier", None), ("Extra noise", None),
-    ("Hires upscaler", None), ("VAE", None), ("Styles", None), ("UniPC Order", None), ("Face restore", None),
+    ("Clip skip", "clip_skip"), ("Denoising", "denoising_strength"), ("Initial noise multiplier", None), ("Extra noise", None),
+    ("Hires upscaler", "hr_upscaler"), ("VAE", "sd_vae"), ("Styles", None), ("UniPC Order", None), ("Face restore", None),
     ("Token merging ratio", "token_merging_ratio"), ("Token merging ratio high-res", None),
     ("Always discard next-to-last sigma", None), ("SGM noise multiplier", None), ("Refiner checkpoint", None),
     ("Refiner switch at", None), ("RNG source", "rng"),

@@ -71,6 +71,9 @@ class LoadedModel:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
+    derived: dict[str, Any] = field(default_factory=dict, repr=False)
+    """Objects made from the weights by other modules (a compiled UNet graph, `difusi.speed.graph`), dropped with the
+    model by `free_model` (so the loader needs to know none of them)."""
     _sha256: str | None = None
 
     @property
@@ -414,9 +417,7 @@ def free_model(model: LoadedModel | None) -> None:
     """Drop a model's modules and collect, so its memory is returned before the next one loads."""
     if model is None:
         return
-    from difusi.speed.graph import release
-
-    release(model)  # a compiled UNet graph (about a UNet's size again) goes with its model
+    model.derived.clear()  # e.g. a compiled UNet graph (about a UNet's size again) goes with its model
     model.unet = model.vae = None
     model.text_encoders = []
     gc.collect()

@@ -58,7 +58,16 @@ CONVERT_ENV = "DIFUSI_GRAPH_CONVERT"
 STATS = {"conversions": 0, "loads": 0, "rebuilt_corrupt": 0}
 """Counters for tests and benches: graphs exported, compiled graphs built from the cache, corrupt entries rebuilt."""
 
-_ATTRIBUTE = "_difusi_graph_unet"
+_DERIVED_KEY = "graph_unet"
+"""Where the compiled graph lives: `LoadedModel.derived` (objects made from the weights, dropped with the model)."""
+
+
+def _graph_of(model: Any) -> Any:
+    return (getattr(model, "derived", None) or {}).get(_DERIVED_KEY)
+
+
+def _set_graph(model: Any, graph: Any) -> None:
+    vars(model).setdefault("derived", {})[_DERIVED_KEY] = graph
 
 
 @dataclass
@@ -127,9 +136,10 @@ def unet_for(model: Any, params: Any) -> UNetChoice:
 
 
 def release(model: Any) -> None:
-    """Drop the model's compiled graph (its runtime memory, several GB for SD 1.5); `free_model` should call it."""
-    if model is not None and getattr(model, _ATTRIBUTE, None) is not None:
-        setattr(model, _ATTRIBUTE, None)
+    """Drop the model's compiled graph (its runtime memory, several GB for SD 1.5) now; `free_model` drops every
+    derived object with the model."""
+    if model is not None and _graph_of(model) is not None:
+        _set_graph(model, None)
 
 
 def _torch(model: Any, warning: str) -> UNetChoice:
@@ -186,7 +196,7 @@ def estimates(model: Any, params: Any) -> tuple[float, float]:
 
 def _has_graph(model: Any, name: str) -> bool:
     """A graph of this model for backend `name` is in memory or in the disk cache."""
-    existing = getattr(model, _ATTRIBUTE, None)
+    existing = _graph_of(model)
     if existing is not None and existing.backend == name:
         return True
     try:
@@ -222,9 +232,9 @@ def graph_unet(model: Any, name: str):
     from difusi.speed.graph.backends import backend_version
     from difusi.speed.graph.unet import GraphUNet
 
-    graph = getattr(model, _ATTRIBUTE, None)
+    graph = _graph_of(model)
     if graph is not None and (graph.backend != name or graph.torch_unet is not model.unet):
-        setattr(model, _ATTRIBUTE, None)  # one compiled copy per model: free the other backend's first
+        _set_graph(model, None)  # one compiled copy per model: free the other backend's first
         graph = None
     if graph is None:
         entry = cache.entry_for(model, name, backend_version(name))
@@ -247,7 +257,7 @@ def graph_unet(model: Any, name: str):
             convert_into(model, entry)
             _load(graph, model)
         cache.touch(entry)
-        setattr(model, _ATTRIBUTE, graph)
+        _set_graph(model, graph)
     else:
         graph.sync(model)
     return graph
