@@ -259,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(f"{error.filename or ''}: {error.strerror or error}".lstrip(": "), code=EXIT_FAILURE)
 
 
-MINI_HELP = """usage: difusi mini {train,evaluate,train-lora,evaluate-lora} ...
+MINI_HELP = """usage: difusi mini {train,evaluate,train-lora,evaluate-lora,evaluate-img2img} ...
 
 Train or evaluate difusi-mini, the small model difusi ships.
 
@@ -267,8 +267,10 @@ commands:
   train      train difusi-mini from scratch (`difusi mini train --help`)
   evaluate   score difusi-mini's prompt adherence (`difusi mini evaluate --help`)
   train-lora     train the LoRA that teaches difusi-mini "pink" (`difusi mini train-lora --help`)
-  evaluate-lora  score a pink LoRA (`difusi mini evaluate-lora --help`)"""
-MINI_COMMANDS = {"train": "train", "evaluate": "evaluate", "train-lora": "lora", "evaluate-lora": "lora_eval"}
+  evaluate-lora  score a pink LoRA (`difusi mini evaluate-lora --help`)
+  evaluate-img2img  score inpainting, img2img colour changes and near-0 strength (`difusi mini evaluate-img2img --help`)"""
+MINI_COMMANDS = {"train": "train", "evaluate": "evaluate", "train-lora": "lora", "evaluate-lora": "lora_eval",
+                 "evaluate-img2img": "img2img_eval"}
 
 
 def _forward(command: str, rest: list[str]) -> int:
@@ -281,7 +283,7 @@ def _forward(command: str, rest: list[str]) -> int:
         print(MINI_HELP)
         return 0
     if not rest or rest[0] not in MINI_COMMANDS:
-        _fail("mini: expected `train` or `evaluate`, e.g. `difusi mini train --help`")  # (or train-lora, evaluate-lora)
+        _fail("mini: expected `train` or `evaluate`, e.g. `difusi mini train --help`")  # (or the others in MINI_HELP)
     import importlib
 
     mini_command = importlib.import_module(f"difusi.mini.{MINI_COMMANDS[rest[0]]}")
