@@ -235,3 +235,17 @@ def test_speed_modes_start_afresh_in_the_hires_pass(mini, speed):
     assert result.images[0].image.size == (128, 128)
     name, value = next(iter(speed.items()))
     assert f"{FIELDS[name].infotext}: {value}" in result.infotexts[0]
+
+
+def test_progress_runs_on_through_the_hires_pass(mini):
+    """One progress bar for both passes: steps count on from the first pass to the last hires step, and the live
+    preview latents take the hires size in the second pass."""
+    seen = []
+    txt2img(mini, _params(enable_hr=True, hr_scale=2.0, hr_second_pass_steps=3),
+            progress=lambda p: seen.append((p.step, p.steps, tuple(p.latents.shape[-2:]))))
+    first_steps = len(seen) - 3
+    assert [step for step, _, _ in seen] == list(range(1, len(seen) + 1))
+    assert {total for _, total, _ in seen} == {len(seen)}
+    first_size = seen[0][2]
+    assert {size for _, _, size in seen[:first_steps]} == {first_size}
+    assert {size for _, _, size in seen[first_steps:]} == {(first_size[0] * 2, first_size[1] * 2)}
