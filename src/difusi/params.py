@@ -221,6 +221,13 @@ class GenerationParams:
                                     range=(1, 50), flags=("--deepcache-interval",), metavar="N",
                                     infotext="DeepCache interval", group="speed")
     """Opt-in speed-up (DeepCache): recompute the UNet's deep blocks every N-th call. 1 = off."""
+    unet_precision: str = param("fp32", label="UNet precision",
+                                help="UNet graph precision: fp32 (exact), bf16 (OpenVINO bf16 inference, CPUs with "
+                                     "AMX / AVX512-BF16) or int8 (NNCF int8 weights); needs the openvino backend",
+                                choices="unet_precisions", flags=("--unet-precision",), infotext="UNet precision",
+                                group="speed", widget="select")
+    """Opt-in speed-up (`difusi.speed.graph.precision`): the compiled OpenVINO UNet in bf16 or with int8 weights.
+    "fp32" = off; written to the infotext only when it ran (a job that fell back to fp32 says so in its warnings)."""
     backend: str = param("auto", label="UNet backend",
                          help="how the UNet runs: auto (a compiled graph where it pays and is installed, else "
                               "torch), torch, openvino or onnx; never changes the infotext",
@@ -400,6 +407,7 @@ class GenerationParams:
         _check_sampler_and_schedule(checked)
         _check_rng(checked)
         _check_backend(checked)
+        _check_unet_precision(checked)
         _check_outpaint(checked)
         _check_hires(checked)
         return checked
@@ -607,6 +615,12 @@ def _check_backend(params: GenerationParams) -> None:
     from difusi.speed.graph import check_backend
 
     check_backend(params.backend)  # raises ParamError("backend", ...) naming the backends
+
+
+def _check_unet_precision(params: GenerationParams) -> None:
+    from difusi.speed.graph.precision import check_precision
+
+    check_precision(params.unet_precision)  # raises ParamError("unet_precision", ...) naming fp32, bf16, int8
 
 
 def _convert(spec: FieldSpec, value: Any) -> Any:

@@ -231,8 +231,10 @@ def _generate(model, params, pictures, mask, progress, should_stop, should_skip,
             if kind == TXT2IMG and resolved.enable_hr else None
     if (ti_hashes := embeddings_used.ti_hashes()) is not None:
         job_networks.infotext["TI hashes"] = ti_hashes
-    denoiser, backend_warnings = _denoiser(model, table, resolved)
+    denoiser, backend_warnings, unet_precision = _denoiser(model, table, resolved)
     result.warnings += backend_warnings
+    # The infotext says the precision that ran (a shortcut the backend could not apply is not claimed).
+    resolved = result.params = resolved.replace(unet_precision=unet_precision)
     prepared = [prepare_picture(resolved, picture, mask, latent_mask) for picture in pictures or []]
     steps_per_batch = len(sigmas) - 1 + (len(hires.sigmas) - 1 if hires is not None else 0)
 
@@ -558,7 +560,8 @@ def _execution_device(model) -> torch.device:
 
 
 def _denoiser(model, table: DiscreteNoiseTable, params: GenerationParams):
-    """The model wrapper the samplers see, and the warnings of the UNet backend's choice (a fallback to torch)."""
+    """The model wrapper the samplers see, the warnings of the UNet backend's choice (a fallback to torch) and the
+    UNet precision that runs."""
     choice = unet_for(model, params)  # the torch module, or a compiled graph of it (difusi.speed.graph)
     unet = choice.unet
     dtype = next(model.unet.parameters()).dtype
@@ -571,7 +574,7 @@ def _denoiser(model, table: DiscreteNoiseTable, params: GenerationParams):
         return unet(x_in.to(dtype), t, encoder_hidden_states=context.to(dtype), added_cond_kwargs=added).sample.float()
 
     wrapper = VDenoiser if model.prediction_type == "v_prediction" else EpsDenoiser
-    return wrapper(network, table), choice.warnings
+    return wrapper(network, table), choice.warnings, choice.precision
 
 
 def _sdxl_time_ids(model, size: tuple[int, int], original_size: tuple[int, int]) -> torch.Tensor | None:

@@ -80,7 +80,7 @@ def test_a1111_without_lone_images_returns_only_the_grid(url):
 
 
 @pytest.mark.parametrize(("args", "needle"), [
-    (_script_args(5, "10"), "Hires steps"),  # A1111 axis difusi lacks
+    (_script_args(8, "10"), "Prompt order"),  # A1111 axis difusi lacks
     (_script_args(99, "1"), "index 99"),
     (_script_args(4, "0,5"), "'0'"),  # out of range
     (_script_args(7, "dog,cat"), "'dog'"),  # S/R search term not in the prompt

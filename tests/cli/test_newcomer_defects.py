@@ -129,7 +129,7 @@ def test_mini_help_prints_help_and_exits_0(flag, capsys):
     assert cli.main(["mini", flag]) == 0
     out = capsys.readouterr()
     assert out.err == ""
-    assert out.out.startswith("usage: difusi mini {train,evaluate,train-lora,evaluate-lora}")
+    assert out.out.startswith("usage: difusi mini {train,evaluate,train-lora,evaluate-lora,evaluate-img2img}")
     assert "train " in out.out and "evaluate " in out.out
 
 

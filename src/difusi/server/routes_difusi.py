@@ -212,6 +212,14 @@ def backends() -> list[str]:
     return list(BACKENDS)
 
 
+@router.get("/unet-precisions")
+def unet_precisions() -> list[str]:
+    """The `unet_precision` shortcut's choices (`difusi.speed.graph.precision.PRECISIONS`), for the web UI's select."""
+    from difusi.speed.graph.precision import PRECISIONS
+
+    return list(PRECISIONS)
+
+
 # -- extra networks: the web UI's LoRA / Textual Inversion cards and the SD VAE choices -------------------------------
 PREVIEW_KINDS = ("lora", "embedding")
 """What `GET /difusi/v1/networks/preview/{kind}/{name}` serves thumbnails of."""

@@ -33,6 +33,7 @@ const CHOICE_SOURCES = {  // where a field's "choices" list comes from
   schedulers: { url: "/sdapi/v1/schedulers", value: (s) => s.label || s.name },
   rng_sources: { url: "/difusi/v1/rng-sources", value: (s) => s },
   backends: { url: "/difusi/v1/backends", value: (s) => s },
+  unet_precisions: { url: "/difusi/v1/unet-precisions", value: (s) => s },
   // A1111's "SD VAE" choices: Automatic, None, then the VAE files (what /difusi/v1/networks lists as `vaes`).
   vaes: { url: "/sdapi/v1/sd-vae", value: (v) => v.model_name, first: ["Automatic", "None"] },
   // Hires fix upscalers as A1111 lists them: the latent modes first, then None, Lanczos, Nearest and the model files.

@@ -29,6 +29,13 @@ billion parameters). Constants from the bench run: SD 1.5 conversion 35 s wall +
 So on this machine an SD 1.5 job converts from about two 512 px 20-step CFG images (one saves ~16-25 s, less than
 the ~38 s conversion) or ~120 CFG calls at 256 px; small UNets (difusi-mini, test checkpoints) stay on torch unless a
 graph is already cached. Otherwise torch.
+
+Lower precision (`params.unet_precision`, issue 18 item 6, `difusi.speed.graph.precision`): "bf16" or "int8" is an
+opt-in shortcut that only OpenVINO implements. With backend `auto` or `openvino` the job's UNet runs on OpenVINO at
+that precision (for `auto` without the amortisation rule: asking for it is asking for the graph); with `torch` or
+`onnx`, OpenVINO missing, a CPU without native bf16, nncf missing for int8, or any reason above that the graph cannot
+run the job, the job runs at exact fp32 and a warning says the precision was not applied. `UNetChoice.precision` is
+the precision that ran: the infotext's "UNet precision" key must follow it, not the request.
 """
 
 from __future__ import annotations
@@ -56,7 +63,8 @@ CONVERT_ENV = "DIFUSI_GRAPH_CONVERT"
 """"process" or "inline" forces where conversion runs (tests, benches)."""
 
 STATS = {"conversions": 0, "loads": 0, "rebuilt_corrupt": 0}
-"""Counters for tests and benches: graphs exported, compiled graphs built from the cache, corrupt entries rebuilt."""
+"""Counters for tests and benches: graphs exported, compiled graphs built from the cache, corrupt entries rebuilt
+(int8 compressions: `difusi.speed.graph.precision.STATS`)."""
 
 _DERIVED_KEY = "graph_unet"
 """Where the compiled graph lives: `LoadedModel.derived` (objects made from the weights, dropped with the model)."""
@@ -77,6 +85,8 @@ class UNetChoice:
     backend: str
     """The backend that runs: "torch", "openvino" or "onnx"."""
     warnings: list[str] = field(default_factory=list)
+    precision: str = "fp32"
+    """The UNet precision that runs (`difusi.speed.graph.precision`): "fp32" unless a bf16 / int8 graph does."""
 
 
 def check_backend(name: str) -> None:
@@ -95,6 +105,52 @@ def available_backends() -> list[str]:
 def unet_for(model: Any, params: Any) -> UNetChoice:
     """The UNet for this job (see the module docstring for the rule); never raises for a backend problem."""
     requested = getattr(params, "backend", "auto") or "auto"
+    precision = getattr(params, "unet_precision", "fp32") or "fp32"
+    if precision != "fp32":
+        return _lower_precision(model, params, requested, precision)
+    return _choose(model, params, requested)
+
+
+def _not_applied(precision: str) -> str:
+    return f"unet_precision {precision} was not applied: the UNet runs in exact fp32"
+
+
+def _lower_precision(model: Any, params: Any, requested: str, precision: str) -> UNetChoice:
+    """The job asked for a bf16 / int8 UNet graph (module docstring): OpenVINO at that precision, or the fp32 choice
+    with a warning saying why the precision was not applied."""
+    from difusi.speed.graph.precision import unavailable
+
+    def fp32(reason: str) -> UNetChoice:
+        choice = _choose(model, params, requested)
+        choice.warnings.insert(0, f"{reason}; {_not_applied(precision)}")
+        return choice
+
+    if requested not in ("auto", "openvino"):
+        return fp32(f"unet_precision {precision} needs the openvino backend, the job asked for backend {requested}")
+    from difusi.speed.graph.backends import BackendMissing, import_backend
+
+    try:
+        import_backend("openvino")
+    except BackendMissing as error:
+        return _torch(model, f"unet_precision {precision}: {error}; {_not_applied(precision)} on torch")
+    reason = unavailable(precision)
+    if reason is not None:
+        return fp32(f"unet_precision {precision}: {reason}")
+    problem = _unsupported(model, params)
+    if problem is not None:
+        return _torch(model, f"unet_precision {precision} (backend openvino): {problem}; "
+                             f"{_not_applied(precision)} on torch")
+    try:
+        graph = graph_unet(model, "openvino", precision)
+    except Exception as error:  # noqa: BLE001  (a graph that cannot be made never costs the image)
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        return _torch(model, f"unet_precision {precision} (backend openvino): the UNet graph could not be used "
+                             f"({type(error).__name__}: {first}); {_not_applied(precision)} on torch")
+    return UNetChoice(graph, "openvino", [], precision)
+
+
+def _choose(model: Any, params: Any, requested: str) -> UNetChoice:
+    """The fp32 choice (module docstring)."""
     if requested == "torch":
         return UNetChoice(model.unet, "torch")
     explicit = requested != "auto"
@@ -225,26 +281,29 @@ def cached_entry(model: Any, name: str):
     return entry if cache.is_valid(entry) else None
 
 
-def graph_unet(model: Any, name: str):
-    """The model's `GraphUNet` for backend `name`: kept on the model between jobs, loaded from the disk cache, or
-    converted (once) and cached. Weights are synced with the torch UNet's (LoRA) before it is returned."""
+def graph_unet(model: Any, name: str, precision: str = "fp32"):
+    """The model's `GraphUNet` for backend `name` at `precision`: kept on the model between jobs, loaded from the disk
+    cache, or converted (once) and cached. Weights are synced with the torch UNet's (LoRA) before it is returned."""
     from difusi.speed.graph import cache
     from difusi.speed.graph.backends import backend_version
     from difusi.speed.graph.unet import GraphUNet
 
     graph = _graph_of(model)
-    if graph is not None and (graph.backend != name or graph.torch_unet is not model.unet):
-        _set_graph(model, None)  # one compiled copy per model: free the other backend's first
+    if graph is not None and (graph.backend != name or graph.torch_unet is not model.unet
+                              or getattr(graph, "precision", "fp32") != precision):
+        _set_graph(model, None)  # one compiled copy per model: free the other backend's (or precision's) first
         graph = None
     if graph is None:
-        entry = cache.entry_for(model, name, backend_version(name))
+        stored = "int8" if precision == "int8" else "fp32"  # bf16 compiles the f32 entry with another hint
+        entry = cache.entry_for(model, name, backend_version(name), stored)
+        make = compress_into if stored == "int8" else convert_into
         if not cache.is_valid(entry):
             if entry.folder.exists():
                 STATS["rebuilt_corrupt"] += 1
                 print(f"difusi: the cached UNet graph {entry.folder.name} is incomplete or damaged; converting again",
                       file=sys.stderr, flush=True)
-            convert_into(model, entry)
-        graph = GraphUNet(model, name, entry)
+            make(model, entry)
+        graph = GraphUNet(model, name, entry, precision)
         try:
             _load(graph, model)
         except KeyError:
@@ -254,7 +313,7 @@ def graph_unet(model: Any, name: str):
             print(f"difusi: the cached UNet graph {entry.folder.name} does not load; converting again",
                   file=sys.stderr, flush=True)
             cache.remove(entry)
-            convert_into(model, entry)
+            make(model, entry)
             _load(graph, model)
         cache.touch(entry)
         _set_graph(model, graph)
@@ -265,7 +324,8 @@ def graph_unet(model: Any, name: str):
 
 def _load(graph: Any, model: Any) -> None:
     started = time.perf_counter()
-    print(f"difusi: loading the {graph.backend} UNet graph", file=sys.stderr, flush=True)
+    label = "" if getattr(graph, "precision", "fp32") == "fp32" else f" ({graph.precision})"
+    print(f"difusi: loading the {graph.backend} UNet graph{label}", file=sys.stderr, flush=True)
     graph.sync(model)
     STATS["loads"] += 1
     graph.load_seconds = time.perf_counter() - started
@@ -293,3 +353,34 @@ def convert_into(model: Any, entry: Any) -> None:
             cache.shutil.rmtree(staged, ignore_errors=True)
     print(f"difusi: UNet graph converted in {time.perf_counter() - started:.1f} s and cached in {entry.folder}",
           file=sys.stderr, flush=True)
+
+
+def compress_into(model: Any, entry: Any) -> None:
+    """Make the int8 entry `entry` from the model file's f32 OpenVINO entry (converted first when missing): NNCF
+    weight compression (`difusi.speed.graph.precision`), in a fresh process for large UNets, then publish it."""
+    from difusi.speed.graph import cache
+    from difusi.speed.graph.backends import backend_version
+    from difusi.speed.graph.precision import STATS as PRECISION_STATS
+    from difusi.speed.graph.precision import compress_in_child, compress_int8
+
+    source = cache.entry_for(model, "openvino", backend_version("openvino"))
+    if not cache.is_valid(source):
+        if source.folder.exists():
+            cache.remove(source)
+        convert_into(model, source)
+    mode = os.environ.get(CONVERT_ENV) or ("inline" if _unet_params(model) <= INLINE_MAX_PARAMS else "process")
+    staged = cache.staging_folder(entry)
+    PRECISION_STATS["compressions"] += 1
+    started = time.perf_counter()
+    try:
+        compress = compress_in_child if mode == "process" else compress_int8
+        facts = compress(source.graph_path, staged)
+        facts["wall_seconds"] = time.perf_counter() - started
+        facts["mode"] = mode
+        cache.publish(entry, staged, facts)
+    finally:
+        if staged.exists():
+            cache.shutil.rmtree(staged, ignore_errors=True)
+    cache.touch(source)
+    print(f"difusi: UNet graph compressed to int8 in {time.perf_counter() - started:.1f} s and cached in "
+          f"{entry.folder}", file=sys.stderr, flush=True)

@@ -15,7 +15,8 @@ OpenVINO an IR converted by its own PyTorch frontend (fused attention, faster to
   compiled-blob cache (`CACHE_DIR`) is not used: measured on SD 1.5, importing the blob took as long as compiling the
   read graph (5.1 s vs 4.4-6.0 s), while writing it made the first compile 21.6 s and doubled the entry's disk size.
 
-`INFERENCE_PRECISION_HINT` is forced to f32: on CPUs with AVX-512 BF16 / AMX (this session's Xeon) OpenVINO's
+`INFERENCE_PRECISION_HINT` is forced to f32 (unless the job opted into `unet_precision` bf16,
+`difusi.speed.graph.precision`): on CPUs with AVX-512 BF16 / AMX (this session's Xeon) OpenVINO's
 default is bf16, which moved the tiny UNet's output by 3e-2 instead of 2e-6 (measured: `docs/bench/graph-backend.md`).
 Thread counts follow torch's (`torch.get_num_threads()`), so both runtimes use the cores the torch path would.
 
@@ -116,11 +117,11 @@ class OrtRunner(Runner):
 
 
 class OpenVinoRunner(Runner):
-    def __init__(self, graph_path: Path, overrides: dict[str, torch.Tensor]):
+    def __init__(self, graph_path: Path, overrides: dict[str, torch.Tensor], hint: str = "f32"):
         ov = import_backend("openvino")
         started = time.perf_counter()
         core = ov.Core()
-        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": _threads()}
         model = core.read_model(str(graph_path))
         if overrides:
@@ -163,9 +164,14 @@ def replace_constants(ov: Any, model: Any, overrides: dict[str, torch.Tensor]) -
             target.replace_source_output(new.output(0))
 
 
-def build_runner(name: str, graph_path: Path, overrides: dict[str, torch.Tensor]) -> Runner:
+def build_runner(name: str, graph_path: Path, overrides: dict[str, torch.Tensor], precision: str = "fp32") -> Runner:
     """The compiled graph of `graph_path` on backend `name`, with `overrides` (initializer name -> tensor) replacing
-    the file's weights of those names."""
+    the file's weights of those names; `precision` (`difusi.speed.graph.precision`, OpenVINO only) sets the
+    inference precision hint: f32 for fp32 and int8 (weight-only), bf16 for bf16."""
     if name == "onnx":
+        if precision != "fp32":
+            raise ValueError(f"unet_precision {precision} needs the openvino backend")
         return OrtRunner(graph_path, overrides)
-    return OpenVinoRunner(graph_path, overrides)
+    from difusi.speed.graph.precision import OV_HINT
+
+    return OpenVinoRunner(graph_path, overrides, OV_HINT[precision])

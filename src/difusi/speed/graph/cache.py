@@ -49,9 +49,12 @@ def cap_bytes() -> int:
         return int(DEFAULT_CAP_GB * 1e9)
 
 
-def key_facts(model: Any, backend: str, backend_version: str) -> dict[str, Any]:
+def key_facts(model: Any, backend: str, backend_version: str, precision: str = "fp32") -> dict[str, Any]:
+    """The facts the entry's key hashes. An int8-compressed graph (`difusi.speed.graph.precision`) adds
+    `precision` and the NNCF version, so it is its own entry; fp32 and bf16 (a compile hint) share the f32 entry and
+    their facts (and keys) are those of before the precision option existed."""
     config = dict(getattr(model.unet, "config", {}) or {})
-    return {
+    facts = {
         "checkpoint_sha256": model.sha256,
         "unet_config": json.loads(json.dumps(config, sort_keys=True, default=str)),
         "exporter": f"torch {torch.__version__} onnx opset {OPSET}",
@@ -59,6 +62,11 @@ def key_facts(model: Any, backend: str, backend_version: str) -> dict[str, Any]:
         "backend_version": backend_version,
         "format": 1,
     }
+    if precision == "int8":
+        from difusi.speed.graph.precision import nncf_version
+
+        facts.update({"precision": "int8", "compression": f"nncf {nncf_version()} INT8_ASYM"})
+    return facts
 
 
 @dataclass
@@ -76,8 +84,8 @@ class Entry:
         return self.folder / (OV_GRAPH_FILE if self.facts.get("backend") == "openvino" else GRAPH_FILE)
 
 
-def entry_for(model: Any, backend: str, backend_version: str) -> Entry:
-    facts = key_facts(model, backend, backend_version)
+def entry_for(model: Any, backend: str, backend_version: str, precision: str = "fp32") -> Entry:
+    facts = key_facts(model, backend, backend_version, precision)
     probe = Entry(cache_root(), facts)
     return Entry(cache_root() / f"{model.sha256[:16]}-{probe.key[:12]}", facts)
 

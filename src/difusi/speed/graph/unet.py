@@ -58,9 +58,11 @@ def changed_parameters(model: Any) -> dict[str, torch.Tensor]:
 class GraphUNet:
     """The compiled graph of one model's UNet on one backend (see the module docstring)."""
 
-    def __init__(self, model: Any, backend: str, entry: Entry):
+    def __init__(self, model: Any, backend: str, entry: Entry, precision: str = "fp32"):
         self.torch_unet = model.unet  # not the model itself: no reference cycle keeps a freed model's memory
         self.backend = backend
+        self.precision = precision
+        """`difusi.speed.graph.precision`: fp32 (exact), bf16 (compile hint) or int8 (compressed weights entry)."""
         self.entry = entry
         self.config = model.unet.config
         self.sdxl = getattr(self.config, "addition_embed_type", None) == "text_time"
@@ -84,7 +86,10 @@ class GraphUNet:
             print(f"difusi: updating the {self.backend} UNet graph's weights ({len(changed)} tensors)",
                   file=sys.stderr, flush=True)
         self.runner = None  # free the old session before the new one is built
-        self.runner = build_runner(self.backend, self.entry.graph_path, changed)
+        if changed and self.precision == "int8":
+            raise KeyError(f"a merged network changes {len(changed)} UNet weights, which the int8-compressed graph "
+                           "cannot take (its weights are compressed constants)")
+        self.runner = build_runner(self.backend, self.entry.graph_path, changed, self.precision)
         self.key, self.overridden = key, frozenset(changed)
         self.builds += 1
         return self.runner.build_seconds
