@@ -9,53 +9,12 @@ from __future__ import annotations
 import base64
 import io
 import math
-import os
 from pathlib import Path
 
-import pytest
 from PIL import Image
+from test_browser import TIMEOUT_MS, browser, page, pytestmark, shot  # noqa: F401  (shared fixtures and skip marks)
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "server"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-TIMEOUT_MS = 60_000
 NATURAL = "sel => { const img = document.querySelector(sel); return img && img.complete ? [img.naturalWidth, img.naturalHeight] : null; }"
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (tools/setup-chromium.sh)"),
-]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture()
-def page(browser, server):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(server.url + "/")
-    page.wait_for_selector("body[data-ready=true]")
-    yield page
-    context.close()
-    assert errors == [], f"JavaScript errors on the page: {errors}"
-
-
-def shot(page, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
 def write_png(path: Path, size: tuple[int, int], colour=(40, 120, 200)) -> Path:
@@ -71,12 +30,12 @@ def decode(data: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(data)))
 
 
-def natural_size(page, selector: str) -> list[int]:
+def natural_size(page, selector: str) -> list[int]:  # noqa: F811  (the page fixture's object)
     page.wait_for_function(f"({NATURAL})({selector!r}) !== null && ({NATURAL})({selector!r})[0] > 0")
     return page.evaluate(f"({NATURAL})({selector!r})")
 
 
-def open_img2img(page, picture: Path) -> None:
+def open_img2img(page, picture: Path) -> None:  # noqa: F811  (the page fixture's object)
     page.click("#tab-img2img")
     page.set_input_files("#i2i-file", str(picture))
     page.wait_for_selector("#i2i-picture:not([hidden])")
@@ -85,7 +44,7 @@ def open_img2img(page, picture: Path) -> None:
     page.fill("#i2i-seed", "11")
 
 
-def stroke(page, points: list[tuple[float, float]], size: tuple[int, int]) -> None:
+def stroke(page, points: list[tuple[float, float]], size: tuple[int, int]) -> None:  # noqa: F811  (the page fixture's object)
     """Drag the mouse over the mask canvas through `points`, given in picture pixels."""
     box = page.locator("#i2i-mask").bounding_box()
 
@@ -99,7 +58,7 @@ def stroke(page, points: list[tuple[float, float]], size: tuple[int, int]) -> No
     page.mouse.up()
 
 
-def submit_img2img(page, wait_done: bool = True) -> dict:
+def submit_img2img(page, wait_done: bool = True) -> dict:  # noqa: F811  (the page fixture's object)
     with page.expect_request(lambda r: r.url.endswith("/difusi/v1/img2img") and r.method == "POST") as sent:
         page.click("#i2i-generate")
     body = sent.value.post_data_json
@@ -116,7 +75,7 @@ def black(mask: Image.Image, x: int, y: int) -> bool:
     return mask.getpixel((x, y)) == (0, 0, 0)
 
 
-def test_mask_brush_sends_the_painted_mask_at_the_pictures_size(page, tmp_path):
+def test_mask_brush_sends_the_painted_mask_at_the_pictures_size(page, tmp_path):  # noqa: F811
     size = (96, 64)  # not square and shown scaled: the mouse is mapped to picture pixels
     open_img2img(page, write_png(tmp_path / "init.png", size))
     assert natural_size(page, "#i2i-image") == list(size)
@@ -168,7 +127,7 @@ def test_mask_brush_sends_the_painted_mask_at_the_pictures_size(page, tmp_path):
     page.wait_for_selector("#main-image", state="visible")
 
 
-def test_dropped_picture_becomes_the_init_picture_and_outpaint_directions_are_checkboxes(page, tmp_path):
+def test_dropped_picture_becomes_the_init_picture_and_outpaint_directions_are_checkboxes(page, tmp_path):  # noqa: F811
     picture = write_png(tmp_path / "drop.png", (64, 72))
     page.click("#tab-img2img")
     page.evaluate(
@@ -194,7 +153,7 @@ def test_dropped_picture_becomes_the_init_picture_and_outpaint_directions_are_ch
     assert natural_size(page, "#main-image") == [math.ceil((64 + 2 * 16) / 64) * 64, math.ceil(72 / 64) * 64]
 
 
-def test_server_error_is_shown_next_to_the_img2img_field(page, tmp_path):
+def test_server_error_is_shown_next_to_the_img2img_field(page, tmp_path):  # noqa: F811
     open_img2img(page, write_png(tmp_path / "init.png", (64, 64)))
     page.fill("#i2i-steps", "0")
     page.click("#i2i-generate")
@@ -203,7 +162,7 @@ def test_server_error_is_shown_next_to_the_img2img_field(page, tmp_path):
     assert "invalid" in page.get_attribute("#i2i-steps", "class")
 
 
-def test_hires_fix_panel_sends_the_hr_fields_and_makes_the_hires_size(page):
+def test_hires_fix_panel_sends_the_hr_fields_and_makes_the_hires_size(page):  # noqa: F811
     assert page.is_hidden("#hr_scale")  # the hires fields show only while Hires. fix is on
     page.click("#t2i-group-hires summary")
     assert page.is_hidden("#hr_scale")
@@ -230,7 +189,7 @@ def test_hires_fix_panel_sends_the_hr_fields_and_makes_the_hires_size(page):
     shot(page, "hires")
 
 
-def test_send_to_img2img_and_inpaint_from_a_txt2img_result(page):
+def test_send_to_img2img_and_inpaint_from_a_txt2img_result(page):  # noqa: F811
     page.fill("#prompt", "send me over")
     page.fill("#negative_prompt", "dull")
     for name, value in {"steps": "1", "width": "72", "height": "64", "seed": "321"}.items():
@@ -257,7 +216,7 @@ def test_send_to_img2img_and_inpaint_from_a_txt2img_result(page):
     assert natural_size(page, "#extras-image") == [72, 64]
 
 
-def test_extras_upscales_by_two_with_lanczos(page, tmp_path):
+def test_extras_upscales_by_two_with_lanczos(page, tmp_path):  # noqa: F811
     page.click("#tab-extras")
     page.set_input_files("#extras-file", str(write_png(tmp_path / "small.png", (44, 32))))
     page.wait_for_selector("#extras-image:not([hidden])")
