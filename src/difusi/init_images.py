@@ -112,10 +112,13 @@ def start_pictures(params: GenerationParams, images: list[Image.Image], mask: Im
     """
     if not images:
         raise ParamError("init_images", "needs at least one picture")
-    if mask is None and len(images) == 1 and (from_alpha := alpha_mask(images[0])) is not None:
-        mask = from_alpha
     if not params.outpaint_pixels:
+        if mask is None and len(images) == 1 and (from_alpha := alpha_mask(images[0])) is not None:
+            mask = from_alpha
         return params, images, mask, None
+    if len(images) > 1 or mask is not None:
+        raise ParamError("outpaint_pixels", "outpainting extends one picture and makes its own mask: give one init "
+                                            "picture and no mask")
     sides = outpaint_sides(params)
     canvas = outpaint_canvas(images[0], params.outpaint_pixels, sides, params.mask_blur)
     # A1111's script: mask blur doubled, whole picture, the canvas's size (it keeps the job's size per tile).

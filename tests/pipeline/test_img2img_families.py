@@ -83,3 +83,18 @@ def test_v_prediction_img2img_at_low_strength_stays_near_the_picture(models):
     base = np.asarray(through_vae.images[0].image, dtype=float)
     assert np.abs(np.asarray(low.images[0].image) - base).mean() < np.abs(np.asarray(high.images[0].image) - base).mean()
     assert torch.isfinite(torch.tensor(np.asarray(high.images[0].image), dtype=torch.float32)).all()
+
+
+def test_outpainting_takes_one_picture_and_makes_its_own_mask(models):
+    from difusi.errors import ParamError
+
+    picture = _picture()
+    params = GenerationParams(prompt="x", seed=1, steps=2, width=64, height=64, outpaint_pixels=16)
+    for pictures, mask in (([picture, picture], None), ([picture], Image.new("L", picture.size, 255))):
+        with pytest.raises(ParamError) as caught:
+            img2img(models["sd2-v"], params, pictures, mask)
+        assert caught.value.field == "outpaint_pixels"
+    transparent = picture.convert("RGBA")
+    transparent.putalpha(Image.new("L", picture.size, 0).point(lambda _: 128))  # a half-transparent picture
+    result = img2img(models["sd2-v"], params, [transparent])  # its alpha is no mask when outpainting
+    assert result.images[0].image.size == (128, 128)
