@@ -49,7 +49,7 @@ from difusi.images.masks import (
 )
 from difusi.images.outpaint import outpaint_canvas
 from difusi.images.resize import Upscale, flatten, resize_image
-from difusi.params import GenerationParams, outpaint_sides
+from difusi.params import SIZE_MULTIPLE, GenerationParams, outpaint_sides
 from difusi.vae import encode_images, pil_to_tensor
 
 FILL, ORIGINAL, LATENT_NOISE, LATENT_NOTHING = range(4)
@@ -92,6 +92,16 @@ class PreparedPicture:
         return apply_overlay(generated, self.overlay, self.paste_box)
 
 
+def sized_for(params: GenerationParams, picture: Image.Image) -> GenerationParams:
+    """Width and height left unset take the picture's size, rounded down to the VAE's multiple of 8 (at least 64,
+    the smallest size the field table allows)."""
+    if params.width is not None and params.height is not None:
+        return params
+    width = params.width or max(64, picture.width // SIZE_MULTIPLE * SIZE_MULTIPLE)
+    height = params.height or max(64, picture.height // SIZE_MULTIPLE * SIZE_MULTIPLE)
+    return params.replace(width=width, height=height)
+
+
 def check_pictures(images: list[Image.Image], mask: Image.Image | None) -> None:
     """What can be told about the pictures before a model loads (front ends call it first): at least one picture;
     a mask of the first picture's size that marks something to redraw."""
@@ -99,9 +109,10 @@ def check_pictures(images: list[Image.Image], mask: Image.Image | None) -> None:
         raise ParamError("init_images", "needs at least one picture")
     if mask is None:
         return
-    if mask.size != images[0].size:
-        raise ParamError("mask", f"is {mask.width}x{mask.height} but the init picture is "
-                                 f"{images[0].width}x{images[0].height}; they must be the same size")
+    for image in images:
+        if mask.size != image.size:
+            raise ParamError("mask", f"is {mask.width}x{mask.height} but the init picture is "
+                                     f"{image.width}x{image.height}; they must be the same size")
     binary_mask(mask)
 
 
@@ -110,8 +121,7 @@ def start_pictures(params: GenerationParams, images: list[Image.Image], mask: Im
     """Outpainting and the RGBA-alpha mask convention, before anything else: returns the params for the job (the
     canvas's size and the outpaint script's blur, fill and area), the pictures, the mask and a separate latent mask.
     """
-    if not images:
-        raise ParamError("init_images", "needs at least one picture")
+    check_pictures(images, mask)
     if not params.outpaint_pixels:
         if mask is None and len(images) == 1 and (from_alpha := alpha_mask(images[0])) is not None:
             mask = from_alpha
@@ -137,10 +147,7 @@ def prepare_picture(params: GenerationParams, image: Image.Image, mask: Image.Im
         if params.resize_mode != 3:
             picture = resize_image(params.resize_mode, picture, width, height, upscale)
         return PreparedPicture(pixels=picture, original_size=original_size)
-    if mask.size != image.size:
-        raise ParamError("mask", f"is {mask.width}x{mask.height} but the init picture is {image.width}x{image.height}; "
-                                 "they must be the same size")
-    mask = binary_mask(mask)
+    mask = binary_mask(mask)  # sizes checked by `check_pictures` (via `start_pictures`)
     if params.inpainting_mask_invert:
         mask = Image.eval(mask, lambda value: 255 - value)
         if mask.getbbox() is None:

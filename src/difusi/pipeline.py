@@ -31,6 +31,7 @@ from difusi.init_images import (
     img2img_steps,
     inpainting_conditioning,
     prepare_picture,
+    sized_for,
     start_pictures,
     tail_sigmas,
     txt2img_conditioning,
@@ -168,10 +169,8 @@ def img2img(
     """
     pictures = [open_image(picture, "init_images") for picture in init_images]
     opened_mask = None if mask is None else open_image(mask, "mask")
-    if pictures and (params.width is None or params.height is None):
-        first = pictures[0]
-        params = params.replace(width=params.width or max(64, first.width // 8 * 8),
-                                height=params.height or max(64, first.height // 8 * 8))
+    if pictures:
+        params = sized_for(params, pictures[0])
     return _generate(model, params, pictures, opened_mask, progress, should_stop, should_skip, on_image, networks)
 
 

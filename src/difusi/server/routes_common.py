@@ -94,16 +94,13 @@ def prepare_txt2img(engine: Any, body: a1111.Txt2ImgRequest) -> a1111.Txt2ImgJob
 
 def prepare_img2img(engine: Any, body: Any) -> a1111.Txt2ImgJob:
     """`prepare_txt2img` for an img2img request: its pictures decoded and checked (size, budget, format) too."""
-    from difusi.init_images import check_pictures
+    from difusi.init_images import check_pictures, sized_for
 
     spec = a1111.to_img2img_job(body, engine.param_defaults(), engine.default_save_images())
     check_pictures(spec.pictures, spec.mask)
     if spec.checkpoint is not None:
         spec.checkpoint = engine.resolve_title(spec.checkpoint)
-    first = spec.pictures[0]
-    defaults = {"width": spec.params.width or max(64, first.width // 8 * 8),
-                "height": spec.params.height or max(64, first.height // 8 * 8)}
-    spec.params = spec.params.replace(**defaults)
+    spec.params = sized_for(spec.params, spec.pictures[0])
     spec.params.validated()
     from difusi.networks.job import check_job
 
