@@ -54,14 +54,8 @@ def generate(prompt: str, *, model: str | Path | None = None, models_dir: str | 
     Raises ParamError (naming the field and the allowed range) for bad values, CheckpointError for
     a missing or unusable model and NetworkError for a missing or unusable LoRA, embedding or VAE file.
     """
-    from difusi.networks.job import check_job, library_for
-
-    if vae is not None:
-        fields["sd_vae"] = vae
-    params = GenerationParams(prompt=prompt, model=None if model is None else str(model), **fields)
-    params.validated(native_size=512)  # bad values fail before a model is read (512 stands in for a missing size)
-    networks = library_for(models_dir)
-    check_job(params, networks)  # an unknown LoRA / VAE fails before a model is read too
+    params = _checked_params(prompt, model, vae, fields)
+    networks = _checked_networks(params, models_dir)
     loaded = get_model(model, models_dir, device=device, precision=precision, offload=offload)
     return txt2img(loaded, params, networks=networks)
 
@@ -74,16 +68,35 @@ def img2img(prompt: str, init_images: list[Any], *, mask: Any = None, model: str
     (the img2img and inpaint ones included: denoising_strength, resize_mode, mask_blur, inpainting_fill,
     inpaint_full_res, ...); width and height default to the first picture's size. Errors as `generate`, plus
     ParamError "init_images" / "mask" for unreadable pictures or an unusable mask."""
-    from difusi.networks.job import check_job, library_for
+    from difusi.images.load import open_image
+    from difusi.init_images import check_pictures
 
+    params = _checked_params(prompt, model, vae, fields)
+    pictures = [open_image(picture, "init_images") for picture in init_images]
+    opened_mask = None if mask is None else open_image(mask, "mask")
+    check_pictures(pictures, opened_mask)  # unusable pictures fail before a model is read
+    networks = _checked_networks(params, models_dir)
+    loaded = get_model(model, models_dir, device=device, precision=precision, offload=offload)
+    return _img2img(loaded, params, pictures, opened_mask, networks=networks)
+
+
+def _checked_params(prompt: str, model: str | Path | None, vae: str | None, fields: dict[str, Any]) -> GenerationParams:
+    """The job's fields, checked before a model is read (512 stands in for a missing native size)."""
     if vae is not None:
         fields["sd_vae"] = vae
     params = GenerationParams(prompt=prompt, model=None if model is None else str(model), **fields)
     params.validated(native_size=512)
+    return params
+
+
+def _checked_networks(params: GenerationParams, models_dir: str | Path | None) -> Any:
+    """The models folder's network library, with the job's LoRAs, VAE and hires upscaler found (before a model is
+    read)."""
+    from difusi.networks.job import check_job, library_for
+
     networks = library_for(models_dir)
     check_job(params, networks)
-    loaded = get_model(model, models_dir, device=device, precision=precision, offload=offload)
-    return _img2img(loaded, params, init_images, mask, networks=networks)
+    return networks
 
 
 def upscale(image: Any, *, scale: float = 2.0, upscaler: str = "Lanczos", models_dir: str | Path | None = None) -> Any:
