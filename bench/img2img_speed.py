@@ -28,38 +28,20 @@ import difusi  # noqa: F401  (first: offline env and OpenMP wait policy, read wh
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from machine import cpu_line, log
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".bench-cache"
 PROMPT = "a red circle on a blue background"
 NEGATIVE = "blurry"
 BASE = {"sampler_name": "DPM++ 2M", "scheduler": "Karras", "cfg_scale": 7.0, "seed": 1, "backend": "torch"}
-
-
-def log(*parts) -> None:
-    print(f"[{datetime.now(UTC):%H:%M:%S}]", *parts, flush=True)
-
-
-def cpu_line() -> dict:
-    """lscpu's model name and SIMD flags: machines differ between sessions, so every report starts with them."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        text = ""
-    fields = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in text.splitlines() if ":" in line}
-    flags = fields.get("Flags", "")
-    simd = " ".join(flag for flag in flags.split() if flag.startswith(("avx", "amx", "fma", "sse4", "f16c")))
-    return {"model": fields.get("Model name") or platform.processor() or "unknown CPU", "logical_cpus": os.cpu_count(),
-            "simd_flags": simd, "flags": flags}
 
 
 def timed(fn) -> float:

@@ -48,6 +48,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from machine import cpu_line, log
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".bench-cache"
@@ -57,23 +58,6 @@ BLOCKS = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_BLOCKS = ("CLIPAttention", "CLIPMLP")
 """kohya's text-encoder targets."""
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def log(*parts) -> None:
-    print(f"[{datetime.now(UTC):%H:%M:%S}]", *parts, flush=True)
-
-
-def cpu_line() -> dict:
-    """lscpu's model name and SIMD flags: machines differ between sessions, so every report starts with them."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        text = ""
-    fields = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in text.splitlines() if ":" in line}
-    flags = fields.get("Flags", "")
-    simd = " ".join(flag for flag in flags.split() if flag.startswith(("avx", "amx", "fma", "sse4", "f16c")))
-    return {"model": fields.get("Model name") or platform.processor() or "unknown CPU", "logical_cpus": os.cpu_count(),
-            "simd_flags": simd, "flags": flags}
 
 
 # ----------------------------------------------------------------------------- memory
