@@ -23,21 +23,12 @@ from PIL import Image
 
 import difusi.pipeline as pipeline
 from difusi.hires import hires_size
-from difusi.models import default_model_path, load_model
 from difusi.params import FIELDS, GenerationParams
 from difusi.pipeline import img2img, txt2img
 from difusi.prompts.conditioning import encode_prompt
 from difusi.prompts.parser import get_prompt_schedule
 
 SEED = 2024
-
-
-@pytest.fixture(scope="module")
-def mini():
-    path = default_model_path()
-    if not path.exists():
-        pytest.skip(f"difusi-mini is not shipped in this checkout ({path})")
-    return load_model(path)
 
 
 def _params(**changes) -> GenerationParams:

@@ -8,17 +8,11 @@ import pytest
 from PIL import Image, ImageDraw
 
 from difusi.errors import ParamError
-from difusi.models import default_model_path, load_model
 from difusi.networks.job import check_job, library_for
 from difusi.params import GenerationParams
 from difusi.pipeline import img2img, txt2img
 
 LORA = "<lora:difusi-mini-pink:1>"
-
-
-@pytest.fixture(scope="module")
-def mini():
-    return load_model(default_model_path())
 
 
 @pytest.fixture(scope="module")

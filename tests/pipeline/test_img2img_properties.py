@@ -23,19 +23,10 @@ from scipy.ndimage import convolve1d
 from difusi.errors import ParamError
 from difusi.images.load import MAX_SIDE
 from difusi.init_images import encode_batch, prepare_picture
-from difusi.models import default_model_path, load_model
 from difusi.params import GenerationParams
 from difusi.pipeline import img2img
 
 SEED = 4321
-
-
-@pytest.fixture(scope="module")
-def mini():
-    path = default_model_path()
-    if not path.exists():
-        pytest.skip(f"difusi-mini is not shipped in this checkout ({path})")
-    return load_model(path)
 
 
 def _params(**changes) -> GenerationParams:
