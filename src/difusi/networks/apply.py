@@ -14,7 +14,8 @@ before it left it, which matters for DoRA and (IA)^3), so sampling costs nothing
   the layers written so far are restored and the previous set is merged again (the same arithmetic, so the same
   bits);
 - weights are written in place into the layers' own parameter tensors, which is what computes on every path: the
-  exact CPU path's `OneDNNLinear` reads `self.weight` on each call; offload units are parked first so the writes
+  exact CPU path's `OneDNNLinear` reads `self.weight` on each call, its `PackedConv2d` remakes its reordered copy
+  when the weight's version counter moved (so writes go through the parameter, never `.data`); offload units are parked first so the writes
   land in their CPU masters;
 - the text encoders' cached empty-prompt encoding (`ClipTextEncoder._empty_states`) is dropped whenever their
   weights change.
@@ -217,9 +218,12 @@ def _add(original: torch.Tensor, delta: torch.Tensor, multiplier: float) -> torc
 
 
 def _write(module: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    module.weight.data.copy_(weight)
-    if bias is not None and getattr(module, "bias", None) is not None:
-        module.bias.data.copy_(bias)
+    # Through the parameter, not `.data`: the write must bump the tensor's version counter, which the exact path's
+    # reordered convolution weights (`difusi.speed.packed_conv`) check to know they are stale.
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        if bias is not None and getattr(module, "bias", None) is not None:
+            module.bias.copy_(bias)
 
 
 def _check_family(model: Any, use: NetworkUse, name: str) -> None:

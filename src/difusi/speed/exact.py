@@ -9,7 +9,10 @@ AVX-512 kernels on AMD processors and reaches 50-100 GFLOPS on the UNet's linear
   (`torch.ops.mkldnn._linear_pointwise`, the op torch's own inductor emits for CPU linears), with the
   module's own weight and bias tensors: nothing is copied, the state dict is unchanged;
 - UNet and VAE weights are stored channels_last, which oneDNN's convolutions prefer (they reorder
-  NCHW inputs and weights on every call otherwise).
+  NCHW inputs and weights on every call otherwise);
+- their convolutions run with a reordered copy of the weight where that is faster (`difusi.speed.packed_conv`:
+  oneDNN reorders even a channels_last weight into its blocked layout on every call; the copy computes the same
+  bits, and where it pays is timed per layer and shape on the running CPU).
 
 Both are float32 the whole way: results differ from eager only by summation order (about 1e-6
 relative per layer; the tests bound the final image to 1e-3 of diffusers' eager pipeline).
@@ -27,15 +30,19 @@ bits). Each switch is kept where it was not slower:
 
 No measured CPU made either switch a loss, so `choices()` keeps both on x86 with oneDNN; on another architecture
 (ARM: oneDNN's ACL path, unmeasured) the linears stay on torch's default GEMM. `DIFUSI_EXACT_LINEAR=0|1` and
-`DIFUSI_EXACT_CHANNELS_LAST=0|1` override the choice (for a CPU where a bench says otherwise).
+`DIFUSI_EXACT_CHANNELS_LAST=0|1` override the choice (for a CPU where a bench says otherwise). Reordered convolution
+weights come with channels_last (their bits equal channels_last convolutions', not NCHW ones') and decide per layer by
+timing (`DIFUSI_EXACT_PACKED_CONV`, `difusi.speed.packed_conv`).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+
+from difusi.speed import packed_conv
 
 _PREPARED = "_difusi_exact_fast_path"
 
@@ -56,14 +63,24 @@ def _flag(name: str) -> bool | None:
     return None
 
 
-def choices() -> tuple[bool, bool]:
-    """(oneDNN linears, channels_last convolution weights) for the running CPU (table in the module docstring)."""
+class Choices(NamedTuple):
+    """Which switches of the exact path apply on the running CPU."""
+
+    linear: bool
+    channels_last: bool
+    packed_conv: bool
+
+
+def choices() -> Choices:
+    """The exact path's switches for the running CPU (table in the module docstring)."""
     import platform
 
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
     linear = _flag("DIFUSI_EXACT_LINEAR")
     channels_last = _flag("DIFUSI_EXACT_CHANNELS_LAST")
-    return (x86 if linear is None else linear), (True if channels_last is None else channels_last)
+    channels_last = True if channels_last is None else channels_last
+    packed = channels_last and packed_conv.available() and packed_conv.mode() != "never"
+    return Choices(x86 if linear is None else linear, channels_last, packed)
 
 
 def enabled_by_default() -> bool:
@@ -87,8 +104,10 @@ class OneDNNLinear(torch.nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
-def prepare_modules(modules: list[torch.nn.Module], linear: bool = True, channels_last: bool = True) -> None:
-    """Apply the exact fast path in place: oneDNN linears and/or channels_last convolution weights."""
+def prepare_modules(modules: list[torch.nn.Module], linear: bool = True, channels_last: bool = True,
+                    packed: bool = False) -> None:
+    """Apply the exact fast path in place: oneDNN linears, channels_last convolution weights, and (with
+    channels_last only) convolutions with reordered weights (`difusi.speed.packed_conv`)."""
     for module in modules:
         if module is None:
             continue
@@ -98,13 +117,16 @@ def prepare_modules(modules: list[torch.nn.Module], linear: bool = True, channel
                     sub.__class__ = OneDNNLinear
         if channels_last and any(isinstance(sub, torch.nn.Conv2d) for sub in module.modules()):
             module.to(memory_format=torch.channels_last)
+            if packed:
+                packed_conv.install(module)
 
 
 def restore_modules(modules: list[torch.nn.Module]) -> None:
-    """Undo `prepare_modules`: plain `nn.Linear` and contiguous (NCHW) weights again."""
+    """Undo `prepare_modules`: plain `nn.Linear` and `nn.Conv2d`, contiguous (NCHW) weights again."""
     for module in modules:
         if module is None:
             continue
+        packed_conv.uninstall(module)
         for sub in module.modules():
             if type(sub) is OneDNNLinear:
                 sub.__class__ = torch.nn.Linear
@@ -135,9 +157,9 @@ def prepare_model(model: Any, force: bool = False) -> bool:
     if (state == "eager" and not force) or not enabled_by_default() or not _on_cpu_float32(model):
         return False
     convs, texts = _model_modules(model)
-    linear, channels_last = choices()
-    prepare_modules(convs, linear=linear, channels_last=channels_last)
-    prepare_modules(texts, linear=linear, channels_last=False)
+    chosen = choices()
+    prepare_modules(convs, linear=chosen.linear, channels_last=chosen.channels_last, packed=chosen.packed_conv)
+    prepare_modules(texts, linear=chosen.linear, channels_last=False)
     setattr(model, _PREPARED, True)
     return True
 
