@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,22 +30,11 @@ from pathlib import Path
 from difusi.batch.jobs import BatchJob, job_id_for
 from difusi.batch.local import LocalRunner
 from difusi.params import GenerationParams
+from machine import cpu_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle on a blue background", "a big yellow square at the top", "a green triangle",
            "a small blue circle"]
-
-
-def cpu_line() -> str:
-    """lscpu's model name and flags: machines differ between sessions, so every report starts with them."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return platform.processor() or "unknown CPU"
-    fields = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in text.splitlines() if ":" in line}
-    flags = fields.get("Flags", "")
-    simd = " ".join(flag for flag in flags.split() if flag.startswith(("avx", "amx", "fma", "sse4")))
-    return f"{fields.get('Model name', '?')}, {os.cpu_count()} logical CPUs; SIMD flags: {simd}"
 
 
 def make_jobs(count: int, steps: int, threads: int, offset: int = 0) -> list[BatchJob]:
@@ -130,7 +118,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "docs/bench/batch.json")
     parser.add_argument("--md", type=Path, default=ROOT / "docs/bench/batch.md")
     args = parser.parse_args()
-    print(cpu_line(), flush=True)
+    print(cpu_summary(), flush=True)
     import ray
     import torch
 
@@ -168,7 +156,7 @@ def main() -> None:
         except (RuntimeError, OSError) as error:
             first[name] = f"not measured: {str(error).splitlines()[0] if str(error) else error}"
         print("first image", name, first[name], flush=True)
-    report = {"cpu": cpu_line(), "torch": torch.__version__, "ray": ray.__version__, "quick": args.quick,
+    report = {"cpu": cpu_summary(), "torch": torch.__version__, "ray": ray.__version__, "quick": args.quick,
               "images": count, "steps": args.steps, "throughput": rows, "overhead": overhead, "first_image": first,
               "note": "Read with the machine in mind: difusi-mini's 64x64 work parallelises poorly inside one process "
                       "(here 2 threads per process are slower than 1 with difusi's OMP_WAIT_POLICY=PASSIVE), so "

@@ -45,7 +45,6 @@ import difusi  # noqa: F401, I001  (first: offline env and OpenMP wait policy, r
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -57,9 +56,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_line, log
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".bench-cache"
+CPU = cpu_line()
 SECTIONS = ["peak", "threads", "load", "backends", "unet", "vae", "e2e", "modes", "modes512", "mini", "compile", "sdxl"]
 GRAPH_CACHE = CACHE / "graph-cache"
 PROMPT = "a photo of an astronaut riding a horse on mars, highly detailed"
@@ -71,10 +72,6 @@ MODES = {
     "NGMS 5 + DeepCache 3 + ToMe 0.5": {"s_min_uncond": 5.0, "deepcache_interval": 3, "token_merging_ratio": 0.5},
     "NGMS 15 + DeepCache 5 + ToMe 0.6": {"s_min_uncond": 15.0, "deepcache_interval": 5, "token_merging_ratio": 0.6},
 }
-
-
-def log(*parts) -> None:
-    print(f"[{datetime.now(UTC):%H:%M:%S}]", *parts, flush=True)
 
 
 def timed(fn) -> float:
@@ -103,28 +100,44 @@ def med(values: list[float]) -> float:
 
 
 def measure_peak(repeats: int) -> dict:
+    """The best float32 rate this CPU reaches on large kernels: the best repeat of each (a quiet moment of a shared
+    host), the peak the best kernel. Two small-map convolutions show what the exact path's reordered weights save
+    (`difusi.speed.packed_conv`)."""
     import torch.nn.functional as F
 
     torch.manual_seed(0)
-    x = torch.randn(2, 320, 64, 64)
-    w = torch.randn(320, 320, 3, 3) * 0.02
-    x_cl, w_cl = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
+    channels_last = torch.channels_last
+    x = torch.randn(2, 320, 64, 64).contiguous(memory_format=channels_last)
+    w = torch.randn(320, 320, 3, 3).contiguous(memory_format=channels_last) * 0.02
+    small_x = torch.randn(2, 1280, 8, 8).contiguous(memory_format=channels_last)
+    small_w = (torch.randn(1280, 1280, 3, 3) * 0.02).contiguous(memory_format=channels_last)
     a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
     bt = b.t().contiguous()
-    conv_flop = 2 * 2 * 320 * 320 * 9 * 64 * 64
-    gemm_flop = 2 * 4096**3
+
+    def reordered(weight, like):
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.contiguous().to_mkldnn(), [1, 1], [1, 1], [1, 1], 1,
+                                                        list(like.shape))
+
+    def conv_reordered(inp, packed):
+        return torch.ops.mkldnn._convolution_pointwise(inp, packed, None, [1, 1], [1, 1], [1, 1], 1, "none", [], "")
+
+    flop = {"conv": 2 * 2 * 320 * 320 * 9 * 64 * 64, "small": 2 * 2 * 1280 * 1280 * 9 * 8 * 8, "gemm": 2 * 4096**3}
     with torch.inference_mode():
+        w_packed, small_packed = reordered(w, x), reordered(small_w, small_x)
         cases = {
-            "conv3x3 NCHW": lambda: F.conv2d(x, w, padding=1),
-            "conv3x3 channels_last": lambda: F.conv2d(x_cl, w_cl, padding=1),
-            "sgemm 4096 torch.mm (MKL)": lambda: torch.mm(a, b),
-            "sgemm 4096 oneDNN": lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], ""),
+            "conv3x3 320 ch 64x64 NCHW": ("conv", lambda: F.conv2d(x.contiguous(), w.contiguous(), padding=1)),
+            "conv3x3 320 ch 64x64 channels_last": ("conv", lambda: F.conv2d(x, w, padding=1)),
+            "conv3x3 320 ch 64x64 reordered weight": ("conv", lambda: conv_reordered(x, w_packed)),
+            "conv3x3 1280 ch 8x8 channels_last": ("small", lambda: F.conv2d(small_x, small_w, padding=1)),
+            "conv3x3 1280 ch 8x8 reordered weight": ("small", lambda: conv_reordered(small_x, small_packed)),
+            "sgemm 4096 torch.mm (MKL)": ("gemm", lambda: torch.mm(a, b)),
+            "sgemm 4096 oneDNN": ("gemm", lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], "")),
         }
-        for fn in cases.values():
+        for _, fn in cases.values():
             fn()
-        times = interleaved(cases, repeats)
-    flops = {name: (conv_flop if name.startswith("conv") else gemm_flop) for name in cases}
-    result = {name: {"seconds": med(t), "gflops": flops[name] / med(t) / 1e9} for name, t in times.items()}
+        times = interleaved({name: fn for name, (_, fn) in cases.items()}, repeats)
+    result = {name: {"seconds": min(times[name]), "gflops": flop[kind] / min(times[name]) / 1e9}
+              for name, (kind, _) in cases.items()}
     result["peak_gflops"] = max(v["gflops"] for v in result.values())
     return result
 
@@ -195,10 +208,24 @@ def set_path(model, variant: str) -> None:
     texts = [encoder.model for encoder in model.text_encoders]
     if variant == "exact":
         exact.prepare_model(model, force=True)
+    elif variant == "exact, plain conv weights":
+        exact.prepare_modules(convs, linear=True, channels_last=True, packed=False)
+        exact.prepare_modules(texts, linear=True, channels_last=False)
     elif variant == "oneDNN linear only":
         exact.prepare_modules(convs + texts, linear=True, channels_last=False)
     elif variant == "channels_last only":
         exact.prepare_modules(convs, linear=False, channels_last=True)
+
+
+def settle(model, latent: int, calls: int = 3) -> None:
+    """Untimed UNet calls (of a model, or of a compiled graph) before timed ones: the exact path times its reordered
+    convolution weights per layer on the first calls of a shape (`difusi.speed.packed_conv`), and a dynamic-shape
+    graph builds its kernels on the first call at a size; a timed repeat must include neither."""
+    unet = getattr(model, "unet", model)
+    x, t, context = torch.randn(2, 4, latent, latent), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768)
+    with torch.inference_mode():
+        for _ in range(calls):
+            unet(x, t, encoder_hidden_states=context)
 
 
 # ----------------------------------------------------------------------------- UNet step
@@ -236,6 +263,7 @@ def measure_unet(model, latent: int, repeats: int, ablations: bool, peak: float 
     variants = {"diffusers eager (no_grad)": ("eager", torch.no_grad, threads), "difusi exact": ("exact", torch.inference_mode, threads)}
     if ablations:
         variants.update({
+            "exact, plain conv weights": ("exact, plain conv weights", torch.inference_mode, threads),
             "eager + inference_mode": ("eager", torch.inference_mode, threads),
             "oneDNN linear only": ("oneDNN linear only", torch.inference_mode, threads),
             "channels_last only": ("channels_last only", torch.inference_mode, threads),
@@ -262,6 +290,8 @@ def measure_unet(model, latent: int, repeats: int, ablations: bool, peak: float 
         if current["path"] != variants[name][0]:
             set_path(model, variants[name][0])
             current["path"] = variants[name][0]
+            if current["path"] == "exact":
+                settle(model, latent)
 
     for name in variants:  # warm-up, untimed
         setup(name)
@@ -277,7 +307,9 @@ def measure_unet(model, latent: int, repeats: int, ablations: bool, peak: float 
             "fraction_of_peak": (flops / seconds / 1e9 / peak) if peak else None,
             "max_abs_diff": float((outputs[name] - reference).abs().max()), "runs": values,
         }
-    return {"latent": latent, "pixels": latent * 8, "gflop_per_call": flops / 1e9, "variants": rows}
+    floor = flops / (peak * 1e9) if peak else None  # no call can be faster than its FLOPs at the peak rate
+    return {"latent": latent, "pixels": latent * 8, "gflop_per_call": flops / 1e9, "variants": rows,
+            "floor_at_peak_s": floor, "max_speedup_at_peak": (base / floor) if floor else None}
 
 
 def measure_vae(model, repeats: int) -> dict:
@@ -303,7 +335,18 @@ def measure_vae(model, repeats: int) -> dict:
 # ----------------------------------------------------------------------------- images
 
 
+_PIPELINES: dict[int, object] = {}
+
+
 def diffusers_pipeline(model):
+    """diffusers' pipeline on a copy of `model`'s weights, built once per model: each build holds another copy of every
+    weight (and briefly two), and building a second one next to the compiled graphs ran the 24 GB host out of memory."""
+    if id(model) not in _PIPELINES:
+        _PIPELINES[id(model)] = _build_diffusers_pipeline(model)
+    return _PIPELINES[id(model)]
+
+
+def _build_diffusers_pipeline(model):
     from diffusers import DPMSolverMultistepScheduler
 
     from difusi.models.synthetic import reference_pipeline_for
@@ -352,14 +395,23 @@ def measure_images(model, size: int, steps: int, modes: dict, repeats: int, grap
     modes = {**modes, **{backend: {"backend": backend} for backend in graphs or {}}}
     cases, state = image_cases(model, size, steps, modes)
     current = {"path": None}
+    warmed: set[str] = set()
 
     def setup(name):
         if current["path"] != state["paths"][name]:
             set_path(model, state["paths"][name])
             current["path"] = state["paths"][name]
+            if current["path"] == "exact":
+                settle(model, size // 8)
         backend = name.split(" ", 1)[1] if name.startswith("difusi ") else None
-        if graphs and backend in graphs:  # the compiled graph of this backend, built before (untimed)
-            model._difusi_graph_unet = graphs[backend]
+        if graphs and backend in graphs:  # the compiled graph of this backend, built before (untimed), where the
+            # pipeline looks for it (`LoadedModel.derived`): otherwise it loads a second copy from the cache
+            from difusi.speed import graph
+
+            graph._set_graph(model, graphs[backend])
+            if backend not in warmed:  # a dynamic-shape graph's first call at a new size builds its kernels
+                settle(graphs[backend], size // 8, calls=1)
+                warmed.add(backend)
 
     times = interleaved(cases, repeats, setup)
     base = med(times["diffusers eager"])
@@ -370,6 +422,13 @@ def measure_images(model, size: int, steps: int, modes: dict, repeats: int, grap
         key = "diffusers" if name == "diffusers eager" else name
         rows[name] = {"seconds": med(values), "speedup_vs_diffusers": base / med(values), "runs": values,
                       "deviation_from_difusi_exact": deviation(images[key], exact)}
+    # The reordered convolution weights the exact path kept (after its last image): none means the memory guard
+    # (`difusi.speed.packed_conv.RESERVE_FRACTION`) refused them and the torch rows ran with plain weights.
+    from difusi.speed import packed_conv
+
+    set_path(model, "exact")
+    settle(model, size // 8)
+    rows["difusi exact"]["reordered_conv_copies"] = packed_conv.kept_copies(model.unet)
     return {"size": size, "steps": steps, "cases": rows}
 
 
@@ -689,7 +748,7 @@ def markdown(report: dict) -> str:
     if peak:
         lines += ["## Measured peak (this run)", "", "| kernel | ms | GFLOPS |", "|---|---:|---:|"]
         lines += [f"| {k} | {v['seconds'] * 1e3:.1f} | {v['gflops']:.0f} |" for k, v in peak.items() if isinstance(v, dict)]
-        lines += ["", f"Peak used for fractions: **{peak['peak_gflops']:.0f} GFLOPS**.", ""]
+        lines += ["", f"Peak used for fractions: **{peak['peak_gflops']:.0f} GFLOPS** (best repeat of the best kernel).", ""]
     for key in ("unet_256", "unet_512"):
         unet = report.get(key)
         if not unet:
@@ -701,6 +760,10 @@ def markdown(report: dict) -> str:
             frac = f"{v['fraction_of_peak'] * 100:.0f} %" if v["fraction_of_peak"] else ""
             lines.append(f"| {name} | {v['seconds']:.2f} | {v['speedup']:.2f}x | {v['gflops']:.0f} | {frac} | {v['max_abs_diff']:.1e} |")
         lines.append("")
+        if unet.get("floor_at_peak_s"):
+            lines += [f"Float32 floor: {unet['gflop_per_call']:.0f} GFLOP at the measured peak take "
+                      f"{unet['floor_at_peak_s']:.2f} s, so no float32 runtime can beat diffusers eager here by more "
+                      f"than **{unet['max_speedup_at_peak']:.2f}x** (every kernel at the best large kernel's rate).", ""]
     vae = report.get("vae")
     if vae:
         lines += ["## VAE decode, 512 px", "", "| variant | s | speed-up | max abs diff |", "|---|---:|---:|---:|"]
@@ -712,10 +775,13 @@ def markdown(report: dict) -> str:
                   "| pipeline | s/image | speed-up | scaled to 20 steps | speed-up at 20 steps | max abs diff (8-bit) |",
                   "|---|---:|---:|---:|---:|---:|"]
         for name, v in e2e["cases"].items():
-            lines.append(f"| {name} | {v['seconds']:.1f} | {v['speedup_vs_diffusers']:.2f}x | "
-                         f"{v.get('scaled_20_steps', float('nan')):.0f} | {v.get('scaled_speedup', float('nan')):.2f}x | "
+            scaled = (f"{v['scaled_20_steps']:.0f} | {v['scaled_speedup']:.2f}x" if "scaled_speedup" in v
+                      else "(needs the unet section) | ")
+            lines.append(f"| {name} | {v['seconds']:.1f} | {v['speedup_vs_diffusers']:.2f}x | {scaled} | "
                          f"{v['deviation_from_difusi_exact']['max_abs']:.0f} |")
-        lines.append("")
+        copies = e2e["cases"].get("difusi exact", {}).get("reordered_conv_copies")
+        lines += ["", f"UNet convolutions holding a reordered weight on the exact path: {copies}." if copies is not None
+                  else "", ""]
     for key, title in (("backend_images", "graph backends, random SD 1.5 architecture"),
                        ("modes", "random SD 1.5 architecture"), ("mini", "default model difusi-mini")):
         modes = report.get(key)
@@ -729,7 +795,10 @@ def markdown(report: dict) -> str:
             d = v["deviation_from_difusi_exact"]
             lines.append(f"| {name} | {v['seconds']:.2f} | {v['speedup_vs_diffusers']:.2f}x | {d['max_abs']:.0f} | "
                          f"{d['mean_abs']:.2f} | {d['psnr_db']:.1f} |")
-        lines += ["", "Deviation: 8-bit pixels vs difusi's exact image of the same seed.", ""]
+        lines += ["", "Deviation: 8-bit pixels vs difusi's exact image of the same seed."]
+        copies = modes["cases"].get("difusi exact", {}).get("reordered_conv_copies")
+        lines += [f"UNet convolutions holding a reordered weight on the exact path: {copies}." if copies is not None
+                  else "", ""]
     m512 = report.get("modes512")
     if m512:
         lines += ["## Fast modes at 512 px: UNet calls over one DeepCache cycle (3 calls), 20-step image estimated", "",
@@ -796,31 +865,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    name = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-        flags = Path("/proc/cpuinfo").read_text()
-        isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
-    except OSError:
-        isa = "?"
-    return f"{name}, {os.cpu_count()} logical CPUs, {isa}"
-
-
-def cpu_vector_flags() -> str:
-    """The CPU's vector ISA flags (lscpu's), recorded with every run: kernel choices depend on them."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return " ".join(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma", "sse4")))
-    except OSError:
-        pass
-    return "?"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=None, help="SD 1.5-architecture file (default: random, cached)")
@@ -841,7 +885,7 @@ def main() -> None:
     from diffusers import __version__ as diffusers_version
 
     report: dict = {"date": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC", "command": " ".join(["python bench/cpu_speed.py", *sys.argv[1:]]),
-                    "machine": machine(), "cpu_flags": cpu_vector_flags(), "torch": torch.__version__,
+                    "machine": f"{CPU['model']}, {CPU['logical_cpus']} logical CPUs", "cpu_flags": CPU["simd_flags"], "torch": torch.__version__,
                     "diffusers": diffusers_version,
                     "threads": torch.get_num_threads(), "sections": sections}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -875,6 +919,8 @@ def main() -> None:
         from difusi.models import load_model
 
         model = load_model(checkpoint)
+        if set(sections) & {"e2e", "modes"}:
+            diffusers_pipeline(model)  # now, while only the model is in memory (see diffusers_pipeline)
     graphs: dict = {}
     if "backends" in sections:
         log("backends")

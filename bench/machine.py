@@ -24,3 +24,9 @@ def cpu_line() -> dict:
     simd = " ".join(flag for flag in flags.split() if flag.startswith(("avx", "amx", "fma", "sse4", "f16c")))
     return {"model": fields.get("Model name") or platform.processor() or "unknown CPU", "logical_cpus": os.cpu_count(),
             "simd_flags": simd, "flags": flags}
+
+
+def cpu_summary() -> str:
+    """`cpu_line()` as one report line: model, logical CPUs, SIMD flags."""
+    cpu = cpu_line()
+    return f"{cpu['model']}, {cpu['logical_cpus']} logical CPUs; SIMD flags: {cpu['simd_flags'] or '(lscpu not available)'}"

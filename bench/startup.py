@@ -44,6 +44,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from machine import cpu_line
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".bench-cache"
 SECTIONS = ["startup", "load", "imports"]
@@ -339,13 +341,8 @@ def diffusers_folder(source: Path, name: str) -> Path:
 
 def machine() -> dict:
     info: dict = {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()}
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-        info["cpu"] = fields.get("Model name", "").strip()
-        info["flags"] = fields.get("Flags", "").strip()
-    except (OSError, subprocess.CalledProcessError):
-        info["cpu"], info["flags"] = platform.processor(), ""
+    cpu = cpu_line()
+    info["cpu"], info["flags"] = cpu["model"], cpu["flags"]
     info["torch"] = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
                                    capture_output=True, text=True, check=True).stdout.strip()
     info["loadavg"] = os.getloadavg()

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_summary
+
 CHILD = r"""
 import json, resource, sys, time
 import numpy as np, torch
@@ -41,18 +43,6 @@ result.save(out)
 print(json.dumps({"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "rss_before_mib": before / 1024, "size": list(result.size), "threads": torch.get_num_threads()}))
 """
-
-
-def lscpu() -> str:
-    """lscpu's model name and SIMD flags: machines differ between sessions, so every report starts with them."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "lscpu unavailable"
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    flags = [flag for flag in fields.get("Flags", "").split() if flag.startswith(("avx", "fma", "amx", "sse4", "f16c"))]
-    return f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} logical CPUs; SIMD flags: " \
-           f"{' '.join(flags)}"
 
 
 def main() -> int:
@@ -91,7 +81,7 @@ def main() -> int:
     lines = [
         "# 4x model upscale: tiled vs untiled, time and peak RSS", "",
         f"`python bench/upscale.py --size {args.size}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
-        f"- CPU: {lscpu()}", f"- torch {torch.__version__}, Python {platform.python_version()}",
+        f"- CPU: {cpu_summary()}", f"- torch {torch.__version__}, Python {platform.python_version()}",
         "- model: random-weight RRDBNet, Real-ESRGAN x4plus shape (23 blocks, 64 features, growth 32, 4x), "
         "float32, `difusi.upscalers.get_upscaler`; one child process per variant (peak RSS = `ru_maxrss`, "
         "model load included)",

@@ -3,9 +3,9 @@
 torch's eager `F.conv2d` gives oneDNN a plain (OIHW or channels_last) weight, and oneDNN reorders it into its blocked
 layout **on every call**. The cost is proportional to the weight, the convolution's to the weight times the output
 pixels, so the reorder dominates where the feature maps are small: measured on the 2-core Xeon (AVX-512/AMX), batch 2,
-1280 -> 1280 channels, 3x3: 8x8 maps 30.3 ms per call vs 11.1 ms with a reordered weight, 4x4 maps 23.6 vs 4.4 ms;
-320 channels at 64x64: 40.4 vs 40.1 ms. An SD 1.5 UNet call at 256 px went from 1.79 s to 1.28 s, at 64 px 2.7x,
-at 512 px unchanged.
+1280 -> 1280 channels, 3x3: 8x8 maps 30.7 ms per call vs 13.4 ms with a reordered weight, 4x4 maps 23.6 vs 4.4 ms;
+320 channels at 64x64: 38.6 vs 37.0 ms. A whole SD 1.5 UNet CFG call (bench/cpu_speed.py, one interleaved run):
+256 px 2.01 s -> 1.44 s (1.37x diffusers eager), 512 px 1.12x eager, 64 px 2.9x.
 
 `PackedConv2d` keeps the module's own `weight` (state dict, LoRA merges, the graph conversion all see a plain
 tensor) and a reordered copy next to it, made with `torch._C._nn.mkldnn_reorder_conv2d_weight` and used through
@@ -24,7 +24,8 @@ then with the reordered weight, which must give the same bits (else the copy is 
 runs a few shapes, such as some batch-1 ones, through another kernel), the third with the copy (timed); from then on
 the copy serves that shape if it was at least `MIN_GAIN` faster, and a layer where it was not, for every shape it
 saw, drops its copy. Only bit-equal ways are ever chosen between, so a timing cannot change an image.
-The copies cost memory where they are kept (SD 1.5 at 256 px: the 1280-channel layers, about 1.6 GB).
+The copies cost memory where they are kept (SD 1.5 float32 at 256 or 512 px: about 2.3 GB more resident), so one is
+made only while `RESERVE_FRACTION` of the machine's memory stays available besides it.
 `DIFUSI_EXACT_PACKED_CONV=1` uses them wherever they give the same bits, without timing; `=0` never (then the
 layers stay plain `nn.Conv2d`).
 """
@@ -45,9 +46,10 @@ MIN_GAIN = 0.05
 """A copy costs the weight's memory again, so a layer keeps one only where it made the call at least this much
 faster (a few-percent gain on large feature maps is within the timing noise of a shared machine)."""
 
-RESERVE_BYTES = 1 << 30
-"""A copy is made only while the system keeps this much memory available besides it (Linux `MemAvailable`): the
-copies are a speed-up, never a reason for a job to run out of memory."""
+RESERVE_FRACTION = 0.125
+"""A copy is made only while the system keeps this share of its memory (at least 1 GiB) available besides it (Linux
+`MemAvailable` of `MemTotal`): the copies are a speed-up, and must leave room for what the job allocates later (a
+VAE decode, a second model, a graph backend's copy), never be the reason it runs out of memory."""
 
 
 @dataclass
@@ -176,12 +178,12 @@ class PackedConv2d(torch.nn.Conv2d):
 def _room_for(nbytes: int) -> bool:
     try:
         with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 > nbytes + RESERVE_BYTES
-    except OSError:
-        pass
-    return True
+            fields = {line.split(":", 1)[0]: int(line.split()[1]) * 1024 for line in meminfo if line[:3] in ("Mem",)}
+    except (OSError, ValueError, IndexError):
+        return True  # no /proc/meminfo (not Linux): no guard
+    if "MemAvailable" not in fields or "MemTotal" not in fields:
+        return True
+    return fields["MemAvailable"] - nbytes > max(1 << 30, RESERVE_FRACTION * fields["MemTotal"])
 
 
 def install(module: torch.nn.Module) -> None:

@@ -8,10 +8,11 @@ Backends (`params.backend`, CLI `--backend`): "torch" (difusi's exact eager path
 execution provider, an ONNX export of the UNet) and "openvino" (OpenVINO CPU plugin, f32, an IR converted by its
 PyTorch frontend), each made once per checkpoint file and cached on disk (`difusi.speed.graph.convert`,
 `difusi.speed.graph.cache`); "auto".
-Measured side by side on the same random SD 1.5-architecture weights (docs/bench/graph-backend.md, this session's
-2-core Xeon, AVX-512/AMX, bench run): a CFG call at 256 px 1.46x (OpenVINO) / 1.53x (ORT) diffusers eager, at 512 px
-1.15x / 1.04x; deviation ~1e-7 on outputs of magnitude 0.05 (float32 summation order only); first conversion ~35 s in
-a fresh process; cached load 1.9-4.2 s (OpenVINO) / 11.8 s (ORT); a LoRA switch 1.4 s / 8.9 s.
+Measured side by side on the same random SD 1.5-architecture weights (docs/bench/graph-backend.md,
+bench/results/graph/cpu-speed.md; 2-core Xeon, AVX-512/AMX, one interleaved run): a CFG call at 256 px 1.53x
+(OpenVINO) / 1.45x (ORT) diffusers eager against the torch path's 1.37x, at 512 px 1.15x / 1.04x against 1.12x;
+deviation ~1e-7 on outputs of magnitude 0.05 (float32 summation order only); first conversion 27-35 s in a fresh
+process; cached load 1.9-4.2 s (OpenVINO) / 10.5-11.8 s (ORT); a LoRA switch 1.4 s / 8.1-8.9 s.
 Both take new weights without a re-export (see `unet.GraphUNet.sync`).
 
 Where a graph backend cannot run the job, the torch path does, and `UNetChoice.warnings` says why when a graph
@@ -24,10 +25,11 @@ nothing (calls are per step), NaN checks run on the returned latents as before.
 the first installed of `AUTO_ORDER`) runs the job when that graph exists, or when the job is large enough to pay for
 a first conversion: estimated seconds saved (`SAVED_S_PER_MPIX_CALL` x UNet parameters / 860 M x million latent
 pixels x UNet batch rows x calls) >= estimated conversion + load (`CONVERT_FIXED_S` + `CONVERT_S_PER_GPARAM` x
-billion parameters). Constants from the bench run: SD 1.5 conversion 35 s wall + 2-4 s load; a call saves 0.62 s at
-256 px (2 x 32 x 32 rows: 300 s per million) and 0.81 s at 512 px (2 x 64 x 64: 100 s per million); 150 is used.
-So on this machine an SD 1.5 job converts from about two 512 px 20-step CFG images (one saves ~16-25 s, less than
-the ~38 s conversion) or ~120 CFG calls at 256 px; small UNets (difusi-mini, test checkpoints) stay on torch unless a
+billion parameters). Constants from the bench run (bench/results/graph/cpu-speed.md): SD 1.5 conversion 27-35 s
+wall + 2-4 s load; since the torch path reorders its convolution weights once (`difusi.speed.packed_conv`), an
+OpenVINO call saves only 0.16 s at 256 px (2 x 32 x 32 rows: 78 s per million) and 0.14 s at 512 px (2 x 64 x 64:
+17 s per million); 17 is used. So on this machine an SD 1.5 job converts from about fourteen 512 px 20-step CFG images
+(one saves ~2.8 s against the ~38 s conversion); small UNets (difusi-mini, test checkpoints) stay on torch unless a
 graph is already cached. Otherwise torch.
 
 Lower precision (`params.unet_precision`, issue 18 item 6, `difusi.speed.graph.precision`): "bf16" or "int8" is an
@@ -54,7 +56,7 @@ AUTO_ORDER = ("openvino", "onnx")
 
 # The amortisation rule's constants (module docstring; docs/bench/graph-backend.md), scaled by the UNet's size.
 SD15_PARAMS = 860e6
-SAVED_S_PER_MPIX_CALL = 150.0
+SAVED_S_PER_MPIX_CALL = 17.0
 CONVERT_FIXED_S = 6.0
 CONVERT_S_PER_GPARAM = 37.0
 INLINE_MAX_PARAMS = 50_000_000
