@@ -107,3 +107,26 @@ def test_full_size_sd15_unet_fast_path_matches_eager(tmp_path):
         fast = model.unet(x, t, encoder_hidden_states=context).sample
     assert _linear_classes(model.unet) == {OneDNNLinear}
     assert float((fast - eager).abs().max()) <= 1e-3 * float(eager.abs().max())
+
+
+@pytest.mark.slow
+def test_full_size_sd15_reordered_conv_weights_give_the_plain_exact_bits(tmp_path, monkeypatch):
+    """The real SD 1.5 UNet at 32x32 latents: the exact path with reordered convolution weights (where the copies
+    are used) computes exactly the plain exact path's bits (difusi.speed.packed_conv)."""
+    from difusi.models.synthetic import write_random_ldm_file
+    from difusi.speed import packed_conv
+
+    model = load_model(write_random_ldm_file(tmp_path / "sd15.safetensors"))
+    torch.manual_seed(0)
+    x, t, context = torch.randn(2, 4, 32, 32), torch.tensor([700.0, 700.0]), torch.randn(2, 77, 768)
+    monkeypatch.setenv(packed_conv.ENV, "0")
+    with torch.inference_mode():
+        prepare_model(model)
+        plain = model.unet(x, t, encoder_hidden_states=context).sample
+        restore_model(model)
+        monkeypatch.setenv(packed_conv.ENV, "1")
+        prepare_model(model, force=True)
+        first = model.unet(x, t, encoder_hidden_states=context).sample  # decides per layer, plain bits
+        reordered = model.unet(x, t, encoder_hidden_states=context).sample
+    assert packed_conv.kept_copies(model.unet) > 0
+    assert torch.equal(first, plain) and torch.equal(reordered, plain)
