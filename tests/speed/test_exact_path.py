@@ -120,12 +120,13 @@ def test_full_size_sd15_reordered_conv_weights_give_the_plain_exact_bits(tmp_pat
     torch.manual_seed(0)
     x, t, context = torch.randn(2, 4, 32, 32), torch.tensor([700.0, 700.0]), torch.randn(2, 77, 768)
     monkeypatch.setenv(packed_conv.ENV, "0")
-    with torch.inference_mode():
-        prepare_model(model)
+    prepare_model(model)  # outside inference_mode, as txt2img does: weights made inside it would be inference
+    with torch.inference_mode():  # tensors, which have no version counter, so they never get a copy
         plain = model.unet(x, t, encoder_hidden_states=context).sample
-        restore_model(model)
-        monkeypatch.setenv(packed_conv.ENV, "1")
-        prepare_model(model, force=True)
+    restore_model(model)
+    monkeypatch.setenv(packed_conv.ENV, "1")
+    prepare_model(model, force=True)
+    with torch.inference_mode():
         first = model.unet(x, t, encoder_hidden_states=context).sample  # decides per layer, plain bits
         reordered = model.unet(x, t, encoder_hidden_states=context).sample
     assert packed_conv.kept_copies(model.unet) > 0

@@ -143,3 +143,13 @@ def test_images_on_the_exact_path_do_not_depend_on_the_copies(tiny_file, monkeyp
             assert packed_conv.kept_copies(model.unet) == 0
             assert prepare_model(model, force=True)
     assert np.array_equal(images["0"], images["1"]) and np.array_equal(images["0"], images[""])
+
+
+def test_inference_tensor_weights_have_no_version_counter_and_stay_plain(monkeypatch):
+    monkeypatch.setenv(packed_conv.ENV, "1")
+    plain, packed = _pair(LAYERS[0])
+    with torch.inference_mode():  # e.g. a module moved or converted inside inference_mode
+        packed.weight = torch.nn.Parameter(packed.weight.clone(), requires_grad=False)
+    assert packed.weight.is_inference()
+    _calls(plain, packed, [(2, 8, 8)], repeats=2)
+    assert packed_conv.kept_copies(packed) == 0

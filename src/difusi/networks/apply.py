@@ -15,8 +15,8 @@ before it left it, which matters for DoRA and (IA)^3), so sampling costs nothing
   bits);
 - weights are written in place into the layers' own parameter tensors, which is what computes on every path: the
   exact CPU path's `OneDNNLinear` reads `self.weight` on each call, its `PackedConv2d` remakes its reordered copy
-  when the weight's version counter moved (so writes go through the parameter, never `.data`); offload units are parked first so the writes
-  land in their CPU masters;
+  when the weight's version counter moved (so writes go through the parameter, never `.data`); offload units are
+  parked first so the writes land in their CPU masters;
 - the text encoders' cached empty-prompt encoding (`ClipTextEncoder._empty_states`) is dropped whenever their
   weights change.
 """
