@@ -178,7 +178,7 @@ class PackedConv2d(torch.nn.Conv2d):
 def _room_for(nbytes: int) -> bool:
     try:
         with open("/proc/meminfo") as meminfo:
-            fields = {line.split(":", 1)[0]: int(line.split()[1]) * 1024 for line in meminfo if line[:3] in ("Mem",)}
+            fields = {line.split(":", 1)[0]: int(line.split()[1]) * 1024 for line in meminfo if line.startswith("Mem")}
     except (OSError, ValueError, IndexError):
         return True  # no /proc/meminfo (not Linux): no guard
     if "MemAvailable" not in fields or "MemTotal" not in fields:
