@@ -26,7 +26,7 @@ bits). Each switch is kept where it was not slower:
 |---|---|---|---|
 | AMD EPYC, AVX-512 (first host) | 2-3x on the UNet's GEMMs | kept | 1.3-1.6x |
 | AMD EPYC Zen 3, AVX2 (issue 18) | | | 1.01-1.16x |
-| Intel Xeon, AVX-512 + AMX (issue 18 sessions) | 0.98-1.60x per UNet shape | 1.10-1.14x at 256 px shapes, 0.94x at 64x64 | 1.00x; with reordered conv weights 1.37x (256 px), 1.12x (512 px) |
+| Intel Xeon, AVX-512 + AMX (issue 18 sessions) | 0.98-1.60x per UNet shape | 1.10-1.14x at 256 px shapes, 0.94x at 64x64 | 1.00x; with reordered conv weights 1.37-1.44x (256 px), 0.97-1.12x (512 px) |
 
 No measured CPU made either switch a loss, so `choices()` keeps both on x86 with oneDNN; on another architecture
 (ARM: oneDNN's ACL path, unmeasured) the linears stay on torch's default GEMM. `DIFUSI_EXACT_LINEAR=0|1` and

@@ -5,7 +5,8 @@ layout **on every call**. The cost is proportional to the weight, the convolutio
 pixels, so the reorder dominates where the feature maps are small: measured on the 2-core Xeon (AVX-512/AMX), batch 2,
 1280 -> 1280 channels, 3x3: 8x8 maps 30.7 ms per call vs 13.4 ms with a reordered weight, 4x4 maps 23.6 vs 4.4 ms;
 320 channels at 64x64: 38.6 vs 37.0 ms. A whole SD 1.5 UNet CFG call (bench/cpu_speed.py, one interleaved run):
-256 px 2.01 s -> 1.44 s (1.37x diffusers eager), 512 px 1.12x eager, 64 px 2.9x.
+256 px 2.01 s -> 1.44 s (1.37x diffusers eager; 1.44x in a second run), 512 px 0.97-1.12x eager (two runs: within
+the shared host's noise), 64 px 2.9x.
 
 `PackedConv2d` keeps the module's own `weight` (state dict, LoRA merges, the graph conversion all see a plain
 tensor) and a reordered copy next to it, made with `torch._C._nn.mkldnn_reorder_conv2d_weight` and used through
