@@ -145,9 +145,8 @@ def _lower_precision(model: Any, params: Any, requested: str, precision: str) ->
     try:
         graph = graph_unet(model, "openvino", precision)
     except Exception as error:  # noqa: BLE001  (a graph that cannot be made never costs the image)
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         return _torch(model, f"unet_precision {precision} (backend openvino): the UNet graph could not be used "
-                             f"({type(error).__name__}: {first}); {_not_applied(precision)} on torch")
+                             f"({_error_line(error)}); {_not_applied(precision)} on torch")
     return UNetChoice(graph, "openvino", [], precision)
 
 
@@ -187,8 +186,7 @@ def _choose(model: Any, params: Any, requested: str) -> UNetChoice:
     try:
         graph = graph_unet(model, name)
     except Exception as error:  # noqa: BLE001  (a graph that cannot be made never costs the image)
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        return _torch(model, f"backend {name}: the UNet graph could not be used ({type(error).__name__}: {first}); "
+        return _torch(model, f"backend {name}: the UNet graph could not be used ({_error_line(error)}); "
                              "the UNet runs on torch")
     return UNetChoice(graph, name)
 
@@ -198,6 +196,12 @@ def release(model: Any) -> None:
     derived object with the model."""
     if model is not None and _graph_of(model) is not None:
         _set_graph(model, None)
+
+
+def _error_line(error: Exception) -> str:
+    """`Type: first line of the message` (at most 300 characters of it), for a one-line warning."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    return f"{type(error).__name__}: {first}"
 
 
 def _torch(model: Any, warning: str) -> UNetChoice:
@@ -333,28 +337,41 @@ def _load(graph: Any, model: Any) -> None:
     graph.load_seconds = time.perf_counter() - started
 
 
-def convert_into(model: Any, entry: Any) -> None:
-    """Export the model file's UNet into `entry` (fresh process for large UNets), then publish it in the cache."""
-    from difusi.speed.graph import cache
-    from difusi.speed.graph.convert import convert_checkpoint, convert_in_child
+def _build_mode(model: Any) -> str:
+    """Where a cache entry is made: "inline" (small UNets) or in a fresh "process"; `DIFUSI_GRAPH_CONVERT` forces."""
+    return os.environ.get(CONVERT_ENV) or ("inline" if _unet_params(model) <= INLINE_MAX_PARAMS else "process")
 
-    mode = os.environ.get(CONVERT_ENV) or ("inline" if _unet_params(model) <= INLINE_MAX_PARAMS else "process")
+
+def _build_entry(model: Any, entry: Any, build: Any) -> float:
+    """Make `entry` with `build(mode, staged_folder) -> facts` in a staging folder and publish it in the cache
+    (nothing half-written is left behind); returns the seconds it took."""
+    from difusi.speed.graph import cache
+
+    mode = _build_mode(model)
     staged = cache.staging_folder(entry)
-    STATS["conversions"] += 1
     started = time.perf_counter()
     try:
-        if mode == "process":
-            facts = convert_in_child(model.path, staged, entry.facts["backend"])
-        else:
-            facts = convert_checkpoint(model.path, staged, entry.facts["backend"])
+        facts = build(mode, staged)
         facts["wall_seconds"] = time.perf_counter() - started
         facts["mode"] = mode
         cache.publish(entry, staged, facts)
     finally:
         if staged.exists():
             cache.shutil.rmtree(staged, ignore_errors=True)
-    print(f"difusi: UNet graph converted in {time.perf_counter() - started:.1f} s and cached in {entry.folder}",
-          file=sys.stderr, flush=True)
+    return time.perf_counter() - started
+
+
+def convert_into(model: Any, entry: Any) -> None:
+    """Export the model file's UNet into `entry` (fresh process for large UNets), then publish it in the cache."""
+    from difusi.speed.graph.convert import convert_checkpoint, convert_in_child
+
+    def export(mode: str, staged: Any) -> dict:
+        convert = convert_in_child if mode == "process" else convert_checkpoint
+        return convert(model.path, staged, entry.facts["backend"])
+
+    STATS["conversions"] += 1
+    seconds = _build_entry(model, entry, export)
+    print(f"difusi: UNet graph converted in {seconds:.1f} s and cached in {entry.folder}", file=sys.stderr, flush=True)
 
 
 def compress_into(model: Any, entry: Any) -> None:
@@ -370,19 +387,12 @@ def compress_into(model: Any, entry: Any) -> None:
         if source.folder.exists():
             cache.remove(source)
         convert_into(model, source)
-    mode = os.environ.get(CONVERT_ENV) or ("inline" if _unet_params(model) <= INLINE_MAX_PARAMS else "process")
-    staged = cache.staging_folder(entry)
+
+    def compress(mode: str, staged: Any) -> dict:
+        return (compress_in_child if mode == "process" else compress_int8)(source.graph_path, staged)
+
     PRECISION_STATS["compressions"] += 1
-    started = time.perf_counter()
-    try:
-        compress = compress_in_child if mode == "process" else compress_int8
-        facts = compress(source.graph_path, staged)
-        facts["wall_seconds"] = time.perf_counter() - started
-        facts["mode"] = mode
-        cache.publish(entry, staged, facts)
-    finally:
-        if staged.exists():
-            cache.shutil.rmtree(staged, ignore_errors=True)
+    seconds = _build_entry(model, entry, compress)
     cache.touch(source)
-    print(f"difusi: UNet graph compressed to int8 in {time.perf_counter() - started:.1f} s and cached in "
-          f"{entry.folder}", file=sys.stderr, flush=True)
+    print(f"difusi: UNet graph compressed to int8 in {seconds:.1f} s and cached in {entry.folder}", file=sys.stderr,
+          flush=True)

@@ -222,15 +222,22 @@ def convert_checkpoint(checkpoint: Path, out_dir: Path, backend: str = "onnx", r
     return exporter(model.unet, out_dir, report)
 
 
-def convert_in_child(checkpoint: Path, out_dir: Path, backend: str = "onnx", timeout: float | None = None) -> dict[str, Any]:
-    """Run `convert_checkpoint` in a fresh Python process (progress lines pass through to our stderr)."""
+def run_in_child(module: str, args: list[str], what: str, timeout: float | None = None) -> dict[str, Any]:
+    """`python -m module args` in a fresh Python process that imports this difusi (its progress lines pass through
+    to our stderr); the JSON on its last stdout line is the result. RuntimeError naming `what` if it fails."""
     src = str(Path(__file__).resolve().parents[3])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])}
-    done = subprocess.run([sys.executable, "-m", "difusi.speed.graph.convert", str(checkpoint), str(out_dir),
-                           "--backend", backend], env=env, stdout=subprocess.PIPE, text=True, timeout=timeout)
+    done = subprocess.run([sys.executable, "-m", module, *args], env=env, stdout=subprocess.PIPE, text=True,
+                          timeout=timeout)
     if done.returncode != 0:
-        raise RuntimeError(f"UNet graph conversion failed in its process (exit {done.returncode})")
+        raise RuntimeError(f"{what} failed in its process (exit {done.returncode})")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def convert_in_child(checkpoint: Path, out_dir: Path, backend: str = "onnx", timeout: float | None = None) -> dict[str, Any]:
+    """Run `convert_checkpoint` in a fresh Python process."""
+    return run_in_child("difusi.speed.graph.convert", [str(checkpoint), str(out_dir), "--backend", backend],
+                        "UNet graph conversion", timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,8 +23,6 @@ Measured: bench/results/graph-precision.md.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -109,17 +107,15 @@ def compress_int8(source_xml: Path, out_dir: Path) -> dict[str, Any]:
     ov.save_model(compressed, str(out_dir / OV_GRAPH_FILE), compress_to_fp16=False)
     del model, compressed
     (out_dir / WEIGHTS_FILE).write_text("{}")
-    return {"compress_seconds": time.perf_counter() - started, "nncf": nncf_version(), "mode": "INT8_ASYM"}
+    return {"compress_seconds": time.perf_counter() - started, "nncf": nncf_version(), "compression": "INT8_ASYM"}
 
 
 def compress_in_child(source_xml: Path, out_dir: Path) -> dict[str, Any]:
-    src = str(Path(__file__).resolve().parents[3])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])}
-    done = subprocess.run([sys.executable, "-m", "difusi.speed.graph.precision", str(source_xml), str(out_dir)],
-                          env=env, stdout=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"int8 compression of the UNet graph failed in its process (exit {done.returncode})")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """Run `compress_int8` in a fresh Python process."""
+    from difusi.speed.graph.convert import run_in_child
+
+    return run_in_child("difusi.speed.graph.precision", [str(source_xml), str(out_dir)],
+                        "int8 compression of the UNet graph")
 
 
 if __name__ == "__main__":
