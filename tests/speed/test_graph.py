@@ -261,3 +261,16 @@ def test_conversion_in_a_fresh_process_shows_its_stages(tiny_file, fresh_cache, 
     for stage in ("stage 1/4: loading the checkpoint", "stage 2/4: tracing the UNet", "stage 4/4: checking the graph"):
         assert stage in err
     assert np.abs(pixels(model, params(backend=backend)) - pixels(model, params(backend="torch"))).max() <= TOLERANCE
+
+
+def test_graph_and_inductor_caches_live_in_difusis_one_cache_folder(monkeypatch, tmp_path):
+    from difusi.models.hashing import cache_dir
+    from difusi.speed.compile import inductor_cache_dir
+
+    monkeypatch.delenv("DIFUSI_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.cache_root() == cache_dir() / "graph" == tmp_path / "xdg" / "difusi" / "graph"
+    assert inductor_cache_dir() == tmp_path / "xdg" / "difusi" / "inductor"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DIFUSI_CACHE_DIR", "~/mine")
+    assert cache.cache_root() == tmp_path / "mine" / "graph"

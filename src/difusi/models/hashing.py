@@ -21,11 +21,11 @@ _lock = threading.Lock()
 
 
 def cache_dir() -> Path:
-    """difusi's cache folder (created on demand by writers)."""
+    """difusi's cache folder (created on demand by writers): the one rule every cache of difusi lives under."""
     if os.environ.get("DIFUSI_CACHE_DIR"):
-        return Path(os.environ["DIFUSI_CACHE_DIR"])
+        return Path(os.environ["DIFUSI_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "difusi"
+    return Path(base).expanduser() / "difusi"
 
 
 def short_hash(sha256: str) -> str:

@@ -27,9 +27,11 @@ COMPILE_MODE = "max-autotune-no-cudagraphs"
 
 
 def inductor_cache_dir() -> Path:
-    """Where inductor keeps compiled kernels: `$DIFUSI_CACHE_DIR/inductor` (default `~/.cache/difusi/inductor`)."""
-    root = os.environ.get("DIFUSI_CACHE_DIR") or str(Path.home() / ".cache" / "difusi")
-    return Path(root).expanduser() / "inductor"
+    """Where inductor keeps compiled kernels: `inductor/` in difusi's cache folder (`difusi.models.hashing.cache_dir`:
+    `$DIFUSI_CACHE_DIR`, else `$XDG_CACHE_HOME/difusi`, else `~/.cache/difusi`)."""
+    from difusi.models.hashing import cache_dir
+
+    return cache_dir() / "inductor"
 
 
 class _CompiledForward:

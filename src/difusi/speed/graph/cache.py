@@ -1,9 +1,9 @@
 """The on-disk cache of exported UNet graphs: one folder per (checkpoint, exporter, backend), LRU-evicted.
 
-Layout: `$DIFUSI_CACHE_DIR/graph/<sha256[:16]>-<key[:12]>/` (default cache root `~/.cache/difusi`, the same rule as
-`difusi.speed.compile.inductor_cache_dir`), holding the graph (`unet.onnx` + `unet.onnx.data` for ONNX Runtime; `unet.xml` + `unet.bin` + `weights.json` for
-OpenVINO) and `entry.json`, written last
-(after an atomic rename of the whole folder), which records the key's facts and every file's size. The key hashes:
+Layout: `<difusi cache folder>/graph/<sha256[:16]>-<key[:12]>/` (`difusi.models.hashing.cache_dir`:
+`$DIFUSI_CACHE_DIR`, else `$XDG_CACHE_HOME/difusi`, else `~/.cache/difusi`), holding the graph (`unet.onnx` +
+`unet.onnx.data` for ONNX Runtime; `unet.xml` + `unet.bin` + `weights.json` for OpenVINO) and `entry.json`, written
+last (after an atomic rename of the whole folder), which records the key's facts and every file's size. The key hashes:
 the checkpoint file's sha256 (so a changed file is a new entry), the UNet config (shape-relevant facts: channels, 9-channel
 inpainting input, SDXL's added conditioning, cross-attention width), the exporter (torch version, opset), the
 backend and its version (a new OpenVINO / ONNX Runtime never reads an entry an older one was checked with).
@@ -38,8 +38,9 @@ DEFAULT_CAP_GB = 20.0
 
 
 def cache_root() -> Path:
-    root = os.environ.get("DIFUSI_CACHE_DIR") or str(Path.home() / ".cache" / "difusi")
-    return Path(root).expanduser() / "graph"
+    from difusi.models.hashing import cache_dir
+
+    return cache_dir() / "graph"
 
 
 def cap_bytes() -> int:
