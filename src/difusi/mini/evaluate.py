@@ -334,11 +334,16 @@ def run_evaluation(
     return results
 
 
-def _floats(text: str) -> list[float]:
+def number_list(text: str, field: str, kind: type = float) -> list:
+    """A comma-separated option ("1,3,7") as numbers of `kind`; ParamError naming `field` otherwise."""
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        return [kind(x) for x in text.split(",") if x.strip()]
     except ValueError as exc:
-        raise ParamError("cfg", f"expected comma-separated numbers, got {text!r}") from exc
+        raise ParamError(field, f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _cfg_scales(text: str) -> list[float]:
+    return number_list(text, "cfg")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -347,7 +352,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("docs/mini"), help="folder for evaluation.md/json and grid.png")
     parser.add_argument("--prompts", type=int, default=24, help="number of prompts (default 24)")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt (default 4)")
-    parser.add_argument("--cfg", type=_floats, default=list(DEFAULT_CFG_SCALES), help="CFG scales, e.g. 1,3,7,12")
+    parser.add_argument("--cfg", type=_cfg_scales, default=list(DEFAULT_CFG_SCALES), help="CFG scales, e.g. 1,3,7,12")
     parser.add_argument("--samplers", default=",".join(DEFAULT_SAMPLERS), help="comma-separated sampler names")
     parser.add_argument("--sampler-steps", type=int, default=20, help="steps of the per-sampler table (default 20)")
     parser.add_argument("--negative-images", type=int, default=96, help="images per negative-prompt rate (default 96)")

@@ -407,13 +407,6 @@ def run_evaluation(model, cases: int = 30, inpaint_seeds: int = 2, fills=(1, 2),
     return results
 
 
-def _numbers(text: str, kind=float) -> list:
-    try:
-        return [kind(x) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        raise ParamError("list", f"expected comma-separated numbers, got {text!r}") from exc
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="difusi mini evaluate-img2img",
                                      description="Score difusi-mini's img2img and inpainting.")
@@ -445,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("cases", "inpaint_seeds", "pairs", "pair_seeds", "steps"):
         if getattr(args, name) < 1:
             raise ParamError(name, f"must be at least 1, got {getattr(args, name)}")
-    fills = _numbers(args.fills, int)
+    fills = evaluate.number_list(args.fills, "fills", int)
     if not fills or any(f not in (0, 1, 2, 3) for f in fills):
         raise ParamError("fills", f"masked-content modes are 0-3, got {args.fills!r}")
     if args.threads:
@@ -453,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model or default_model_path())
     settings = Settings(steps=args.steps, cfg=args.cfg)
     results = run_evaluation(model, args.cases, args.inpaint_seeds, fills, args.strength, args.mask_blur, args.pairs,
-                             args.pair_seeds, _numbers(args.change_strengths), args.near_zero, settings,
+                             args.pair_seeds, evaluate.number_list(args.change_strengths, "change_strengths"), args.near_zero, settings,
                              plain=not args.no_plain)
     results["model"] = str(args.model or default_model_path().name)
     text = summary_markdown(results)
