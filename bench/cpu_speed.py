@@ -56,7 +56,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import cpu_line, log
+from machine import cpu_line, log, rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".bench-cache"
@@ -571,19 +571,12 @@ def measure_backends(model, checkpoint: Path) -> tuple[dict, dict]:
                            **{k: v for r in loads for k, v in r.items() if k.startswith("lora_")}}
         started = time.perf_counter()
         graph_unet = GraphUNet(model, backend, entry)
-        rss_before = _rss_mb()
+        rss_before = rss_mb()
         graph_unet.sync(model)
         report[backend]["in_bench_build_s"] = time.perf_counter() - started
-        report[backend]["in_bench_rss_delta_mb"] = _rss_mb() - rss_before
+        report[backend]["in_bench_rss_delta_mb"] = rss_mb() - rss_before
         graphs[backend] = graph_unet
     return report, graphs
-
-
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def measure_mini(repeats: int) -> dict:

@@ -20,6 +20,7 @@ import difusi  # noqa: F401
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_line, rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".bench-cache"
@@ -34,15 +36,8 @@ VARIANTS = {"torch fp32": ("torch", "fp32"), "openvino fp32": ("openvino", "fp32
             "openvino bf16": ("openvino", "bf16"), "openvino int8": ("openvino", "int8")}
 
 
-def log(*parts):
+def log(*parts):  # to stderr: stdout ends with the report's JSON
     print(f"[{time.strftime('%H:%M:%S')}]", *parts, file=sys.stderr, flush=True)
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def psnr(a, b) -> float:
@@ -163,7 +158,7 @@ def section_sd15(repeats: int) -> dict:
         rows[name] = {"seconds": s, "runs": times[name], "vs_eager": base / s, "vs_fp32_graph": fp32 / s,
                       "max_abs_dev": float(d.abs().max()), "rel_rms_dev": float(d.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()),
                       "output_abs_max": float(ref.abs().max())}
-    return {"calls": rows, "graphs": facts, "peak_rss_mb": rss_mb()}
+    return {"calls": rows, "graphs": facts, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main():
@@ -176,6 +171,7 @@ def main():
     args = parser.parse_args()
     report = json.loads(args.out.read_text()) if args.out.exists() else {}
     report["threads"] = torch.get_num_threads()
+    report["cpu"] = cpu_line()  # machines of this kind differ between sessions
     sections = args.sections.split(",")
     if "mini" in sections or "adherence" in sections:
         os.environ.setdefault("DIFUSI_CACHE_DIR", "/tmp/difusi-precision-cache")

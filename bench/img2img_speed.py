@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from machine import cpu_line, log
+from machine import cpu_line, cpu_summary, log
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".bench-cache"
@@ -134,7 +134,7 @@ def markdown(report: dict) -> str:
         "",
         f"- date: {report['date']}; torch {report['torch']}, {report['threads']} threads; backend `torch` "
         "(difusi's exact CPU path); DPM++ 2M Karras, CFG 7, batch 1.",
-        f"- CPU: {cpu['model']}, {cpu['logical_cpus']} logical CPUs; SIMD flags: {cpu['simd_flags']}",
+        f"- CPU: {cpu_summary(cpu)}",
         f"- command: `{report['command']}`" + (" (quick: tiny SD1 in place of SD 1.5)" if report["quick"] else ""),
         "- 1/5/15-minute load average at the start: " + ", ".join(f"{x:.1f}" for x in report["load_average_start"])
         + "; at the end: " + ", ".join(f"{x:.1f}" for x in report["load_average_end"])

@@ -26,7 +26,18 @@ def cpu_line() -> dict:
             "simd_flags": simd, "flags": flags}
 
 
-def cpu_summary() -> str:
-    """`cpu_line()` as one report line: model, logical CPUs, SIMD flags."""
-    cpu = cpu_line()
+def cpu_summary(cpu: dict | None = None) -> str:
+    """A `cpu_line()` record (a report's, or this machine's now) as one line: model, logical CPUs, SIMD flags."""
+    cpu = cpu_line() if cpu is None else cpu
     return f"{cpu['model']}, {cpu['logical_cpus']} logical CPUs; SIMD flags: {cpu['simd_flags'] or '(lscpu not available)'}"
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, MiB (Linux `VmRSS`; NaN elsewhere)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")

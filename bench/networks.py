@@ -48,7 +48,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from machine import cpu_line, log
+from machine import cpu_line, cpu_summary, log
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".bench-cache"
@@ -333,7 +333,7 @@ def markdown(report: dict) -> str:
         "",
         f"`{report['command']}` — {report['date']}",
         "",
-        f"- CPU: {cpu['model']}, {cpu['logical_cpus']} logical CPUs; SIMD flags: {cpu['simd_flags']}",
+        f"- CPU: {cpu_summary(cpu)}",
         f"- torch {report['torch']}, Python {report['python']}",
         f"- LoRA: random kohya LoCon, rank {report['rank']}, alpha {report['alpha']}, fp16 file: every Linear / Conv2d "
         "of the UNet's transformer blocks, resnets, down/upsamplers and every attention / MLP linear of the text "
